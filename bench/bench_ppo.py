@@ -1,0 +1,122 @@
+"""Measure what ppo.py's chunked log-probs buy, and where a PPO step spends its time.
+
+1. Log-prob + entropy forward/backward through an LM head of a large vocabulary: the plain
+   [N, V] fp32 log_softmax against ppo.token_logprobs in chunks (recomputed in backward). Each
+   variant runs in a fresh subprocess; we report its peak resident memory above a baseline
+   subprocess that builds the same inputs but computes nothing, and its time.
+2. One PPO iteration on a small random model (CPU or CUDA): seconds per phase from ppo's metrics.
+
+Usage: python bench/bench_ppo.py [--tokens 2048] [--vocab 151936] [--device cpu]
+Numbers depend on the machine and its load; they are printed, never asserted.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _logprob_child(kind: str, tokens: int, vocab: int, hidden: int, chunk: int):
+    import torch
+    import torch.nn.functional as F
+    import ppo
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    h = torch.randn(1, tokens, hidden, requires_grad=True)
+    y = torch.randint(0, vocab, (1, tokens))
+    mask = torch.ones(1, tokens)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    if kind == "full":
+        logp_all = F.log_softmax(head(h).float(), -1)                     # [1, N, V] fp32
+        lp = logp_all.gather(-1, y[..., None])[..., 0]
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        (lp.sum() + 0.001 * ent.sum()).backward()
+    elif kind == "chunked":
+        lp, ent = ppo.token_logprobs(head, h, y, mask, chunk=chunk, with_entropy=True)
+        (lp.sum() + 0.001 * ent.sum()).backward()
+    dt = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"kind": kind, "extra_peak_mib": (peak - base) / 1024, "seconds": dt}))
+
+
+def bench_logprobs(args):
+    print(f"log-prob + entropy, forward + backward, {args.tokens} tokens, vocab {args.vocab}, hidden {args.hidden}:")
+    full_bytes = args.tokens * args.vocab * 4
+    print(f"  one [N, V] fp32 tensor is {full_bytes / 2**20:.0f} MiB")
+    rows = {}
+    for kind in ("none", "full", "chunked"):
+        out = subprocess.run([sys.executable, __file__, "--child", kind, "--tokens", str(args.tokens), "--vocab",
+                              str(args.vocab), "--hidden", str(args.hidden), "--chunk", str(args.chunk)],
+                             capture_output=True, text=True, check=True)
+        rows[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    for kind in ("full", "chunked"):
+        r = rows[kind]
+        print(f"  {kind:<8} peak +{r['extra_peak_mib'] - rows['none']['extra_peak_mib']:8.0f} MiB   {r['seconds']:6.2f} s")
+    ratio = (rows["full"]["extra_peak_mib"] - rows["none"]["extra_peak_mib"]) / max(
+        1.0, rows["chunked"]["extra_peak_mib"] - rows["none"]["extra_peak_mib"])
+    print(f"  memory ratio full / chunked (chunk {args.chunk}): {ratio:.1f}x; "
+          f"time ratio chunked / full: {rows['chunked']['seconds'] / rows['full']['seconds']:.2f}x")
+
+
+def bench_step(args):
+    import copy
+    import random
+    import torch
+    import model as M
+    import ppo
+    torch.manual_seed(0)
+    mc = M.ModelConfig(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                       num_attention_heads=8, num_key_value_heads=4, eos_token_id=0, tie_word_embeddings=True)
+    device = torch.device(args.device)
+    policy = M.Transformer(mc).to(device).eval()
+    cfg = ppo._resolve(ppo.PPOConfig(device=args.device, dtype="float32", batch_prompts=16, samples=4,
+                                     mini_batch_prompts=8, micro_batch=16, max_response=args.max_response,
+                                     actor_lr=1e-5, critic_lr=1e-5, progress=False))
+    adam = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, master_device=device)
+    critic = ppo.Critic(copy.deepcopy(policy)).eval()
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    models = ppo.Models(policy, critic, ref, ppo.MasterAdamW(policy.parameters(), lr=1e-5, **adam),
+                        ppo.MasterAdamW(critic.parameters(), lr=1e-5, **adam), device)
+    rng = random.Random(0)
+    prompts = [[rng.randint(1, 1023) for _ in range(40)] for _ in range(cfg.batch_prompts)]
+    print(f"one PPO iteration, {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M-parameter random model on "
+          f"{args.device}, {cfg.batch_prompts} prompts x {cfg.samples} samples, 40-token prompts, "
+          f"{cfg.max_response} new tokens (random weights rarely stop early):")
+    for step in (1, 2):
+        m, _, _ = ppo.ppo_iteration(models, prompts, lambda r: ([0.0] * len(r), {}), cfg, step, eos_id=0, pad_id=0)
+    phases = ["time_rollout", "time_prepare", "time_critic", "time_actor"]
+    total = sum(m[k] for k in phases)
+    for k in phases:
+        print(f"  {k[5:]:<8} {m[k]:7.2f} s  ({100 * m[k] / total:4.1f}%)")
+    print(f"  rollout tokens/s {m['tokens_per_s']:.0f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-response", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _logprob_child(args.child, args.tokens, args.vocab, args.hidden, args.chunk)
+        return
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    bench_logprobs(args)
+    bench_step(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1030 @@
+"""Count cognitive behaviors in reasoning text with an LLM judge (or transparent rules).
+
+The paper measures four behaviors (verification, backtracking, subgoal setting, backward chaining)
+in the completions of every PPO checkpoint: gpt-4o-mini reads each completion four times, once per
+behavior, and answers with a count between <count> </count> tags. This file holds:
+
+1. a small judge client over raw HTTP (`requests`, no SDKs) for any OpenAI-compatible
+   /v1/chat/completions server (OpenAI, vLLM, llama.cpp, Ollama) and Anthropic's /v1/messages,
+   with a thread pool, a requests-per-minute limit, retries with exponential backoff and jitter,
+   and a persistent JSONL cache so a rerun after a crash or Ctrl-C never pays twice;
+2. the four behavior prompts for Countdown (paper section 4.2) and for math web text (4.3), in our
+   own wording, overridable from files (--prompts-dir) so the originals can be dropped in;
+3. count parsing, per-step aggregation (average counts, missing answers, accuracy) to CSV and JSON;
+4. `--judge rules`: an offline rule-based counter whose regexes are listed below, and
+5. `--score-against`: precision / recall / mean absolute error of any judge against ground truth.
+
+Simplifications and fixes relative to the original code (paper_spec D-E1..D-E7):
+* synchronous requests with our own retries instead of the OpenAI Batch API (works with any server);
+* temperature 0 by default (D-E2), sampling of N completions per step is seeded (D-E2, D-P8);
+* `<count>\\s*(\\d+)\\s*</count>` tolerates whitespace, and an unparsable answer is *missing*, not 0,
+  and is reported per step (D-E3); the four behaviors have one name each everywhere (D-E4);
+* the judge sees the completion as the model wrote it, without an "Assistant:" prefix (D-E7);
+* accuracy is reported both over every completion of a step and over the judged sample (D-E2).
+"""
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+import countdown
+
+BEHAVIORS = countdown.BEHAVIORS  # ("verification", "backtracking", "subgoal", "backward")
+
+# -----------------------------------------------------------------------------------------------
+# 1. The judge client
+
+
+@dataclass
+class JudgeConfig:
+    api: str = "openai"          # "openai" (any /v1/chat/completions server) or "anthropic"
+    base_url: str = ""           # "" = the API's public address; with or without a trailing /v1
+    model: str = ""              # "" = the paper's model for this API (API_DEFAULTS)
+    api_key_env: str = ""        # NAME of the environment variable holding the key ("" = usual)
+    temperature: float = 0.0     # the original classifier ran at 1.0 (D-E2); 0 is reproducible
+    max_tokens: int = 512
+    concurrency: int = 8         # requests in flight
+    rpm: float = 0.0             # requests per minute (every attempt counts); 0 = no limit
+    max_retries: int = 6         # retries after the first attempt, then the item is "failed"
+    backoff_base: float = 1.0    # seconds; attempt k waits base * 2**k * U(0.5, 1], at most max
+    backoff_max: float = 60.0
+    timeout: float = 120.0       # seconds per HTTP request (connect and read)
+    cache: str = ""              # JSONL cache path ("" = no cache)
+    seed: int = 0                # for the backoff jitter only; it never changes a result
+    progress: bool = True
+
+
+# The paper's models: gpt-4o-mini judged Countdown completions, Claude 3.5 Sonnet wrote priming data.
+API_DEFAULTS = {
+    "openai": dict(base_url="https://api.openai.com", model="gpt-4o-mini",
+                   api_key_env="OPENAI_API_KEY"),
+    "anthropic": dict(base_url="https://api.anthropic.com", model="claude-3-5-sonnet-20241022",
+                      api_key_env="ANTHROPIC_API_KEY"),
+}
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+class JudgeError(RuntimeError):
+    """A failure no retry can fix (bad key, unknown model or URL): the whole run stops."""
+
+
+@dataclass
+class Reply:
+    text: str | None             # None when the request failed
+    error: str | None = None     # why it failed (key scrubbed)
+    cached: bool = False
+    tokens: int = 0
+
+
+def normalize_base_url(url):
+    """'http://h:8000', 'http://h:8000/' and 'http://h:8000/v1' all mean the same server."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[:-3]
+    if not re.match(r"^https?://", url):
+        raise ValueError(f"--base-url must start with http:// or https://, got {url!r}")
+    return url
+
+
+def _retry_after_seconds(value):
+    """Retry-After is either seconds or an HTTP date; None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class _Stopped(Exception):
+    pass
+
+
+class JudgeClient:
+    """Send many (system, user) prompts; return one Reply per prompt, in order.
+
+    Identical requests are sent once: the cache key is sha256 over (api, base url, model, system,
+    messages, temperature, max_tokens). Each completed request is appended to the cache file
+    (one flushed JSON line) by the worker thread that paid for it, so even a request that finishes
+    while the run is being interrupted is kept. Failed requests are not cached: a rerun retries them.
+    """
+
+    def __init__(self, cfg: JudgeConfig):
+        if cfg.api not in API_DEFAULTS:
+            raise ValueError(f"unknown judge API {cfg.api!r}; choose one of {sorted(API_DEFAULTS)}")
+        d = API_DEFAULTS[cfg.api]
+        self.cfg = cfg
+        self.base_url = normalize_base_url(cfg.base_url or d["base_url"])
+        self.model = cfg.model or d["model"]
+        self.key_env = cfg.api_key_env or d["api_key_env"]
+        self._key = os.environ.get(self.key_env) or None
+        path = "/v1/chat/completions" if cfg.api == "openai" else "/v1/messages"
+        self.endpoint = self.base_url + path
+        if cfg.concurrency < 1 or cfg.max_retries < 0 or cfg.timeout <= 0:
+            raise ValueError("need --concurrency >= 1, --max-retries >= 0 and --timeout > 0")
+        self._local = threading.local()          # one requests.Session per worker thread
+        self._lock = threading.Lock()            # cache file, counters
+        self._rate_lock = threading.Lock()
+        self._next_slot = 0.0
+        self._stop = threading.Event()
+        self._rng = random.Random(cfg.seed)
+        self.stats = dict(sent=0, cached=0, failed=0, tokens=0)
+        self._cache = {}
+        self._cache_path = Path(cfg.cache) if cfg.cache else None
+        if self._cache_path is not None:
+            self._load_cache()
+        if self._key is None:
+            print(f"[judge] environment variable {self.key_env} is not set: sending requests "
+                  "without a key (fine for a local server)", file=sys.stderr)
+
+    # --- secrets ---------------------------------------------------------------------------------
+    def scrub(self, text):
+        """Remove the API key from any text that may reach a log, a file or an exception."""
+        text = str(text)
+        if self._key:
+            text = text.replace(self._key, "***")
+        return text
+
+    # --- cache -----------------------------------------------------------------------------------
+    def _load_cache(self):
+        p = self._cache_path
+        if not p.exists():
+            return
+        bad = 0
+        with open(p, "rb") as f:
+            data = f.read()
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                self._cache[rec["key"]] = rec
+            except (ValueError, KeyError, TypeError):
+                bad += 1  # a line cut short by a kill: that request is simply asked again
+        if data and not data.endswith(b"\n"):
+            with open(p, "ab") as f:  # so the next appended line does not glue onto the stub
+                f.write(b"\n")
+        if bad:
+            print(f"[judge] skipped {bad} unreadable line(s) in the cache {p}", file=sys.stderr)
+
+    def request_key(self, system, user):
+        blob = json.dumps(dict(api=self.cfg.api, base_url=self.base_url, model=self.model,
+                               system=system, messages=[{"role": "user", "content": user}],
+                               temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens),
+                          sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    # --- HTTP ------------------------------------------------------------------------------------
+    def _headers(self):
+        h = {"content-type": "application/json"}
+        if self.cfg.api == "anthropic":
+            h["anthropic-version"] = ANTHROPIC_VERSION
+            if self._key:
+                h["x-api-key"] = self._key
+        elif self._key:
+            h["authorization"] = f"Bearer {self._key}"
+        return h
+
+    def _body(self, system, user):
+        if self.cfg.api == "anthropic":
+            body = dict(model=self.model, max_tokens=self.cfg.max_tokens,
+                        temperature=self.cfg.temperature,
+                        messages=[{"role": "user", "content": user}])
+            if system:
+                body["system"] = system
+            return body
+        msgs = ([{"role": "system", "content": system}] if system else [])
+        msgs.append({"role": "user", "content": user})
+        return dict(model=self.model, messages=msgs, temperature=self.cfg.temperature,
+                    max_tokens=self.cfg.max_tokens)
+
+    def _parse(self, data):
+        """(text, tokens) from a 200 response; KeyError/TypeError/IndexError if it is malformed."""
+        if self.cfg.api == "anthropic":
+            text = "".join(b["text"] for b in data["content"] if b.get("type") == "text")
+            u = data.get("usage") or {}
+            return text, int(u.get("input_tokens", 0)) + int(u.get("output_tokens", 0))
+        text = data["choices"][0]["message"]["content"]
+        if not isinstance(text, str):
+            raise TypeError("message content is not a string")
+        u = data.get("usage") or {}
+        tokens = u.get("total_tokens") or (u.get("prompt_tokens", 0) + u.get("completion_tokens", 0))
+        return text, int(tokens)
+
+    def _server_message(self, r):
+        try:
+            err = r.json().get("error")
+            msg = err.get("message") if isinstance(err, dict) else err
+        except (ValueError, AttributeError):
+            msg = None
+        return self.scrub((msg or r.text or r.reason or "")[:500])
+
+    def _wait_for_slot(self):
+        """Requests-per-minute limit: attempts start at least 60/rpm seconds apart."""
+        if self.cfg.rpm <= 0:
+            return
+        with self._rate_lock:
+            now = time.monotonic()
+            start = max(now, self._next_slot)
+            self._next_slot = start + 60.0 / self.cfg.rpm
+        if self._stop.wait(start - now):
+            raise _Stopped
+
+    def _backoff(self, attempt):
+        with self._lock:
+            jitter = 0.5 + 0.5 * self._rng.random()
+        return min(self.cfg.backoff_max, self.cfg.backoff_base * 2 ** attempt) * jitter
+
+    def _call(self, system, user):
+        """One prompt with retries -> (text, tokens) or (None, reason). Raises JudgeError."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        body, reason = self._body(system, user), "no attempt made"
+        for attempt in range(self.cfg.max_retries + 1):
+            if self._stop.is_set():
+                raise _Stopped
+            self._wait_for_slot()
+            wait = None
+            with self._lock:
+                self.stats["sent"] += 1
+            try:
+                r = session.post(self.endpoint, headers=self._headers(), json=body,
+                                 timeout=self.cfg.timeout)
+            except requests.Timeout:
+                reason = f"timeout after {self.cfg.timeout:g}s"
+            except requests.ConnectionError as e:
+                reason = self.scrub(f"connection error: {type(e).__name__}")
+            except requests.RequestException as e:
+                return None, self.scrub(f"request error: {e}")
+            else:
+                if r.status_code == 200:
+                    try:
+                        return self._parse(r.json())
+                    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+                        reason = f"malformed response ({type(e).__name__}): {self.scrub(r.text[:200])!r}"
+                elif r.status_code == 429:
+                    wait = _retry_after_seconds(r.headers.get("retry-after"))
+                    reason = f"HTTP 429 rate limited: {self._server_message(r)}"
+                elif r.status_code >= 500 or r.status_code == 408:
+                    reason = f"HTTP {r.status_code}: {self._server_message(r)}"
+                elif r.status_code in (401, 403, 404):
+                    hint = {401: f"check the key in ${self.key_env} (--api-key-env)",
+                            403: f"the key in ${self.key_env} may lack access to this model",
+                            404: "check --base-url and --model"}[r.status_code]
+                    self._fatal = JudgeError(f"HTTP {r.status_code} from {self.endpoint}: "
+                                             f"{self._server_message(r)} ({hint})")
+                    self._stop.set()  # every other request would fail the same way
+                    raise self._fatal
+                else:  # 400, 413, 422 ...: this one request is bad; retrying will not help
+                    return None, f"HTTP {r.status_code}: {self._server_message(r)}"
+            if attempt == self.cfg.max_retries:
+                break
+            delay = wait if wait is not None else self._backoff(attempt)
+            if self._stop.wait(delay):
+                raise _Stopped
+        return None, f"{reason} (gave up after {self.cfg.max_retries + 1} attempts)"
+
+    def _work(self, key, system, user):
+        text, extra = self._call(system, user)
+        if text is None:
+            return key, None, extra, 0
+        rec = dict(key=key, api=self.cfg.api, model=self.model, text=text, tokens=extra,
+                   time=round(time.time(), 3))
+        with self._lock:
+            self._cache[key] = rec
+            self.stats["tokens"] += extra
+            if self._cache_path is not None:
+                countdown.append_jsonl(self._cache_path, rec)
+        return key, text, None, extra
+
+    # --- the public entry point ------------------------------------------------------------------
+    def complete(self, prompts, desc="judge"):
+        """prompts: list of (system or None, user) -> list of Reply, in the same order."""
+        keys = [self.request_key(s, u) for s, u in prompts]
+        todo = {}
+        for k, (s, u) in zip(keys, prompts):
+            if k not in self._cache and k not in todo:
+                todo[k] = (s, u)
+        n_unique = len(set(keys))
+        self.stats["cached"] += n_unique - len(todo)
+        errors = {}
+        bar = tqdm(total=n_unique, initial=n_unique - len(todo), desc=desc, unit="req",
+                   disable=not self.cfg.progress, file=sys.stderr, dynamic_ncols=True)
+        bar.set_postfix(dict(self.stats))
+        self._stop.clear()
+        self._fatal = None
+        pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
+        try:
+            futures = [pool.submit(self._work, k, s, u) for k, (s, u) in todo.items()]
+            for fut in as_completed(futures):
+                try:
+                    key, text, err, _ = fut.result()  # re-raises JudgeError
+                except _Stopped:  # a worker saw the stop flag that a fatal error raised
+                    raise (self._fatal or JudgeError("stopped")) from None
+                if text is None:
+                    errors[key] = err
+                    self.stats["failed"] += 1
+                bar.update(1)
+                bar.set_postfix(dict(self.stats))
+        except BaseException:
+            # Ctrl-C or a fatal error: stop workers at their next attempt; what they already
+            # paid for is in the cache, so a rerun resumes from there.
+            self._stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
+            pool.shutdown(wait=True)
+        out = []
+        for k in keys:
+            if k in self._cache:
+                rec = self._cache[k]
+                out.append(Reply(rec["text"], None, k not in todo, int(rec.get("tokens", 0))))
+            else:
+                out.append(Reply(None, errors.get(k, "not attempted")))
+        return out
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show "(default: x)" only where a default says something (not for '', None, False)."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, str) and not d):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_judge_args(p, api_choices=("openai", "anthropic"), default_api="openai",
+                   temperature=0.0, max_tokens=512):
+    """The judge flags, shared by classify.py and curate.py."""
+    g = p.add_argument_group("judge (LLM over HTTP)")
+    g.add_argument("--judge", choices=api_choices, default=default_api,
+                   help="openai: any OpenAI-compatible /v1/chat/completions server (OpenAI, vLLM, "
+                        "llama.cpp, Ollama); anthropic: Anthropic Messages API"
+                        + ("; rules: offline regex counter, no server" if "rules" in api_choices
+                           else ""))
+    g.add_argument("--base-url", default="",
+                   help="server address with or without /v1, e.g. http://localhost:8000; "
+                        "empty = https://api.openai.com or https://api.anthropic.com")
+    g.add_argument("--model", default="",
+                   help="model name; empty = gpt-4o-mini for openai, claude-3-5-sonnet-20241022 "
+                        "for anthropic (the paper's)")
+    g.add_argument("--api-key-env", default="",
+                   help="NAME of the environment variable that holds the API key; empty = "
+                        "OPENAI_API_KEY or ANTHROPIC_API_KEY. If the variable is unset, requests "
+                        "go without a key (fine for local servers). The key is never printed or "
+                        "written.")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help="sampling temperature")
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help="max tokens per answer")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    g.add_argument("--rpm", type=float, default=0.0,
+                   help="requests per minute, retries included; 0 = no limit")
+    g.add_argument("--max-retries", type=int, default=6,
+                   help="retries on 429 / 5xx / timeout / connection error / malformed JSON "
+                        "before the item is reported failed")
+    g.add_argument("--backoff-base", type=float, default=1.0,
+                   help="first backoff in seconds; doubles per retry, with jitter; a 429's "
+                        "Retry-After wins")
+    g.add_argument("--backoff-max", type=float, default=60.0,
+                   help="longest backoff in seconds")
+    g.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds per HTTP request")
+    g.add_argument("--cache", default="",
+                   help="JSONL request cache; empty = judge_cache.jsonl in the output folder. "
+                        "Reruns skip every cached request")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def judge_config_from_args(args, cache_default):
+    return JudgeConfig(api=args.judge, base_url=args.base_url, model=args.model,
+                       api_key_env=args.api_key_env, temperature=args.temperature,
+                       max_tokens=args.max_tokens, concurrency=args.concurrency, rpm=args.rpm,
+                       max_retries=args.max_retries, backoff_base=args.backoff_base,
+                       backoff_max=args.backoff_max, timeout=args.timeout,
+                       cache=args.cache or str(cache_default), progress=not args.no_progress)
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. Behavior prompts
+#
+# Countdown (paper section 4.2): the same frame for all four behaviors, then one instruction with
+# the paper's criterion and the same kinds of examples, reworded. Placeholders: {numbers} (Python
+# list repr), {target}, {completion}, {target//2}. Math web text (section 4.3): a markdown task
+# with {response}. Rendering replaces only these names (and unescapes {{ }}), so the original
+# prompt files - f-strings pasted into a file, or the str.format templates - load unchanged.
+
+CLASSIFY_SYSTEM = "You are a careful assistant that analyzes mathematical reasoning."
+
+_COUNTDOWN_FRAME = (
+    "Below is a chain of reasoning that a language model wrote while playing the game Countdown "
+    "with the numbers {numbers}. The goal is to reach the target number {target}.\n"
+    "The model's chain of reasoning:\n<reasoning>\n{completion}\n</reasoning>\n\n")
+_COUNT_ASK = ("Give the count between the tags <count> </count>. If there are none, answer "
+              "<count>0</count>.")
+
+COUNTDOWN_PROMPTS = {
+    "verification": _COUNTDOWN_FRAME + (
+        "Does the reasoning contain answer-verification steps? We mean places where the model "
+        "explicitly checks a result it computed against the target number. Explicit checks look "
+        "like 'That gives 1, which is not equal to 22' or 'Since 25 is not 22, ...'; implicit "
+        "ones look like 'Too high!' or 'This works!'. Count every such check. " + _COUNT_ASK),
+    "backtracking": _COUNTDOWN_FRAME + (
+        "Does the reasoning contain backtracking, where the model realizes a path will not work "
+        "and explicitly goes back to try a different approach? In this game, every new attempt "
+        "with a combination of numbers that does not build on the result of the previous "
+        "computation counts as backtracking. For example, with the numbers [6, 4, 9, 2] and the "
+        "target 15, the reasoning \"6 + 4 = 10, 10 + 9 = 19. 9 - 6 = 3, 3 * 4 = 12, 12 + 2 = 14. "
+        "9 * 2 = 18, 18 - 4 = 14. (9 + 6) * (4 / 2) = 30\" contains 3 instances of backtracking: "
+        "each of the last three attempts starts again from the initial numbers instead of "
+        "continuing from the previous result. Count the distinct backtracking instances. "
+        + _COUNT_ASK),
+    "subgoal": _COUNTDOWN_FRAME + (
+        "Does the reasoning contain explicit subgoal setting, where the model breaks the problem "
+        "into smaller intermediate goals? An example is \"First I'll try to get close to "
+        "{target//2}, then ...\", or \"Let's reach 12 first, since it is a factor of 24\". "
+        "Count the distinct subgoals that are set. " + _COUNT_ASK),
+    "backward": _COUNTDOWN_FRAME + (
+        "Does the reasoning contain backward chaining, where the model starts from the target "
+        "number and works backwards towards the initial numbers? With the target 24 and the "
+        "numbers 12 and 2, an example is \"Working back from the target: 24 / 2 = 12, so "
+        "12 * 2 = 24.\"; with the target 22 and the numbers 25 and 3 it is \"The target is 22, "
+        "and 22 + 3 = 25, so ...\". Count the distinct backward-chaining instances. "
+        + _COUNT_ASK),
+}
+
+
+def _text_prompt(name, definition, examples, thoughts_hint, question, count_title):
+    lines = "\n".join(f"- \"{e}\"" for e in examples)
+    return (
+        "# Task\nYou will read a piece of text taken from the internet. " + definition + "\n\n"
+        f"In mathematical writing, {name} can look like:\n{lines}\n\n"
+        f"Count the distinct instances of {name} and give the number between the tags "
+        "<count> </count>. If there are none, answer <count>0</count>.\n\n"
+        "# Answer format\nAnswer in markdown:\n\n"
+        f"## Thoughts\n[{thoughts_hint}]\n\n## {question}\n[yes/no]\n\n"
+        f"## {count_title}\n<count> N </count>\n\n"
+        "# Text to evaluate\n{response}\n\n# Answer\n")
+
+
+TEXT_PROMPTS = {
+    "verification": _text_prompt(
+        "verification",
+        "Decide whether it contains verification steps: places where the writer explicitly "
+        "checks their own work, for example by comparing a result with a known value or by "
+        "re-checking a calculation.",
+        ["Plugging x = 2 back into the original equation gives 4 + 4 = 8, as required.",
+         "Differentiating our answer gives back the integrand, so the integral is right.",
+         "Check a small case: for n = 2 the formula gives 3, and counting by hand also gives 3.",
+         "Both roots satisfy the condition x > 0, so neither has to be discarded."],
+        "where, briefly, the writer checks their work", "Does the text contain verification?",
+        "Number of verification steps"),
+    "backtracking": _text_prompt(
+        "backtracking",
+        "Decide whether it contains backtracking: places where the writer realizes a path will "
+        "not work and explicitly goes back to try a different approach, such as \"let me try "
+        "again\", \"wait\", \"I made a mistake\" or \"we need a different approach\". Mark the "
+        "places where the writer abandons a line of thought and returns to an earlier point.",
+        ["Substitution leads nowhere here; let's go back and integrate by parts instead.",
+         "This gives 0 = 1, a contradiction, so the assumption was wrong. Back to the original "
+         "equation.",
+         "Oops, I dropped a sign in the second line. Redoing the computation from there:",
+         "Expanding makes it worse; instead, let's factor the numerator."],
+        "where, briefly, the writer backtracks", "Does the text contain backtracking?",
+        "Number of backtracking steps"),
+    "subgoal": _text_prompt(
+        "subgoal setting",
+        "Decide whether it contains explicit subgoal setting: places where the writer breaks "
+        "the problem into smaller, intermediate goals.",
+        ["First we find the derivative, and then we look for the points where it vanishes.",
+         "To solve the system, we first express y in terms of x from the first equation, then "
+         "substitute it into the second.",
+         "The proof has three steps: the base case, the induction hypothesis, the inductive step.",
+         "We simplify the integrand with a substitution first, and then apply the power rule."],
+        "where, briefly, the writer sets subgoals", "Does the text contain subgoal setting?",
+        "Number of subgoals"),
+    "backward": _text_prompt(
+        "backward chaining",
+        "Decide whether it contains backward chaining: places where the writer works towards a "
+        "goal by starting from the goal and reasoning backwards to what is given.",
+        ["We want to show x = 4. Working backwards, x = 4 requires x^2 - 5x + 4 = 0, so let's "
+         "check that this equation holds.",
+         "We need a function whose derivative is 2x + 3; starting from that, x^2 + 3x + C works.",
+         "For the triangle to be right-angled we need c^2 = a^2 + b^2, so let's see whether the "
+         "side lengths satisfy it.",
+         "The maximum is where f'(x) = 0, so we start from that condition and solve for x.",
+         "The ball must reach 20 m; working back from that height with h = vt - gt^2/2 gives "
+         "the initial speed v."],
+        "where, briefly, the writer reasons backwards from a goal",
+        "Does the text contain backward chaining?", "Number of backward-chaining instances"),
+}
+
+# Drop-in names: ours (countdown_<b>.txt, text_<b>.txt), and for math text the original repo's
+# pretraining_analysis/prompts/*_v0.txt file names.
+_PROMPT_FILES = {
+    "countdown": {b: [f"countdown_{b}.txt"] for b in BEHAVIORS},
+    "text": {"verification": ["text_verification.txt", "verification_v0.txt"],
+             "backtracking": ["text_backtracking.txt", "backtracking_v0.txt"],
+             "subgoal": ["text_subgoal.txt", "subgoal_setting_v0.txt"],
+             "backward": ["text_backward.txt", "backward_chaining_v0.txt"]},
+}
+_REQUIRED_FIELD = {"countdown": "{completion}", "text": "{response}"}
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(numbers|nums|target|target//2|completion|response)\}")
+
+
+def render_prompt(template, **fields):
+    """Fill {numbers} {target} {target//2} {completion} {response}; leave other braces alone."""
+    if "target" in fields:
+        fields["target//2"] = int(fields["target"]) // 2
+    if "numbers" in fields:
+        fields.setdefault("nums", fields["numbers"])
+
+    def sub(m):
+        if m.group(0) in ("{{", "}}"):
+            return m.group(0)[0]
+        name = m.group(1)
+        return str(fields[name]) if name in fields else m.group(0)
+    return _PLACEHOLDER.sub(sub, template)
+
+
+def load_prompts(kind="countdown", prompts_dir=None):
+    """-> ({behavior: template}, prompt_version). Files in prompts_dir override the built-ins."""
+    if kind not in _PROMPT_FILES:
+        raise ValueError(f"unknown prompt kind {kind!r}; choose countdown or text")
+    prompts = dict(COUNTDOWN_PROMPTS if kind == "countdown" else TEXT_PROMPTS)
+    source = "builtin"
+    if prompts_dir:
+        d = Path(prompts_dir)
+        if not d.is_dir():
+            raise FileNotFoundError(f"--prompts-dir {d} is not a folder")
+        found = []
+        for b, names in _PROMPT_FILES[kind].items():
+            for name in names:
+                if (d / name).exists():
+                    text = (d / name).read_text(encoding="utf-8")
+                    if _REQUIRED_FIELD[kind] not in text:
+                        raise ValueError(f"prompt file {d / name} lacks the placeholder "
+                                         f"{_REQUIRED_FIELD[kind]} where the text to judge goes")
+                    prompts[b] = text
+                    found.append(name)
+                    break
+        if not found:
+            want = ", ".join(n for names in _PROMPT_FILES[kind].values() for n in names)
+            raise FileNotFoundError(f"no {kind} prompt files in {d}; expected some of: {want}")
+        source = "custom"
+        print(f"[prompts] {kind}: loaded {', '.join(found)} from {d}; built-in for the rest",
+              file=sys.stderr)
+    digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:10]
+    return prompts, f"{kind}-{source}-{digest}"
+
+
+def dump_prompts(out_dir):
+    """Write the built-in prompts as editable files (refuses to overwrite)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {f"countdown_{b}.txt": t for b, t in COUNTDOWN_PROMPTS.items()}
+    files.update({f"text_{b}.txt": t for b, t in TEXT_PROMPTS.items()})
+    clash = [n for n in files if (out / n).exists()]
+    if clash:
+        raise FileExistsError(f"{out} already has {', '.join(clash)}; pick an empty folder")
+    for name, text in files.items():
+        write_text_atomic(out / name, text)
+    return sorted(files)
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. Counting with a judge
+
+_COUNT_RE = re.compile(r"<count>\s*(\d+)\s*</count>")
+
+
+def parse_count(text):
+    """First <count> N </count> in the answer -> N; None (missing, not 0) when there is none."""
+    if not text:
+        return None
+    m = _COUNT_RE.search(text)
+    return int(m.group(1)) if m else None
+
+
+def judge_behaviors(field_dicts, client, prompts, system=None, desc="judge"):
+    """Ask the judge about every behavior of every item.
+
+    field_dicts: one dict of placeholder values per item. Returns one dict per item:
+    {"behaviors": {b: int | None}, "failed": {b: reason}, "missing": [b ...], "raw": {b: text}}.
+    """
+    reqs = [(system, render_prompt(prompts[b], **fields))
+            for fields in field_dicts for b in BEHAVIORS]
+    replies = client.complete(reqs, desc=desc)
+    out = []
+    for i in range(len(field_dicts)):
+        rec = dict(behaviors={}, failed={}, missing=[], raw={})
+        for j, b in enumerate(BEHAVIORS):
+            r = replies[i * len(BEHAVIORS) + j]
+            if r.text is None:
+                rec["behaviors"][b] = None
+                rec["failed"][b] = r.error
+                continue
+            rec["raw"][b] = r.text
+            rec["behaviors"][b] = parse_count(r.text)
+            if rec["behaviors"][b] is None:
+                rec["missing"].append(b)
+        out.append(rec)
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. The rule-based judge: transparent regexes, no server.
+#
+# The text is cut into sentences (at . ! ? followed by a space, and at line breaks). A sentence
+# counts once for a behavior if any of that behavior's patterns matches it; the count is the number
+# of such sentences. The patterns target both countdown.py's synthetic traces and common natural
+# phrasing. They favour precision: a new attempt written without any marker ("25 - 3 = 22.") is
+# not counted as backtracking, which a judge following the paper's broad definition would count.
+
+RULES_VERSION = "rules-v1"
+_N = r"-?\d+(?:\.\d+)?"
+RULES = {
+    "verification": [
+        rf"\b(?:is|was|are)\s*(?:not|n't)\s+(?:equal\s+to\s+|quite\s+)?(?:the\s+)?(?:target|goal|{_N})",
+        r"\bnot\s+equal\s+to\b", r"\bdoes\s*(?:not|n't)\s+(?:equal|match|reach)\b", r"≠|!=",
+        r"\btoo\s+(?:high|low|big|small|large|much|little)\b",
+        r"\b(?:this|that|it)\s+works\b",
+        r"\b(?:equals?|reach(?:es|ed)?|hits?|match(?:es)?|gives(?:\s+us)?)\s+the\s+(?:target|goal)\b",
+        r"\b(?:which|that|it)\s+is\s+(?:exactly\s+)?(?:the\s+|our\s+)?(?:target|goal)\b",
+        r"\bgoal\s+(?:has\s+been|is)\s+reached\b", r"\bverif(?:y|ies|ied|ying|ication)\b",
+        r"\b(?:let'?s|let\s+me|I'?ll|we)\s+check\b", r"\bdouble[- ]check",
+        r"\b\d+\s+is\s+(?:very\s+|quite\s+)?close\s+to\s+(?:the\s+)?(?:target|goal|\d+)",
+        r"\bmiss(?:es|ed)?\s+the\s+(?:target|goal)\b",
+    ],
+    "backtracking": [
+        r"\b(?:let'?s|let\s+me|I'?ll|we'?ll|I\s+will|we\s+should|I\s+should)\s+try\s+"
+        r"(?:a\s+|an\s+)?(?:different|another|other|something|again|new)\b",
+        r"\btry(?:ing)?\s+(?:something\s+else|another|a\s+different|a\s+new|again)\b",
+        r"\b(?:start|starting)\s+(?:over|again)\b", r"\bgo(?:ing)?\s+back\b", r"\bback\s*track",
+        r"\b(?:does|did|will|would)\s*(?:not|n't)\s+work\b", r"\bwon'?t\s+work\b",
+        r"\bdead\s+end\b", r"\bno\s+luck\b", r"\b(?:that|this)\s+fails\b",
+        r"\bscrap\s+(?:that|this)\b", r"\bsomething\s+else\b",
+        r"\b(?:try|use|do)\b[^.!?]{0,40}\binstead\b",
+        r"\banother\s+(?:approach|way|combination|option|sequence)\b",
+        r"\bdifferent\s+(?:approach|combination|sequence|way|order)\b",
+    ],
+    "subgoal": [
+        r"\bsub-?goals?\b", r"\bintermediate\s+(?:goal|target|value|result)\b",
+        r"\baim(?:ing)?\s+(?:for|at)\s+\d+", r"\bget\s+close\s+to\s+\d+",
+        r"\b(?:try|trying|aim|want|need|going)\s+(?:to\s+)?(?:reach|get\s+to|get|make|obtain)\s+"
+        r"\d+\s*(?:first|since|because|as|,\s*(?:since|because|as|which))",
+        r"\bfirst\b[^.]{0,30}?\b(?:reach|get\s+to|get|make|obtain)\s+\d+",
+        r"\bto\s+reach\s+\d+\s+(?:since|because|as)\b",
+        r"\b(?:a\s+)?(?:factor|multiple|divisor)\s+of\s+(?:the\s+target|\d+)",
+    ],
+    "backward": [
+        r"\bwork(?:ing|s)?\s+backwards?\b", r"\bbackwards?\s+from\b",
+        r"\bstart(?:ing)?\s+from\s+the\s+(?:target|goal|end)\b", r"\bin\s+reverse\b",
+        rf"\bsince\s+the\s+target\s+is\s+{_N}",
+        r"\bto\s+(?:get|reach|make)\s+(?:the\s+target\s+)?\d+\s*,?\s*(?:I|we)\s+"
+        r"(?:would\s+)?(?:need|could|can)\b",
+        r"\b(?:the\s+)?target\s+\d+\s+(?:is|=|equals)\s+\d+\s*[-+*/x×]\s*\d+",
+    ],
+}
+_RULES_RE = {b: [re.compile(p, re.IGNORECASE) for p in pats] for b, pats in RULES.items()}
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def count_behaviors_rules(text):
+    """{behavior: number of sentences that match one of its RULES patterns}."""
+    counts = dict.fromkeys(BEHAVIORS, 0)
+    for sentence in _SENTENCE_SPLIT.split(text or ""):
+        for b in BEHAVIORS:
+            if any(r.search(sentence) for r in _RULES_RE[b]):
+                counts[b] += 1
+    return counts
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. Completions in, per-step labels and summaries out
+
+
+def write_text_atomic(path, text):
+    """Write a text file via a temp file and os.replace (JSONL goes through countdown.write_jsonl)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_csv(path, rows):
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def load_completions(path):
+    """Rows from a JSONL file or a folder of them (e.g. runs/x/completions/step_10.jsonl).
+
+    Each row needs the problem (nums or numbers, target) and the completion (completion,
+    response or generated). "step" comes from the row, else from a step_<N> file name, else 0.
+    """
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.jsonl"))
+    elif p.exists():
+        files = [p]
+    else:
+        raise FileNotFoundError(f"--input {p} does not exist")
+    if not files:
+        raise FileNotFoundError(f"no *.jsonl files in {p}")
+    rows = []
+    for f in files:
+        m = re.search(r"step_?(\d+)", f.stem)
+        for i, r in enumerate(countdown.read_jsonl(f)):
+            r = dict(r)
+            if "nums" not in r and "numbers" in r:
+                r["nums"] = r.pop("numbers")
+            for alt in ("response", "generated"):
+                if "completion" not in r and alt in r:
+                    r["completion"] = r.pop(alt)
+            missing = [k for k in ("nums", "target", "completion") if k not in r]
+            if missing:
+                raise ValueError(f"{f} line {i + 1} lacks {', '.join(missing)}; each row needs "
+                                 "nums, target and completion (the text after the prompt)")
+            r.setdefault("step", int(m.group(1)) if m else 0)
+            rows.append(r)
+    return rows
+
+
+def sample_per_step(rows, n_samples, seed=0):
+    """{step: (all rows, judged rows)}: n_samples per step without replacement, seeded per step."""
+    by_step = {}
+    for r in rows:
+        by_step.setdefault(int(r["step"]), []).append(r)
+    out = {}
+    for step in sorted(by_step):
+        group = by_step[step]
+        if n_samples and len(group) > n_samples:
+            idx = sorted(random.Random(f"{seed}:{step}").sample(range(len(group)), n_samples))
+            out[step] = (group, [group[i] for i in idx])
+        else:
+            out[step] = (group, list(group))
+    return out
+
+
+def label_completions(rows, judge="rules", prompts=None, prompt_version=RULES_VERSION):
+    """Label rows with behavior counts. judge: "rules" or a JudgeClient.
+
+    Returns the rows with "behaviors" (int, or None when missing/failed), "judge", and when
+    relevant "failed" {behavior: reason}, "missing" [behaviors] and the judge's raw answers. A
+    row's own ground-truth "behaviors" (synthetic traces) is kept as "true_behaviors".
+    """
+    if judge == "rules":
+        results = [dict(behaviors=count_behaviors_rules(r["completion"]), failed={}, missing=[],
+                        raw={}) for r in rows]
+        meta = dict(model="rules", prompt_version=RULES_VERSION)
+    else:
+        fields = [dict(numbers=list(r["nums"]), target=r["target"],
+                       completion=str(r["completion"]).strip()) for r in rows]
+        results = judge_behaviors(fields, judge, prompts, system=CLASSIFY_SYSTEM,
+                                  desc="classify")
+        meta = dict(model=judge.model, prompt_version=prompt_version, api=judge.cfg.api,
+                    temperature=judge.cfg.temperature)
+    out = []
+    for r, res in zip(rows, results):
+        row = {k: v for k, v in r.items() if k != "behaviors"}
+        if isinstance(r.get("behaviors"), dict):
+            row["true_behaviors"] = r["behaviors"]
+        row["behaviors"] = res["behaviors"]
+        row["judge"] = meta
+        if res["failed"]:
+            row["failed"] = res["failed"]
+        if res["missing"]:
+            row["missing"] = res["missing"]
+        if res["raw"]:
+            row["judge_text"] = res["raw"]
+        out.append(row)
+    return out
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize_step(step, all_rows, labelled):
+    """One summary row: accuracy and length over every completion, accuracy over the judged
+    sample, and per behavior the average count over parsed answers, the fraction > 0, and how
+    many are missing (answer without a count) or failed (no answer)."""
+    acc = [countdown.is_correct(r["completion"], r["nums"], r["target"]) for r in all_rows]
+    acc_j = [countdown.is_correct(r["completion"], r["nums"], r["target"]) for r in labelled]
+    s = dict(step=step, n_completions=len(all_rows), n_judged=len(labelled),
+             accuracy=_mean(acc), accuracy_judged=_mean(acc_j),
+             mean_chars=_mean([len(str(r["completion"])) for r in all_rows]),
+             # tokens, when the sampler recorded them (ppo.py's "length"); the paper's CSVs
+             # report a length that looks token-based (D-E5)
+             mean_tokens=_mean([r["length"] for r in all_rows]) if all(
+                 "length" in r for r in all_rows) else None)
+    for b in BEHAVIORS:
+        counts = [r["behaviors"][b] for r in labelled if r["behaviors"][b] is not None]
+        s[f"{b}_avg"] = _mean(counts)
+        s[f"{b}_frac"] = _mean([c > 0 for c in counts])
+        s[f"{b}_missing"] = sum(b in r.get("missing", []) for r in labelled)
+        s[f"{b}_failed"] = sum(b in r.get("failed", {}) for r in labelled)
+    return s
+
+
+def score_against(rows, truth_key="true_behaviors"):
+    """Per behavior, on items where both the truth and the judge's count exist:
+    precision / recall of "count > 0", and the mean absolute error of the counts."""
+    out = {}
+    for b in BEHAVIORS:
+        pairs = [(r[truth_key][b], r["behaviors"][b]) for r in rows
+                 if r.get(truth_key) and r[truth_key].get(b) is not None
+                 and r["behaviors"].get(b) is not None]
+        tp = sum(t > 0 and p > 0 for t, p in pairs)
+        fp = sum(t == 0 and p > 0 for t, p in pairs)
+        fn = sum(t > 0 and p == 0 for t, p in pairs)
+        out[b] = dict(n=len(pairs), tp=tp, fp=fp, fn=fn, tn=len(pairs) - tp - fp - fn,
+                      precision=tp / (tp + fp) if tp + fp else None,
+                      recall=tp / (tp + fn) if tp + fn else None,
+                      mae=_mean([abs(t - p) for t, p in pairs]))
+    return out
+
+
+def _fmt(x, nd=3):
+    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def format_score_table(scores):
+    lines = [f"{'behavior':<13} {'n':>5} {'precision':>9} {'recall':>7} {'MAE':>6}"]
+    for b, s in scores.items():
+        lines.append(f"{b:<13} {s['n']:>5} {_fmt(s['precision']):>9} {_fmt(s['recall']):>7} "
+                     f"{_fmt(s['mae']):>6}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. CLI
+
+def guard_run_config(path, cfg, overwrite=False):
+    """A rerun into the same folder must use the same settings (it then resumes from the cache and
+    rewrites identical results); otherwise refuse instead of silently mixing or replacing them."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        old = json.loads(path.read_text())
+        diff = [k for k in sorted(set(old) | set(cfg)) if old.get(k) != cfg.get(k)]
+        if diff:
+            d = "; ".join(f"{k}: {old.get(k)!r} -> {cfg.get(k)!r}" for k in diff)
+            raise ValueError(f"{path.parent} holds results made with other settings ({d}). Use a "
+                             "new --out, or --overwrite to replace them.")
+    write_text_atomic(path, json.dumps(cfg, indent=2) + "\n")
+
+
+def run(args):
+    if args.dump_prompts:
+        names = dump_prompts(args.dump_prompts)
+        print(f"wrote {len(names)} prompt files to {args.dump_prompts}")
+        return 0
+    if not args.input:
+        raise ValueError("--input is required (a completions JSONL file or a folder of them)")
+    inp = Path(args.input)
+    if args.out:
+        out = Path(args.out)
+    elif inp.is_dir():
+        out = inp.parent / "labels"
+    else:
+        out = inp.with_name(inp.stem + "_labels")
+    rows = load_completions(inp)
+    if args.judge == "rules":
+        prompts, version = None, RULES_VERSION
+    else:
+        prompts, version = load_prompts("countdown", args.prompts_dir)
+    cfg = dict(input=str(inp.resolve()), judge=args.judge, base_url=None, model=None,
+               temperature=None, max_tokens=None, n_samples=args.n_samples, seed=args.seed,
+               prompt_version=version)
+    if args.judge != "rules":
+        d = API_DEFAULTS[args.judge]
+        cfg.update(base_url=normalize_base_url(args.base_url or d["base_url"]),
+                   model=args.model or d["model"], temperature=args.temperature,
+                   max_tokens=args.max_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    guard_run_config(out / "config.json", cfg, args.overwrite)
+
+    groups = sample_per_step(rows, args.n_samples, args.seed)
+    judged = [r for step in groups for r in groups[step][1]]
+    print(f"{len(rows)} completions in {len(groups)} step(s); judging {len(judged)} "
+          f"with {args.judge} -> {out}", file=sys.stderr)
+    if args.judge == "rules":
+        judge = "rules"
+    else:
+        judge = JudgeClient(judge_config_from_args(args, out / "judge_cache.jsonl"))
+    labelled = label_completions(judged, judge, prompts, version)
+
+    summary, i = [], 0
+    for step, (all_rows, sample) in groups.items():
+        summary.append(summarize_step(step, all_rows, labelled[i:i + len(sample)]))
+        i += len(sample)
+    countdown.write_jsonl(out / "labels.jsonl", labelled)
+    write_text_atomic(out / "summary.json", json.dumps(
+        dict(judge=labelled[0]["judge"] if labelled else None, steps=summary), indent=2) + "\n")
+    _write_csv(out / "summary.csv", summary)
+
+    print(f"{'step':>6} {'n':>5} {'acc':>6} " + " ".join(f"{b[:6]:>7}" for b in BEHAVIORS)
+          + "  missing/failed")
+    for s in summary:
+        print(f"{s['step']:>6} {s['n_judged']:>5} {_fmt(s['accuracy']):>6} "
+              + " ".join(f"{_fmt(s[f'{b}_avg'], 2):>7}" for b in BEHAVIORS) + "  "
+              + " ".join(f"{s[f'{b}_missing']}/{s[f'{b}_failed']}" for b in BEHAVIORS))
+    n_failed = sum(1 for r in labelled if r.get("failed"))
+    n_missing = sum(1 for r in labelled if r.get("missing"))
+    if n_failed or n_missing:
+        print(f"{n_failed} item(s) with failed requests, {n_missing} with an answer lacking "
+              f"<count>; their counts are null (not 0). Rerun the same command to retry failures.",
+              file=sys.stderr)
+        for r in [r for r in labelled if r.get("failed")][:5]:
+            print(f"  step {r['step']} nums {r['nums']} target {r['target']}: {r['failed']}",
+                  file=sys.stderr)
+    print(f"wrote {out / 'labels.jsonl'}, {out / 'summary.csv'}, {out / 'summary.json'}")
+
+    if args.score_against:
+        truth = [r for r in labelled if r.get("true_behaviors")]
+        if not truth:
+            raise ValueError("--score-against needs ground-truth counts: input rows with a "
+                             "\"behaviors\" dict, as countdown.generate_traces writes")
+        report = dict(overall=score_against(truth))
+        conds = sorted({r["condition"] for r in truth if "condition" in r})
+        if len(conds) > 1:
+            report["by_condition"] = {c: score_against([r for r in truth if r.get("condition") == c])
+                                      for c in conds}
+        print(f"\nagainst ground truth ({len(truth)} items; positive = count > 0):")
+        print(format_score_table(report["overall"]))
+        for c, sc in report.get("by_condition", {}).items():
+            print(f"\n[{c}]\n" + format_score_table(sc))
+        write_text_atomic(out / "score.json", json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Count verification / backtracking / subgoal / backward-chaining in "
+                    "Countdown completions with an LLM judge or offline rules.",
+        formatter_class=HelpFormatter)
+    p.add_argument("--input", help="completions JSONL, or a folder of them (runs/<name>/completions)"
+                                   "; rows need nums, target, completion and optionally step")
+    p.add_argument("--out", help="output folder (default: runs/<name>/labels next to a "
+                                 "completions folder, or <input>_labels/)")
+    p.add_argument("--n-samples", type=int, default=200,
+                   help="completions judged per step, drawn without replacement; 0 = all")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-step sample")
+    p.add_argument("--prompts-dir", default="",
+                   help="folder with prompt files that replace the built-ins: countdown_<behavior>"
+                        ".txt with {numbers} {target} {completion} placeholders")
+    p.add_argument("--score-against", action="store_true",
+                   help="compare the judge with ground-truth counts in the input rows' "
+                        "\"behaviors\" (synthetic traces): precision/recall of count>0, and MAE")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow an --out folder made with other settings to be replaced")
+    p.add_argument("--dump-prompts", default="", metavar="DIR",
+                   help="write the built-in prompts as editable files into DIR and exit")
+    add_judge_args(p, api_choices=("openai", "anthropic", "rules"), default_api="openai")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, JudgeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished requests are cached; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1312 @@
+"""The Countdown game: problems, the paper's prompt, a safe exact reward, a solver, and
+synthetic reasoning traces whose cognitive behaviors we control and count.
+
+Countdown: given a few integers and a target, write one arithmetic expression that uses every
+number exactly once with + - * / and equals the target. The paper (arXiv 2503.01307) trains on it
+with PPO and primes models with Claude-written reasoning traces; this file is everything about the
+game itself, in pure Python (stdlib only; a `tokenizers`-style object is optional for `dots`).
+
+Simplifications and deliberate differences from the reference code, up front:
+- The RL problems come from a seeded generator that approximates the public
+  Countdown-Tasks-3to4 set (we cannot download it here); the priming distribution follows the
+  reference generator (targets 10..25 drawn first, 3 or 4 numbers in 1..24), minus its list of
+  200 excluded "24 game" sets.
+- The reward keeps the reference semantics (last line only, last <answer> on it, every number
+  exactly once, 0 / 0.1 / 1.0) but never calls eval: a small parser admits integer literals,
+  + - * /, unary minus and parentheses, evaluated exactly with fractions, under hard size caps.
+  `**`, `//`, floats and anything else earn the format credit only (the original gave `2**3`
+  full credit). Every difference is commented next to the code that makes it.
+- Traces are generated, not written by an LLM: a real search over the game's states is narrated
+  in varied English, and each behavior the condition allows is counted as it is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import os
+import random
+import re
+import sys
+import tempfile
+from fractions import Fraction
+from functools import lru_cache
+from itertools import combinations
+
+# -----------------------------------------------------------------------------
+# JSONL files: the one reader/writer every file of the project uses
+
+
+def read_jsonl(path) -> list[dict]:
+    """All rows of a JSONL file. A torn last line (a crash mid-append) is skipped with a warning."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file; check the path or create it first")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # no newline after it: an interrupted append_jsonl
+                print(f"warning: {path}: skipping a truncated last line ({e})", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e}); fix or remove that line") from None
+    return rows
+
+
+def write_jsonl(path, rows) -> None:
+    """Write rows as JSONL atomically: a temp file in the same folder, then os.replace."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def append_jsonl(path, row) -> None:
+    """Append one row and flush (logs, caches). A crash can only tear the last line."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+
+
+# -----------------------------------------------------------------------------
+# The prompt. `base` is the reference RL prompt character for character (TinyZero's
+# examples/data_preprocess/countdown.py, used unchanged by the paper). It ends with "<think>"
+# and no newline, and the paper tokenized it WITHOUT a BOS token (add_special_tokens=False):
+# callers that tokenize it should do the same. `qwen-instruct` is the ChatML variant from the same
+# file (note the space after "user\n"); the paper's numbers all use `base`.
+
+PROMPT_TEMPLATES: dict[str, str] = {
+    "base": (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant "
+        "solves it. The assistant first thinks about the reasoning process in the mind and then "
+        "provides the user with the answer.\n"
+        "User: Using the numbers {nums}, create an equation that equals {target}. You can use basic "
+        "arithmetic operations (+, -, *, /) and each number can only be used once. Show your work "
+        "in <think> </think> tags. And return the final answer in <answer> </answer> tags, for "
+        "example <answer> (1 + 2) / 3 </answer>.\n"
+        "Assistant: Let me solve this step by step.\n"
+        "<think>"
+    ),
+    "qwen-instruct": (
+        "<|im_start|>system\nYou are a helpful assistant. You first thinks about the reasoning "
+        "process in the mind and then provides the user with the answer.<|im_end|>\n"
+        "<|im_start|>user\n Using the numbers {nums}, create an equation that equals {target}. You "
+        "can use basic arithmetic operations (+, -, *, /) and each number can only be used once. "
+        "Show your work in <think> </think> tags. And return the final answer in <answer> </answer> "
+        "tags, for example <answer> (1 + 2) / 3 </answer>.<|im_end|>\n"
+        "<|im_start|>assistant\nLet me solve this step by step.\n<think>"
+    ),
+}
+_THINK_SUFFIX = "\n<think>"
+
+
+def _check_problem(nums, target) -> tuple[list[int], int]:
+    """Plain ints (numpy integers accepted via __index__), or a ValueError that says what is wrong."""
+    if isinstance(nums, (str, bytes)) or not hasattr(nums, "__iter__"):
+        raise ValueError(f"nums must be a list of integers, got {nums!r}")
+    nums = list(nums)
+    try:
+        if any(isinstance(x, bool) for x in nums + [target]):
+            raise TypeError
+        out = [operator.index(x) for x in nums], operator.index(target)
+    except TypeError:
+        raise ValueError(f"nums and target must be integers, got nums={nums!r} target={target!r}") from None
+    if not nums:
+        raise ValueError("nums is empty; a Countdown problem needs at least one number")
+    return out
+
+
+def make_prompt(nums, target, template: str = "base") -> str:
+    """The RL prompt for one problem; `{nums}` is the Python list repr, e.g. [3, 17, 8]."""
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {sorted(PROMPT_TEMPLATES)}")
+    nums, target = _check_problem(nums, target)
+    return PROMPT_TEMPLATES[template].format(nums=repr(nums), target=target)
+
+
+def make_query(nums, target) -> str:
+    """The raw query the paper sent to Claude: the base prompt without the trailing "\\n<think>"."""
+    return make_prompt(nums, target, "base")[: -len(_THINK_SUFFIX)]
+
+
+def sft_example(nums, target, text: str) -> dict:
+    """An LLM answer that starts with "<think>" -> {"query": RL prompt, "completion": the rest}.
+
+    The reference SFT data ended the query at "...step by step." and started the completion at
+    "<think>", while RL prompts end at "<think>" (defect D-SFT-6). Here the query is exactly the RL
+    prompt and the completion is whatever followed that "<think>", so SFT and RL share a boundary.
+    """
+    stripped = text.lstrip()
+    if not stripped.startswith("<think>"):
+        raise ValueError(
+            f"the answer text must start with '<think>' (after optional whitespace), got "
+            f"{text[:40]!r}...; prepend '<think>' or fix the generator that produced it"
+        )
+    return {"query": make_prompt(nums, target), "completion": stripped[len("<think>"):]}
+
+
+# -----------------------------------------------------------------------------
+# The reward.
+#
+# Reference (verl/utils/reward_score/countdown.py), on prompt+response text:
+#   1. split on the first "Assistant:", keep only the LAST line (split('\n')[-1]);
+#   2. take the LAST non-DOTALL match of <answer>(.*?)</answer> on it, .strip(); none -> 0;
+#   3. the multiset of re.findall(r'\d+') must equal the given numbers, else 0.1;
+#   4. eval() it (after a character-class check); error -> 0.1; abs(result - target) < 1e-5 -> 1.0,
+#      else 0.1.
+# We score the response alone. That gives the same result for the last-line rule: both prompt
+# templates end with "\n<think>" and "<think>" cannot take part in an <answer>...</answer> match, so
+# the last line of prompt+response and the last line of the response hold the same answer matches.
+# (The reference kept special tokens when decoding; an EOS after "</answer>" sat on the same line
+# and did not change the match, and an EOS after a trailing newline made the last line empty -> 0,
+# exactly what scoring the stripped response gives.)
+#
+# Deliberate differences, all towards "the format credit, never the full reward":
+#   - `**` and `//` are not arithmetic here: 0.1 (the original accepted them; `2**3*1` scored 1.0).
+#   - floats ("2.5") are not literals: 0.1 (the original read "2.5" as the numbers 2 and 5 and
+#     could score 1.0 with a float result).
+#   - unary plus ("+3") is not admitted: 0.1 (the original's eval accepted it).
+#   - exact Fraction equality replaces abs(result - target) < 1e-5 (same verdict for every honest
+#     expression; the float version could accept a rounding near-miss).
+#   - an answer longer than MAX_ANSWER_CHARS scores 0.1 without being parsed (the original would
+#     evaluate e.g. a correct expression padded with a megabyte of spaces).
+#   - literals with more than MAX_LITERAL_DIGITS digits fail the number check (the original's
+#     int() raised for > 4300 digits, also 0.1).
+#   - the numbers check uses ASCII digits only. The original's \d also matched digits like '٣',
+#     which then failed in eval; both end at 0.1. Likewise only ASCII whitespace separates tokens
+#     (eval rejected a no-break space too).
+#   - "no answer" returns 0.0, a float (the original returned the int 0).
+# Kept on purpose (fidelity): leading-zero literals such as "05" are invalid (CPython's eval
+# rejects them; "00" is fine), at most 200 nested parentheses (CPython's parser limit), and
+# division by zero scores 0.1. Unary minus chains are evaluated up to the answer cap (CPython
+# managed ~900 and failed by ~3,000, so the two can differ on a chain of 1,000 characters).
+
+MAX_ANSWER_CHARS = 1_000  # an honest answer for six numbers is < 60 characters
+MAX_LITERAL_DIGITS = 100
+MAX_PAREN_DEPTH = 200  # CPython refuses deeper nesting: "too many nested parentheses"
+MAX_INTERMEDIATE_BITS = 16_384  # defense in depth; the answer cap already bounds sizes far below
+
+_OPEN, _CLOSE = "<answer>", "</answer>"
+_DIGITS = re.compile(r"[0-9]+")
+_ALLOWED = re.compile(r"[0-9+\-*/() \t\n\r\f\v]*")  # ASCII digits and whitespace only
+_TOKEN = re.compile(r"[0-9]+|[-+*/()]")
+
+
+def _last_answer(text: str) -> str | None:
+    """The content of the last match of <answer>(.*?)</answer> in `text`, in linear time.
+
+    re.finditer gives the same matches but is quadratic on a line with many unclosed "<answer>"
+    (each one scans to the end). Matches are found left to right, each ending at the first close
+    after its open, so: the last match ends at the first close after the last open that still has a
+    close after it, and it starts at the first open after the close that precedes that open (an open
+    right after a close can never be inside an earlier match).
+    """
+    k = text.rfind(_CLOSE)
+    if k < 0:
+        return None
+    o_last = text.rfind(_OPEN, 0, k)
+    if o_last < 0:
+        return None
+    close = text.find(_CLOSE, o_last + len(_OPEN))
+    prev_close = text.rfind(_CLOSE, 0, o_last)
+    start = 0 if prev_close < 0 else prev_close + len(_CLOSE)
+    o_first = text.find(_OPEN, start)
+    return text[o_first + len(_OPEN): close]
+
+
+def _div(a, b):
+    """Exact a / b: an int when it divides, else a Fraction; None for division by zero."""
+    if b == 0:
+        return None
+    if type(a) is int and type(b) is int:
+        q, r = divmod(a, b)
+        return q if r == 0 else Fraction(a, b)
+    f = Fraction(a) / b
+    return int(f) if f.denominator == 1 else f
+
+
+def _too_big(v) -> bool:
+    if type(v) is int:
+        return v.bit_length() > MAX_INTERMEDIATE_BITS
+    return max(v.numerator.bit_length(), v.denominator.bit_length()) > MAX_INTERMEDIATE_BITS
+
+
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "neg": 3}
+
+
+def _apply(op, stack):
+    if op == "neg":
+        stack.append(-stack.pop())
+        return True
+    b, a = stack.pop(), stack.pop()
+    if op == "+":
+        v = a + b
+    elif op == "-":
+        v = a - b
+    elif op == "*":
+        v = a * b
+    else:
+        v = _div(a, b)
+        if v is None:
+            return False
+    if type(v) is not int and v.denominator == 1:
+        v = int(v)
+    if _too_big(v):
+        return False
+    stack.append(v)
+    return True
+
+
+def evaluate(expr: str):
+    """Exact value (int or Fraction) of an arithmetic expression, or None if it is not one.
+
+    Grammar: integer literals, binary + - * /, unary minus, parentheses, spaces. An iterative
+    operator-precedence parser (no recursion, so no depth can overflow the stack); `**`, `//`,
+    floats, names and calls simply fail to parse.
+    """
+    if len(expr) > MAX_ANSWER_CHARS or not _ALLOWED.fullmatch(expr):
+        return None  # '.', letters, '_', ',', non-ASCII digits or spaces, ...
+    vals: list = []
+    ops: list[str] = []
+    expect_operand = True
+    depth = 0
+    for tok in _TOKEN.findall(expr):
+        if tok[0] in "0123456789":
+            if not expect_operand or len(tok) > MAX_LITERAL_DIGITS:
+                return None  # "1 2", or a literal too long to be one of the numbers
+            if len(tok) > 1 and tok[0] == "0" and tok.strip("0"):
+                return None  # "05" is a SyntaxError in Python 3
+            vals.append(int(tok))
+            expect_operand = False
+        elif tok == "(":
+            if not expect_operand:
+                return None  # "2(3)": a call in Python, a TypeError in the original
+            depth += 1
+            if depth > MAX_PAREN_DEPTH:
+                return None
+            ops.append("(")
+        elif tok == ")":
+            if expect_operand:
+                return None
+            while ops and ops[-1] != "(":
+                if not _apply(ops.pop(), vals):
+                    return None
+            if not ops:
+                return None
+            ops.pop()
+            depth -= 1
+        elif expect_operand:
+            if tok != "-":
+                return None  # no unary plus, and "**" / "//" land here
+            ops.append("neg")
+        else:
+            p = _PREC[tok]
+            while ops and ops[-1] != "(" and _PREC[ops[-1]] >= p:
+                if not _apply(ops.pop(), vals):
+                    return None
+            ops.append(tok)
+            expect_operand = True
+    if expect_operand:
+        return None
+    while ops:
+        op = ops.pop()
+        if op == "(" or not _apply(op, vals):
+            return None
+    return vals[0] if len(vals) == 1 else None
+
+
+def score(response: str, nums, target, format_score: float = 0.1, correct_score: float = 1.0,
+          lenient: bool = False) -> float:
+    """Reward for a response (the text after the prompt, special tokens stripped).
+
+    0.0 without an <answer>...</answer> on the last line; `format_score` if there is one but it is
+    not a correct expression using every number exactly once; `correct_score` if it is.
+    lenient=True takes the last <answer> anywhere in the response (DOTALL) instead of on the last
+    line only; it is off by default for fidelity with the paper's reward.
+    """
+    if lenient:
+        content = _last_answer(response)
+    else:
+        content = _last_answer(response[response.rfind("\n") + 1:])
+    if content is None:
+        return 0.0
+    content = content.strip()
+    if len(content) > MAX_ANSWER_CHARS:
+        return format_score
+    # The reference's number check: the multiset of digit runs equals the given numbers.
+    found = _DIGITS.findall(content)
+    if len(found) != len(nums) or any(len(d) > MAX_LITERAL_DIGITS for d in found):
+        return format_score
+    if sorted(map(int, found)) != sorted(nums):
+        return format_score
+    value = evaluate(content)
+    if value is None or value != target:
+        return format_score
+    return correct_score
+
+
+def is_correct(response: str, nums, target, lenient: bool = False) -> bool:
+    """Pure accuracy: True iff the response earns the full reward."""
+    return score(response, nums, target, 0.0, 1.0, lenient) == 1.0
+
+
+# -----------------------------------------------------------------------------
+# The solver.
+#
+# Two rule sets. "natural" is the reference generator's search (tasks/countdown.py): combine two
+# numbers into a+b, a*b, larger-smaller, or larger/smaller when it divides exactly, so every
+# intermediate is a non-negative integer. "exact" is the reward's semantics: any rational, negatives
+# allowed (a-b and b-a, a/b and b/a). The reference checked solvability under "natural" only while
+# its reward accepts "exact" (defect D-T2). We generate problems solvable under "natural", hence
+# also under the reward; solve() prefers a natural solution (what a person would write) and falls
+# back to an exact one, so it finds an answer whenever the reward can give 1.0.
+#
+# Search: an expression tree over a set of numbers splits them into two non-empty parts. For a
+# part of at most three numbers we list every value it can make (a few hundred at most). For a
+# bigger set S and a wanted value t we enumerate the values b of the smaller part B, invert the
+# operation to get the value a the other part A must make (t = a + b -> a = t - b, ...), and recurse
+# on (A, a) with memoization. Six numbers then cost ~10^4-10^5 steps instead of the ~10^7 trees.
+# Trees are ints (an index into the numbers) or (op, left, right).
+
+_NATURAL, _EXACT = "natural", "exact"
+
+
+def _combine(a, b, rules):
+    """(value, op, a_is_left) for every way to combine values a and b under `rules`."""
+    if rules == _NATURAL:
+        out = [(a + b, "+", True), (a * b, "*", True)]
+        out.append((a - b, "-", True) if a >= b else (b - a, "-", False))
+        if a >= b and b > 0 and a % b == 0:
+            out.append((a // b, "/", True))
+        elif b > a > 0 and b % a == 0:
+            out.append((b // a, "/", False))
+        return out
+    out = [(a + b, "+", True), (a * b, "*", True), (a - b, "-", True), (b - a, "-", False)]
+    q = _div(a, b)
+    if q is not None:
+        out.append((q, "/", True))
+    q = _div(b, a)
+    if q is not None:
+        out.append((q, "/", False))
+    return out
+
+
+def _inverse(t, b, rules):
+    """(a, op, a_is_left) such that combining a with b can give t; a=None means "any a"."""
+    if rules == _NATURAL:
+        cands = [(t - b, "+", True), (b + t, "-", True)]
+        if t > 0 and b - t >= 0:
+            cands.append((b - t, "-", False))
+        if b == 0:
+            if t == 0:
+                cands.append((None, "*", True))
+        elif t % b == 0:
+            cands.append((t // b, "*", True))
+        if b > 0 and t >= 1:
+            cands.append((t * b, "/", True))
+        if t > 1 and b % t == 0 and b // t > 0:
+            cands.append((b // t, "/", False))
+        return [c for c in cands if c[0] is None or c[0] >= 0]
+    cands = [(t - b, "+", True), (t + b, "-", True), (b - t, "-", False)]
+    if b != 0:
+        cands.append((_div(t, b), "*", True))
+        cands.append((t * b, "/", True))
+        if t != 0:
+            cands.append((_div(b, t), "/", False))
+    elif t == 0:
+        cands.append((None, "*", True))
+        cands.append((None, "/", False))  # 0 / a == 0 for any a != 0
+    return cands
+
+
+def _value_of(op, x, y):
+    if op == "+":
+        return x + y
+    if op == "-":
+        return x - y
+    if op == "*":
+        return x * y
+    return _div(x, y)
+
+
+class _Search:
+    """Expression trees over `values` (leaves are indices) under one rule set."""
+
+    def __init__(self, values, rules, find_all=False):
+        self.values = list(values)
+        self.rules = rules
+        self.find_all = find_all
+        self._vals: dict[int, dict] = {}
+        self._memo: dict[tuple, list] = {}
+
+    def splits(self, mask):
+        """Unordered splits {A, B} of mask, B the side we enumerate (never the larger one)."""
+        bits = [1 << i for i in range(len(self.values)) if mask >> i & 1]
+        low, rest = bits[0], bits[1:]
+        for r in range(len(rest)):  # A holds the lowest bit plus r of the others
+            for comb in combinations(rest, r):
+                a = low | sum(comb)
+                b = mask ^ a
+                if bin(a).count("1") >= bin(b).count("1"):
+                    yield a, b
+                else:
+                    yield b, a
+
+    def table(self, mask) -> dict:
+        """Every value the numbers in mask can make -> its trees (one tree unless find_all)."""
+        got = self._vals.get(mask)
+        if got is not None:
+            return got
+        if mask & (mask - 1) == 0:
+            i = mask.bit_length() - 1
+            got = {self.values[i]: [i]}
+        else:
+            got = {}
+            for a_mask, b_mask in self.splits(mask):
+                for va, tas in self.table(a_mask).items():
+                    for vb, tbs in self.table(b_mask).items():
+                        for v, op, a_left in _combine(va, vb, self.rules):
+                            if v is None or type(v) is not int and _too_big(v):
+                                continue
+                            trees = got.setdefault(v, [])
+                            if trees and not self.find_all:
+                                continue
+                            for ta in tas:
+                                for tb in tbs:
+                                    trees.append((op, ta, tb) if a_left else (op, tb, ta))
+        self._vals[mask] = got
+        return got
+
+    def find(self, mask, t) -> list:
+        """Trees over exactly the numbers in mask with value t (at most one unless find_all)."""
+        if bin(mask).count("1") <= 3:
+            return self.table(mask).get(t, [])
+        key = (mask, t)
+        if key in self._memo:
+            return self._memo[key]
+        out = []
+        for a_mask, b_mask in self.splits(mask):
+            for vb, tbs in self.table(b_mask).items():
+                for va, op, a_left in _inverse(t, vb, self.rules):
+                    if va is None:  # t == 0 and vb == 0: any value of A works (nonzero for '/')
+                        tas = [tr for v, trs in self.table(a_mask).items()
+                               if op == "*" or v != 0 for tr in trs[:1 if not self.find_all else None]]
+                    else:
+                        x, y = (va, vb) if a_left else (vb, va)
+                        if _value_of(op, x, y) != t or (self.rules == _NATURAL and (
+                                type(va) is not int or (op == "/" and (x < y or y == 0)))):
+                            continue
+                        tas = self.find(a_mask, va)
+                    for ta in tas:
+                        for tb in tbs:
+                            out.append((op, ta, tb) if a_left else (op, tb, ta))
+                            if not self.find_all:
+                                self._memo[key] = out
+                                return out
+        self._memo[key] = out
+        return out
+
+
+def _format(tree, leaf, canonical=False, pretty=False) -> str:
+    """Infix text with the fewest parentheses that keep the tree's shape (a + (b + c) keeps its).
+
+    pretty=True also drops the parentheses that associativity makes redundant (a + (b - c) ->
+    a + b - c, a * (b / c) -> a * b / c): same exact value, a different tree; for display.
+    """
+    if not isinstance(tree, tuple):
+        return leaf(tree)
+    op, left, right = tree
+    ls, rs = _format(left, leaf, canonical, pretty), _format(right, leaf, canonical, pretty)
+    lp, rp = _prec_of(left), _prec_of(right)
+    if canonical and op in "+*" and (rs, rp) < (ls, lp):  # commutative: one order per pair
+        ls, rs, lp, rp = rs, ls, rp, lp
+    p = _PREC[op]
+    if lp < p:
+        ls = f"({ls})"
+    if rp < p or rp == p and not (pretty and op in "+*"):
+        rs = f"({rs})"
+    return f"{ls} {op} {rs}"
+
+
+def _prec_of(tree) -> int:
+    return _PREC[tree[0]] if isinstance(tree, tuple) else 9
+
+
+_MAX_SOLVE_NUMS = 6
+
+
+def _check_solvable_size(nums):
+    if len(nums) > _MAX_SOLVE_NUMS:
+        raise ValueError(f"the solver handles at most {_MAX_SOLVE_NUMS} numbers, got {len(nums)}; "
+                         "the search grows factorially beyond that")
+
+
+def _solve_tree(nums, target, rules=None):
+    """(tree, rules) of one solution (natural rules first unless rules is given), or None."""
+    for r in ([rules] if rules else [_NATURAL, _EXACT]):
+        if r == _NATURAL and (target < 0 or any(x < 0 for x in nums)):
+            continue
+        trees = _Search(nums, r).find((1 << len(nums)) - 1, target)
+        if trees:
+            return trees[0], r
+    return None
+
+
+def solve(nums, target) -> str | None:
+    """One expression using every number exactly once that equals target, or None."""
+    nums, target = _check_problem(nums, target)
+    _check_solvable_size(nums)
+    found = _solve_tree(nums, target)
+    return None if found is None else _format(found[0], lambda i: str(nums[i]), pretty=True)
+
+
+def solve_all(nums, target, limit: int | None = None) -> list[str]:
+    """Every solution under the reward's semantics (exact rationals), one per equivalence class of
+    swapping the operands of + and *, sorted. Other rearrangements ((a+b)+c vs a+(b+c)) are distinct.
+    Six numbers can have tens of thousands (~1 s); `limit` keeps the first `limit` of the sorted list."""
+    nums, target = _check_problem(nums, target)
+    _check_solvable_size(nums)
+    trees = _Search(nums, _EXACT, find_all=True).find((1 << len(nums)) - 1, target)
+    out = sorted({_format(t, lambda i: str(nums[i]), canonical=True) for t in trees})
+    return out if limit is None else out[:limit]
+
+
+@lru_cache(maxsize=1 << 17)
+def _natural_reach(nums: tuple) -> frozenset:
+    """Values reachable using ALL of `nums` (a sorted tuple) under the natural rules."""
+    if len(nums) == 1:
+        return frozenset(nums)
+    out = set()
+    for i, j in combinations(range(len(nums)), 2):
+        rest = [nums[k] for k in range(len(nums)) if k != i and k != j]
+        for v, _, _ in _combine(nums[i], nums[j], _NATURAL):
+            out |= _natural_reach(tuple(sorted(rest + [v])))
+    return frozenset(out)
+
+
+def _solvable_natural(nums, target) -> bool:
+    return _solvable_sorted(tuple(sorted(nums)), target)
+
+
+@lru_cache(maxsize=1 << 17)
+def _solvable_sorted(nums: tuple, target) -> bool:
+    # target-directed search: ~5x faster than listing every reachable value for 4 numbers
+    return bool(_Search(nums, _NATURAL).find((1 << len(nums)) - 1, target))
+
+
+# -----------------------------------------------------------------------------
+# Problems.
+#
+# `priming` follows the reference generator as the paper used it for the priming data
+# (api_gen.py: CountDown(start_probs=[0, .5, .5], min_target=10, max_target=25)): the target is
+# drawn first, uniform in 10..25 inclusive; then 3 or 4 numbers (50/50), each uniform in 1..24
+# (max_target - 1), resampled until solvable under the natural rules. We do not copy its list of
+# 200 excluded "24 game" sets (it only removes some 4-number sets).
+# `rl` approximates Countdown-Tasks-3to4, which the paper trained on and whose generator and ranges
+# are documented nowhere: 3 or 4 numbers (50/50) uniform in 1..99, target uniform in 10..100 drawn
+# first, resampled until solvable the same way. Measure the real set if you can download it.
+
+DISTRIBUTIONS = {
+    # name: (min_target, max_target, min_num, max_num, (counts), (weights))
+    "rl": (10, 100, 1, 99, (3, 4), (0.5, 0.5)),
+    "priming": (10, 25, 1, 24, (3, 4), (0.5, 0.5)),
+}
+
+
+def _sample_problem(rng: random.Random, distribution: str) -> tuple[list[int], int]:
+    lo_t, hi_t, lo_n, hi_n, counts, weights = DISTRIBUTIONS[distribution]
+    target = rng.randint(lo_t, hi_t)
+    k = rng.choices(counts, weights=weights)[0]
+    while True:
+        nums = [rng.randint(lo_n, hi_n) for _ in range(k)]
+        if _solvable_natural(nums, target):
+            return nums, target
+
+
+def _check_distribution(distribution):
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; choose one of {sorted(DISTRIBUTIONS)}")
+
+
+def generate_problems(n: int, distribution: str = "rl", seed: int = 0) -> list[dict]:
+    """n solvable problems {"nums", "target", "id"} drawn i.i.d. (repeats possible) with a seeded RNG."""
+    _check_distribution(distribution)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"countdown-problems:{distribution}:{seed}")
+    rows = []
+    for i in range(n):
+        nums, target = _sample_problem(rng, distribution)
+        rows.append({"nums": nums, "target": target, "id": i})
+    return rows
+
+
+def make_splits(n_train: int, n_test: int, distribution: str = "rl", seed: int = 0,
+                progress: bool = False):
+    """(train, test): every (sorted nums, target) appears at most once across both splits.
+
+    The test set takes the first n_test distinct problems of the seeded stream and train the next
+    n_train, so for one seed the test set does not depend on n_train. progress=True shows a tqdm
+    bar when tqdm is installed (the paper's 327,680 + 1,024 take a few minutes).
+    """
+    _check_distribution(distribution)
+    if n_train < 0 or n_test < 0:
+        raise ValueError(f"split sizes must be >= 0, got n_train={n_train} n_test={n_test}")
+    rng = random.Random(f"countdown-splits:{distribution}:{seed}")
+    seen: set = set()
+    splits: list[list[dict]] = [[], []]
+    misses = 0
+    bar = _progress_bar(n_train + n_test, f"{distribution} problems") if progress else None
+    for split, size in ((1, n_test), (0, n_train)):
+        while len(splits[split]) < size:
+            nums, target = _sample_problem(rng, distribution)
+            key = (tuple(sorted(nums)), target)
+            if key in seen:
+                misses += 1
+                if misses > 100 * (n_train + n_test) + 10_000:
+                    raise ValueError(f"could not find {n_train + n_test} distinct {distribution!r} "
+                                     "problems; ask for fewer")
+                continue
+            seen.add(key)
+            splits[split].append({"nums": nums, "target": target, "id": len(splits[split])})
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    return splits[0], splits[1]
+
+
+def _progress_bar(total, desc):
+    """A tqdm bar if tqdm is installed (optional: this file needs only the standard library)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, disable=total < 2000)
+
+
+# -----------------------------------------------------------------------------
+# Synthetic reasoning traces.
+#
+# The paper primed models with Claude-written traces under nine conditions (paper_spec 3.1-3.3).
+# We write them ourselves from a real search so every behavior is known exactly:
+#   forward attempts  walk the game's states (pick two numbers, combine them, repeat) choosing
+#                     plausible moves; a failed walk ends in a two-number state from which the
+#                     target is unreachable, so giving up there is what a depth-first search does;
+#   subgoals          come from factors and multiples of the target and numbers near it; a viable
+#                     one is made from some of the numbers and then combined with the rest;
+#   backward steps    invert one operation from the target ("24 / 2 = 12, so make 12 from the rest");
+#   backtracking      abandons a path for the start or for an intermediate state.
+# The success episode follows states the solver proves solvable, so the final answer is correct
+# (checked with score() before a trace is returned). Each behavior is counted once per instance
+# as it is written (the paper's classifier definitions, paper_spec 4.2): one verification per
+# explicit check of a result against the target, one backtracking per abandoned path followed by a
+# new attempt, one subgoal per stated subgoal, one backward per step worked back from the target.
+# Every phrasing of a behavior contains exactly one of its markers in BEHAVIOR_PHRASES and no other
+# text contains any marker, so counting markers (lowercased substrings) recovers the counts; each
+# trace is checked against that before it is returned. (The markers are exact for these traces
+# only; free text from a model needs a broader classifier, see classify.py.)
+# Conditions differ from the paper's data in two ways worth knowing: no_positive here is an
+# all_strategies-style search that never finds the answer and settles for its nearest wrong
+# expression (the paper kept the Claude traces whose answers were wrong), and empty_cot / dots
+# rewrite our all_strategies trace of the same problem, as the paper rewrote its all_strategies file.
+
+CONDITIONS = (
+    "all_strategies", "only_backtracking", "backtracking_verification", "backtracking_subgoal",
+    "backtracking_backward", "negative_control", "empty_cot", "dots", "no_positive",
+)
+BEHAVIORS = ("verification", "backtracking", "subgoal", "backward")
+_ALL = frozenset(BEHAVIORS)
+ALLOWED_BEHAVIORS: dict[str, frozenset] = {
+    "all_strategies": _ALL,
+    "only_backtracking": frozenset({"backtracking"}),
+    "backtracking_verification": frozenset({"backtracking", "verification"}),
+    "backtracking_subgoal": frozenset({"backtracking", "subgoal"}),
+    "backtracking_backward": frozenset({"backtracking", "backward"}),
+    "negative_control": frozenset(),
+    "empty_cot": frozenset(),
+    "dots": frozenset(),
+    "no_positive": _ALL,  # all_strategies whose every final answer is wrong
+}
+
+BEHAVIOR_PHRASES: dict[str, tuple[str, ...]] = {
+    "verification": (" is not ", "isn't ", "doesn't match", "goal has been reached",
+                     "matches the target", "equals the target", "double-check", "let me verify"),
+    "backtracking": ("something else", "a different", "go back", "start over", "another pair",
+                     "another approach"),
+    "subgoal": ("try to reach", "intermediate goal", "subgoal"),
+    "backward": ("work backwards", "working backwards", "since the target is", "in reverse"),
+}
+
+
+def count_behavior_phrases(text: str) -> dict[str, int]:
+    """Occurrences of each behavior's marker phrases in text (case-insensitive)."""
+    low = text.lower()
+    return {b: sum(low.count(p) for p in ps) for b, ps in BEHAVIOR_PHRASES.items()}
+
+
+# Phrasings. {a} {b} {c}: a step's operands and result; {t}: target; {v}: a result; {s}: subgoal;
+# {x}: the value a backward step asks for; {n}: the number it uses; {state}/{rest}/{nums}: lists.
+_OPENINGS = (
+    "Let me find a way to combine {nums} to get {t}.",
+    "I need to reach {t} using each of {nums} exactly once.",
+    "We have {nums} and need to make {t}.",
+    "Numbers: {nums}. Goal: {t}.",
+    "Let me think about how {nums} can combine into {t}.",
+)
+_STEPS = {
+    "+": ("{a} + {b} = {c}.", "{a} + {b} = {c}.", "Adding {a} and {b} gives {c}.", "{a} plus {b} is {c}."),
+    "-": ("{a} - {b} = {c}.", "{a} - {b} = {c}.", "Subtracting {b} from {a} leaves {c}.", "{a} minus {b} is {c}."),
+    "*": ("{a} * {b} = {c}.", "{a} * {b} = {c}.", "Multiplying {a} by {b} gives {c}.", "{a} times {b} is {c}."),
+    "/": ("{a} / {b} = {c}.", "{a} / {b} = {c}.", "Dividing {a} by {b} gives {c}.", "{a} divided by {b} is {c}."),
+}
+_FIRST_STEP = ("What about {a} {op} {b}? That gives {c}.", "Start with {a} {op} {b} = {c}.",
+               "Let's try {a} {op} {b} = {c}.")
+_THEN = ("Then ", "Next, ", "", "", "Now ")
+_LEFT = ("That leaves {state}.", "Now we have {state}.")
+_VERIFY_FAIL = ("{v} is not {t}.", "{v} is not {t}, so that path fails.",
+                "That gives {v}, which doesn't match {t}.", "{v} isn't {t}.")
+_VERIFY_OK = ("{t} was the goal, so the goal has been reached.", "That is {t}, which matches the target.",
+              "And {t} equals the target.", "We got {t}; it matches the target.")
+_DOUBLE_CHECK = ("Let me double-check: {steps}.", "Let's double-check: {steps}.",
+                 "Let me verify: {steps}.")
+_RESTART = ("Trying something else.", "Let's try something else.",
+            "Let's try a different sequence of operations.", "Let me try a different combination.",
+            "Let me start over with {nums}.", "Scrap that and try another pair.",
+            "Let's take another approach.")
+_GO_BACK = ("Let me go back to {state} and try another operation.",
+            "Let me go back to {state} and try again.")
+_SUBGOAL_FAIL = ("I can't get {s} from these numbers, so let's try a different approach.",
+                 "{s} seems out of reach, so let me try something else.")
+_BACKWARD_FAIL = ("I don't see how to make {x} from {rest}, so let's try something else.",
+                  "{rest} can't give {x}, so let me take another approach.")
+_SUBGOAL = {
+    "factor": ("Let's first try to reach {s}, since it is a factor of {t}.",
+               "{s} times {k} is {t}, so let me try to reach {s} first.",
+               "A useful intermediate goal is {s}, a factor of {t}.",
+               "Let me set {s} as a subgoal, because {s} * {k} = {t}."),
+    "multiple": ("Let's first try to reach {s}, since it is a multiple of {t}.",
+                 "A useful intermediate goal is {s}, which is {k} times {t}.",
+                 "Let me set {s} as a subgoal; it is a multiple of {t}."),
+    "near": ("Let's first try to reach {s}, since it is near {t}.",
+             "{s} is only {d} away from {t}, so let me try to reach {s} first.",
+             "Let me take {s} as a subgoal; it is just {d} off {t}."),
+}
+_SUBGOAL_FROM_BACKWARD = ("So {x} becomes an intermediate goal.", "Let me take {x} as a subgoal.")
+_BACKWARD = ("Let's work backwards from the target: {inv}.", "Working backwards from {t}: {inv}.",
+             "Since the target is {t}, and {fwd}, I would need {x}.",
+             "Thinking about it in reverse, {inv}.")
+_NEED = ("So I need {x} from {rest}.", "Then {rest} would have to make {x}.", "Can {rest} make {x}?")
+_SO = ("So, {fwd}.", "Then {fwd}.", "Finally, {fwd}.")
+_CLOSE_OK = ("So the answer is {expr}.", "The expression is {expr}.", "Putting it together: {expr}.",
+             "So {expr} uses every number once.", "So the final expression is {expr}.")
+_GIVE_UP = ("I'm not finding an exact solution, so I'll go with {expr}, which gives {v}.",
+            "I'll settle for {expr} = {v}; I could not find an exact expression.")
+
+
+def _join(vals) -> str:
+    vals = [str(v) for v in vals]
+    return vals[0] if len(vals) == 1 else ", ".join(vals[:-1]) + " and " + vals[-1]
+
+
+class _TraceWriter:
+    """Writes one trace: a randomized, budgeted depth-first search, narrated as it goes."""
+
+    def __init__(self, nums, target, allowed, rng, succeed=True):
+        self.nums, self.t, self.allowed, self.rng, self.succeed = nums, target, allowed, rng, succeed
+        self.lines: list[str] = []
+        self.counts = dict.fromkeys(BEHAVIORS, 0)
+        self.tried: set = set()
+        self.failed_paths: list[tuple] = []  # (value, tree) of full wrong paths, for no_positive
+        self.pending: tuple | None = None  # how the last failed episode says "let's try another"
+        self.prefix = ""  # forced prefix for the next narrated step ("Now, ")
+        self.breaks: set[int] = set()  # line indices that start a paragraph
+
+    def text(self) -> str:
+        return "".join(("\n" if i in self.breaks else " ") + line
+                       for i, line in enumerate(self.lines))[1:]
+
+    # -- writing -------------------------------------------------------------------------------
+    def say(self, templates, **kw):
+        self.lines.append(self.rng.choice(templates).format(**kw))
+
+    def behavior(self, name, templates, **kw):
+        if name not in self.allowed:  # a bug, never bad input: fail loudly even under python -O
+            raise RuntimeError(f"internal error: {name} is forbidden in this condition")
+        self.counts[name] += 1
+        self.say(templates, **kw)
+
+    def step(self, a, op, b, c, first=False):
+        if self.prefix:
+            text, prefix, self.prefix = self.rng.choice(_STEPS[op]), self.prefix, ""
+        elif first and self.rng.random() < 0.5:
+            return self.say(_FIRST_STEP, a=a, op=op, b=b, c=c)
+        else:
+            text, prefix = self.rng.choice(_STEPS[op]), ("" if first else self.rng.choice(_THEN))
+        text = text.format(a=a, b=b, c=c)
+        if prefix and text[0].isalpha():
+            text = text[0].lower() + text[1:]
+        self.lines.append(prefix + text)
+
+    def steps_of(self, tree, values, first=True):
+        """Narrate a solver tree bottom-up (leaves index `values`); returns its value."""
+        if not isinstance(tree, tuple):
+            return values[tree]
+        op, left, right = tree
+        a = self.steps_of(left, values, first)
+        b = self.steps_of(right, values, first and not isinstance(left, tuple))
+        c = _value_of(op, a, b)
+        self.step(a, op, b, c, first=first and not isinstance(left, tuple) and not isinstance(right, tuple))
+        return c
+
+    # -- the search ----------------------------------------------------------------------------
+    def moves(self, items, zero=False):
+        """Every (i, j, value, op, i_is_left) combining two items under the natural rules; a zero
+        result only when asked (a solution may need it, as in 19 + (2 - 2))."""
+        out = []
+        for i, j in combinations(range(len(items)), 2):
+            (a, ta), (b, tb) = items[i], items[j]
+            # for + and * say the running result first ("48 + 11", not "11 + 48"), else the larger
+            first_i = (isinstance(ta, tuple), a) >= (isinstance(tb, tuple), b)
+            for v, op, left in _combine(a, b, _NATURAL):
+                if v != 0 or zero:
+                    out.append((i, j, v, op, first_i if op in "+*" else left))
+        return out
+
+    @staticmethod
+    def apply(items, move):
+        i, j, v, op, left = move
+        ti, tj = items[i][1], items[j][1]
+        rest = [it for k, it in enumerate(items) if k != i and k != j]
+        return rest + [(v, (op, ti, tj) if left else (op, tj, ti))]
+
+    def solvable(self, items):
+        return _solvable_natural([v for v, _ in items], self.t)
+
+    def pick(self, cands):
+        """A plausible move: usually one whose result lands near the target."""
+        cands = sorted(cands, key=lambda m: (abs(m[2] - self.t), self.rng.random()))
+        return cands[min(int(self.rng.expovariate(0.5)), len(cands) - 1)]
+
+    def narrate_move(self, items, move, first):
+        i, j, v, op, left = move
+        a, b = (items[i][0], items[j][0]) if left else (items[j][0], items[i][0])
+        self.step(a, op, b, v, first=first)
+
+    def ok(self, items, to_target):
+        if to_target:
+            return self.solvable(items)
+        if len(items) == 2:
+            return not self.solvable(items)
+        if len(items) == 1:
+            return items[0][0] != self.t
+        return True
+
+    def walk(self, items, to_target: bool, first=True):
+        """Combine down to one number. to_target: through solvable states only; otherwise into a
+        two-number state that cannot make the target (a dead end). Returns the final (value, tree)."""
+        while len(items) > 1:
+            cands = [m for m in self.moves(items, zero=to_target) if self.ok(self.apply(items, m), to_target)]
+            if not cands:  # a failing walk with no dead end from here: any wrong move
+                if to_target:
+                    raise RuntimeError("internal error: a solvable state with no solvable move")
+                cands = [m for m in self.moves(items) if len(items) > 2 or m[2] != self.t]
+            move = self.pick(cands)
+            self.narrate_move(items, move, first)
+            items, first = self.apply(items, move), False
+            if len(items) > 1 and self.rng.random() < 0.25:
+                self.say(_LEFT, state=_join(v for v, _ in items))
+        return items[0]
+
+    def fail_path(self, value, tree):
+        self.failed_paths.append((value, tree))
+        self.tried.add(_format(tree, str, canonical=True))
+        if "verification" in self.allowed:
+            self.behavior("verification", _VERIFY_FAIL, v=value, t=self.t)
+
+    # -- episodes: each returns the solution tree on success, None on failure ------------------
+    def forward(self, start, success: bool):
+        """Walk from `start`; a failed walk avoids repeating an earlier path word for word."""
+        for _ in range(8):
+            mark = len(self.lines)
+            value, tree = self.walk(start, success)
+            if success or _format(tree, str, canonical=True) not in self.tried:
+                break
+            del self.lines[mark:]
+        if success:
+            if "verification" in self.allowed:
+                self.behavior("verification", _VERIFY_OK, t=self.t)
+            return tree
+        self.fail_path(value, tree)
+        self.pending = (_RESTART, {"nums": _join(self.nums)})
+        return None
+
+    def forward_with_detour(self, success: bool):
+        """Forward attempt; with 4+ numbers it may first hit a dead end two steps in and go back to
+        the intermediate state (depth-first backtracking one level up) before going on."""
+        items = [(v, i) for i, v in enumerate(self.nums)]
+        if len(items) < 4 or self.rng.random() < 0.5:
+            return self.forward(items, success)
+        cands = [m for m in self.moves(items, zero=success)
+                 if not success or self.solvable(self.apply(items, m))]
+        move = self.pick(cands)
+        self.narrate_move(items, move, True)
+        mid = self.apply(items, move)
+        dead = [m for m in self.moves(mid) if not self.solvable(self.apply(mid, m))]
+        if dead:
+            m2 = self.pick(dead)
+            self.narrate_move(mid, m2, False)
+            self.fail_path(*self.walk(self.apply(mid, m2), False, first=False))
+            self.behavior("backtracking", _GO_BACK, state=_join(v for v, _ in mid))
+        return self.forward(mid, success)
+
+    def subgoal_candidates(self):
+        t, out = self.t, []
+        for s in range(2, t):
+            if t % s == 0:
+                out.append((s, "factor", {"k": t // s}))
+        for k in (2, 3, 4):
+            out.append((k * t, "multiple", {"k": k}))
+        for d in (1, 2, 3, 4, 5):
+            for s in (t - d, t + d):
+                if s > 1:
+                    out.append((s, "near", {"d": d}))
+        return [c for c in out if c[0] not in self.nums]
+
+    def subgoal_plans(self, s):
+        """(U, R) index tuples such that U makes s and s with R makes the target."""
+        idx = range(len(self.nums))
+        plans = []
+        for r in range(2, len(self.nums)):
+            for U in combinations(idx, r):
+                R = tuple(i for i in idx if i not in U)
+                if s in _natural_reach(tuple(sorted(self.nums[i] for i in U))) and \
+                        _solvable_natural([s] + [self.nums[i] for i in R], self.t):
+                    plans.append((U, R))
+        return plans
+
+    def subgoal(self, success: bool):
+        cands = self.subgoal_candidates()
+        self.rng.shuffle(cands)
+        for s, kind, kw in cands:
+            plans = self.subgoal_plans(s)
+            if bool(plans) == success:
+                break
+        else:
+            return None if success else self.forward_with_detour(False)
+        self.behavior("subgoal", _SUBGOAL[kind], s=s, t=self.t, **kw)
+        items = [(v, i) for i, v in enumerate(self.nums)]
+        # misses on the way to the subgoal: two numbers combined into something other than s
+        misses = [m for m in self.moves(items) if m[2] != s]
+        n_miss = 0 if success and self.rng.random() < 0.4 else self.rng.choice((1, 2))
+        n_miss = min(n_miss, len(misses))
+        for k in range(n_miss):
+            self.narrate_move(items, misses.pop(self.rng.randrange(len(misses))), first=True)
+            if success or k < n_miss - 1:
+                self.behavior("backtracking", _RESTART, nums=_join(self.nums))
+        if not success:
+            self.pending = (_SUBGOAL_FAIL, {"s": s})
+            return None
+        U, R = self.rng.choice(plans)
+        uvals = [self.nums[i] for i in U]
+        tree_s = _Search(uvals, _NATURAL).find((1 << len(U)) - 1, s)[0]
+        self.steps_of(tree_s, uvals)
+        vals = [s] + [self.nums[i] for i in R]
+        tree = _Search(vals, _NATURAL).find((1 << len(vals)) - 1, self.t)[0]
+        self.prefix = "Now, "
+        self.steps_of(tree, vals, first=False)
+        if "verification" in self.allowed:
+            self.behavior("verification", _VERIFY_OK, t=self.t)
+        index = {0: _remap(tree_s, U)}
+        index.update({j + 1: i for j, i in enumerate(R)})
+        return _remap(tree, index)
+
+    def backward(self, success: bool):
+        opts = []
+        for n_idx, n in enumerate(self.nums):
+            rest = [self.nums[i] for i in range(len(self.nums)) if i != n_idx]
+            for x, op, x_left in _inverse(self.t, n, _NATURAL):
+                if x is None or x <= 0 or x == self.t:
+                    continue
+                if (x in _natural_reach(tuple(sorted(rest)))) == success:
+                    opts.append((n_idx, n, x, op, x_left, rest))
+        if not opts:
+            return None if success else self.forward_with_detour(False)
+        n_idx, n, x, op, x_left, rest = self.rng.choice(opts)
+        t = self.t
+        fwd = f"{x} {op} {n} = {t}" if x_left else f"{n} {op} {x} = {t}"
+        inv = {("+", True): f"{t} - {n} = {x}", ("-", True): f"{t} + {n} = {x}",
+               ("-", False): f"{n} - {t} = {x}", ("*", True): f"{t} / {n} = {x}",
+               ("/", True): f"{t} * {n} = {x}", ("/", False): f"{n} / {t} = {x}"}[op, x_left]
+        self.behavior("backward", _BACKWARD, t=t, inv=inv, fwd=fwd, x=x)
+        if "subgoal" in self.allowed and self.rng.random() < 0.3:
+            self.behavior("subgoal", _SUBGOAL_FROM_BACKWARD, x=x)
+        self.say(_NEED, x=x, rest=_join(rest))
+        ridx = [i for i in range(len(self.nums)) if i != n_idx]
+        if not success:
+            items = [(self.nums[i], i) for i in ridx]
+            self.narrate_move(items, self.pick([m for m in self.moves(items) if m[2] != x]), first=True)
+            self.pending = (_BACKWARD_FAIL, {"x": x, "rest": _join(rest)})
+            return None
+        tree_x = _Search(rest, _NATURAL).find((1 << len(rest)) - 1, x)[0]
+        self.steps_of(tree_x, rest)
+        self.say(_SO, fwd=fwd)
+        if "verification" in self.allowed:
+            self.behavior("verification", _VERIFY_OK, t=t)
+        tx = _remap(tree_x, ridx)
+        return (op, tx, n_idx) if x_left else (op, n_idx, tx)
+
+    # -- a whole trace -------------------------------------------------------------------------
+    def episode(self, kind, success):
+        if kind == "subgoal":
+            return self.subgoal(success)
+        if kind == "backward":
+            return self.backward(success)
+        return self.forward_with_detour(success)
+
+    def write(self, n_fail, kinds):
+        """Opening, n_fail failed episodes, then the solving one (for no_positive, a give-up).
+        Returns the tree of the final answer."""
+        self.say(_OPENINGS, nums=_join(self.nums), t=self.t)
+        for e in range(n_fail):
+            last = not self.succeed and e == n_fail - 1
+            kind = self.rng.choice(kinds)
+            self.breaks.add(len(self.lines))
+            if last and not self.failed_paths:
+                kind = "forward"  # a wrong final answer needs a complete wrong path
+            self.episode(kind, False)
+            if not last:  # the next attempt follows: say so (one backtracking instance)
+                templates, kw = self.pending
+                self.behavior("backtracking", templates, **kw)
+        self.breaks.add(len(self.lines))
+        if not self.succeed:
+            value, tree = min(self.failed_paths, key=lambda p: (abs(p[0] - self.t), self.rng.random()))
+            self.say(_GIVE_UP, expr=_format(tree, lambda i: str(self.nums[i]), pretty=True), v=value)
+            return tree
+        order = list(kinds)
+        self.rng.shuffle(order)
+        for kind in order + ["forward"]:
+            tree = self.episode(kind, True)
+            if tree is not None:
+                break
+        self.breaks.add(len(self.lines))
+        if "verification" in self.allowed and self.rng.random() < 0.4:
+            self.behavior("verification", _DOUBLE_CHECK, steps=_spell_steps(tree, self.nums))
+        self.say(_CLOSE_OK, expr=_format(tree, lambda i: str(self.nums[i]), pretty=True))
+        return tree
+
+
+def _remap(tree, index):
+    """Replace each leaf i by index[i] (an index into the full problem, or a whole subtree)."""
+    if not isinstance(tree, tuple):
+        return index[tree]
+    return (tree[0], _remap(tree[1], index), _remap(tree[2], index))
+
+
+def _spell_steps(tree, nums) -> str:
+    parts = []
+
+    def walk(node):
+        if not isinstance(node, tuple):
+            return nums[node]
+        a, b = walk(node[1]), walk(node[2])
+        c = _value_of(node[0], a, b)
+        parts.append(f"{a} {node[0]} {b} = {c}")
+        return c
+
+    walk(tree)
+    return ", ".join(parts)
+
+
+# How many failed episodes precede the solving one, and which kinds of episode a condition uses
+# (repeats weight the draw). The counts land near the paper's step-0 behavior counts of primed
+# Llama runs (paper_spec 5.3); see bench/bench_countdown.py for the measured means.
+_PLANS = {
+    "all_strategies": ((1, 2, 3), ("forward", "subgoal", "subgoal", "backward")),
+    "only_backtracking": ((1, 2, 3, 4), ("forward",)),
+    "backtracking_verification": ((1, 2, 3), ("forward",)),
+    "backtracking_subgoal": ((1, 2, 3, 4), ("subgoal", "subgoal", "subgoal", "forward")),
+    "backtracking_backward": ((1, 2, 3), ("backward", "backward", "forward")),
+    "no_positive": ((2, 3, 4), ("forward", "subgoal", "subgoal", "backward")),
+}
+
+
+def count_tokens(text: str, tokenizer=None) -> int:
+    """Tokens of text with `tokenizer` (ours: encode(text, bos=False); or a tokenizers.Tokenizer),
+    else whitespace-separated words."""
+    if tokenizer is None:
+        return len(text.split())
+    try:
+        ids = tokenizer.encode(text, bos=False)  # model.Tokenizer
+    except TypeError:
+        ids = tokenizer.encode(text, add_special_tokens=False)  # tokenizers.Tokenizer: no BOS
+    return len(getattr(ids, "ids", ids))
+
+
+def _reasoning(nums, target, condition, rng) -> tuple[str, object, dict]:
+    """(think text, answer tree, behavior counts) for a condition that writes reasoning."""
+    if condition == "negative_control":
+        trees = _Search(nums, _NATURAL, find_all=True).find((1 << len(nums)) - 1, target)
+        tree = rng.choice(trees)
+        steps = _spell_steps(tree, nums).split(", ")
+        body = "\n".join(f"Step {i + 1}: {st}." for i, st in enumerate(steps))
+        return "\n" + body + "\n", tree, dict.fromkeys(BEHAVIORS, 0)
+    fails, kinds = _PLANS[condition]
+    w = _TraceWriter(nums, target, ALLOWED_BEHAVIORS[condition], rng, succeed=condition != "no_positive")
+    tree = w.write(rng.choice(fails), kinds)
+    return "\n" + w.text() + "\n", tree, w.counts
+
+
+def _trace(row, condition, seed, tokenizer=None) -> dict:
+    nums, target = row["nums"], row["target"]
+    # empty_cot and dots post-process the all_strategies trace of the same problem, as the paper did
+    source = "all_strategies" if condition in ("empty_cot", "dots") else condition
+    rng = random.Random(f"countdown-trace:{source}:{seed}:{row['id']}")
+    think, tree, counts = _reasoning(nums, target, source, rng)
+    answer = f"<answer> {_format(tree, lambda i: str(nums[i]), pretty=True)} </answer>"
+    if condition == "empty_cot":
+        think, counts = " ", dict.fromkeys(BEHAVIORS, 0)
+    elif condition == "dots":
+        # The reference wrote N-1 " ." for N tokens of the think text (N counted with Llama's BOS,
+        # D-SFT-8); we write exactly N, N = tokens of the think text (words without a tokenizer).
+        think, counts = " ." * count_tokens(think, tokenizer), dict.fromkeys(BEHAVIORS, 0)
+    completion = f"{think}</think>\n{answer}"
+    got = score(completion, nums, target)
+    if got != (0.1 if condition == "no_positive" else 1.0) or count_behavior_phrases(completion) != counts:
+        raise RuntimeError(f"internal error: bad {condition} trace for {nums} -> {target} "
+                           f"(score {got}, counts {counts}); please report it")
+    return {"query": make_prompt(nums, target), "completion": completion, "nums": list(nums),
+            "target": target, "condition": condition, "behaviors": dict(counts), "id": row["id"]}
+
+
+def generate_traces(condition: str, n: int, seed: int = 0, distribution: str = "priming",
+                    tokenizer=None) -> list[dict]:
+    """n synthetic traces of one priming condition, on problems generate_problems(n, distribution,
+    seed). Records: {"query", "completion", "nums", "target", "condition", "behaviors", "id"}.
+    `tokenizer` (optional) measures the think text for `dots`; words are used without one."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r}; choose one of {list(CONDITIONS)}")
+    return [_trace(row, condition, seed, tokenizer) for row in generate_problems(n, distribution, seed)]
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def _refuse_overwrite(path, force):
+    if os.path.exists(path) and not force:
+        raise FileExistsError(f"{path} already exists; pass --force to overwrite it or choose another --out")
+
+
+def _load_tokenizer(path):
+    if path is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ValueError("--tokenizer needs the `tokenizers` package (pip install tokenizers)") from None
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: no tokenizer.json there; pass a tokenizer.json file or its folder")
+    return Tokenizer.from_file(file)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Countdown problems, synthetic reasoning traces, and a solver.",
+        epilog="examples:\n"
+               "  python countdown.py problems --distribution rl --n-train 1000 --n-test 100 --out data/countdown\n"
+               "  python countdown.py traces --condition all_strategies --n 1000 --out data/all_strategies.jsonl\n"
+               "  python countdown.py solve 25 30 3 4 --target 32",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("problems", help="write train.jsonl and test.jsonl of solvable problems",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--distribution", choices=sorted(DISTRIBUTIONS), default="rl",
+                   help="rl: ~Countdown-Tasks-3to4 (3-4 numbers in 1..99, targets 10..100); "
+                        "priming: the paper's priming problems (3-4 numbers in 1..24, targets 10..25)")
+    p.add_argument("--n-train", type=int, default=327_680, help="training problems (paper: 327,680)")
+    p.add_argument("--n-test", type=int, default=1_024, help="test problems (paper: 1,024)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
+    p.add_argument("--out", required=True, help="output folder for train.jsonl and test.jsonl")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    t = sub.add_parser("traces", help="write synthetic reasoning traces of one priming condition",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--condition", choices=CONDITIONS, required=True, help="priming condition")
+    t.add_argument("--n", type=int, default=1_000, help="number of traces (paper: 1,000 train + 200 test)")
+    t.add_argument("--seed", type=int, default=0, help="random seed; same seed, same file")
+    t.add_argument("--distribution", choices=sorted(DISTRIBUTIONS), default="priming",
+                   help="problem distribution of the traces")
+    t.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (or its folder) to length-match `dots` in tokens; words otherwise")
+    t.add_argument("--out", required=True, help="output .jsonl file")
+    t.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    s = sub.add_parser("solve", help="print one solution (or all with --all)")
+    s.add_argument("nums", type=int, nargs="+", help="the numbers (1 to 6 of them)")
+    s.add_argument("--target", type=int, required=True, help="the target")
+    s.add_argument("--all", action="store_true", help="print every solution (up to swapping + and * operands)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "problems":
+            paths = [os.path.join(args.out, f"{name}.jsonl") for name in ("train", "test")]
+            for path in paths:
+                _refuse_overwrite(path, args.force)
+            train, test = make_splits(args.n_train, args.n_test, args.distribution, args.seed, progress=True)
+            for path, rows in zip(paths, (train, test)):
+                write_jsonl(path, rows)
+                print(f"wrote {len(rows)} problems to {path}")
+        elif args.command == "traces":
+            _refuse_overwrite(args.out, args.force)
+            if args.n < 0:
+                raise ValueError(f"--n must be >= 0, got {args.n}")
+            tok = _load_tokenizer(args.tokenizer)
+            problems = generate_problems(args.n, args.distribution, args.seed)
+            bar = _progress_bar(len(problems), args.condition)
+            rows = []
+            for r in problems:
+                rows.append(_trace(r, args.condition, args.seed, tok))
+                if bar is not None:
+                    bar.update()
+            if bar is not None:
+                bar.close()
+            write_jsonl(args.out, rows)
+            print(f"wrote {len(rows)} {args.condition} traces to {args.out}")
+        else:
+            if args.all:
+                for expr in solve_all(args.nums, args.target):
+                    print(expr)
+            else:
+                expr = solve(args.nums, args.target)
+                print(expr if expr is not None else "no solution")
+                return 0 if expr is not None else 1
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

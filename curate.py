@@ -1,0 +1,729 @@
+"""Curate SFT data with an LLM: Countdown priming traces, their controls, and behavior-selected
+pretraining text rewritten as question / thoughts / answer.
+
+Three subcommands, each resumable through the judge client's request cache (classify.py):
+
+  priming   For a condition (paper section 3.1-3.2), send countdown.py's priming problems to an LLM
+            with a system prompt that asks for some behaviors and forbids the others (our wording
+            of the paper's rules). Each answer becomes an SFT example via countdown.sft_example,
+            so the query is exactly the RL prompt (ending "<think>") and the completion what follows.
+  controls  Transform a generated set (section 3.3): empty_cot (the thoughts emptied), dots (the
+            thoughts replaced by as many " ." as they had tokens), no_positive (every example the
+            reward does not score 1.0).
+  pretrain  Section 4.3-4.4 on documents (OpenWebMath-like JSONL): truncate, count the four
+            behaviors with math-text prompts, select a behavior-rich and a behavior-minimized set
+            with explicit thresholds, cap both at the same token budget, rewrite each selected
+            document into <question>/<thoughts>/<answer>, and write SFT JSONL. Prints behavior
+            frequencies like the paper's Figure 7.
+
+Fixes relative to the original scripts (paper_spec section 6): JSONL in and out everywhere
+(D-SFT-3); no_positive keeps every answer scoring below 1, not only unparsable ones (D-SFT-4);
+failed requests are reported and retried on a rerun instead of `breakpoint()`, and every example
+keeps its nums/target (D-SFT-5); one prompt/completion boundary for SFT and RL (D-SFT-6); dots
+writes exactly N fillers for N think tokens counted without special tokens (D-SFT-8); the rewrite
+prompt is one plain user message, no closed assistant turn (D-O4); the missing selection step is
+explicit, and both sets share one seeded, documented token budget (D-O3, D-O5); truncated documents
+are decoded without special tokens (D-O6).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import classify
+import countdown
+from classify import BEHAVIORS, JudgeClient, JudgeError, add_judge_args, judge_config_from_args
+
+
+@dataclass
+class PretrainConfig:
+    text_field: str = "text"          # the document text in each input row
+    id_field: str = "id"              # a document id; the row's position when absent
+    max_doc_tokens: int = 3072        # truncation with a tokenizer (paper: 4096 - 1024 Qwen tokens)
+    max_doc_chars: int = 12000        # truncation without one (about 3072 tokens of English)
+    rich_min_total: int = 2           # rich: the four counts sum to at least this ...
+    rich_require: tuple = ()          # ... and each behavior named here has a count > 0
+    minimal_max_total: int = 0        # minimized: the four counts sum to at most this
+    budget_tokens: int = 8_300_000    # both sets are capped at the same number of tokens
+    equal_budgets: bool = True        # cap both at the smaller of the two totals as well
+    seed: int = 0                     # order in which eligible documents fill the budget
+    rewrite_max_tokens: int = 5120    # the paper's rewrite setting
+    prompts_dir: str = ""             # text_<behavior>.txt / original *_v0.txt overrides
+
+
+# -----------------------------------------------------------------------------------------------
+# (a) Priming data: one system prompt per condition (paper section 3.2, our wording)
+
+_PREAMBLE = (
+    "I am building reasoning trajectories for the game of Countdown, where the goal is to reach a "
+    "target number by combining the given integers with basic arithmetic.\n"
+    "Write your thinking inside <think> </think> tags.\n"
+    "The answer is a sequence of arithmetic operations (+, -, *, /) whose result is the target "
+    "number.\n"
+    "Put the final answer inside <answer> </answer> tags, as a single expression such as "
+    "<answer> (number1 + number2) * number3 </answer>.\n"
+    "The answer must be a valid arithmetic expression that contains only the starting integers, "
+    "never the target number; otherwise the grader cannot read it.\n")
+
+PRIMING_SYSTEM_PROMPTS = {
+    "negative_control": (
+        "I am building reasoning trajectories for the game of Countdown, where the goal is to "
+        "reach a target number by combining the given integers with basic arithmetic.\n"
+        "The answer is a sequence of arithmetic operations (+, -, *, /) whose result is the target "
+        "number.\n"
+        "Write your thinking inside <think> </think> tags, only in the form "
+        "<think> Step X: number1 (+,-,*,/) number2 = result. </think>\n"
+        "Put the final answer inside <answer> </answer> tags, as a single expression such as "
+        "<answer> (number1 + number2) * number3 </answer>.\n"
+        "The answer must be a valid arithmetic expression that contains only the starting "
+        "integers, never the target number; otherwise the grader cannot read it.\n"
+        "Rules:\n"
+        "- Do not backtrack; go straight to the correct answer.\n"
+        "- Do not work backwards from the target.\n"
+        "- Do not explicitly verify your answer.\n"
+        "- Give the solution directly.\n"
+        "- Do not write anything else."),
+    "only_backtracking": _PREAMBLE + (
+        "If you have not reached the target, go back to the start or to an intermediate step and "
+        "try something else.\n"
+        "- Do not set subgoals.\n"
+        "- Do not work backwards from the target.\n"
+        "- Do not explicitly verify your answer.\n"
+        "Examples of what you may write:\n"
+        "1. Target 24 with [12, 2]: \"12 + 2 = 14. Trying something else. 12 * 2 = 24.\" Do not "
+        "write evaluations such as \"14 is not 24\", \"14 is close to 24\" or \"14 is too high\"; "
+        "leave every evaluation out of the text.\n"
+        "2. Target 10 with [12, 2]: \"12 + 2 = 14. Let's try a different sequence of "
+        "operations.\""),
+    "backtracking_verification": _PREAMBLE + (
+        "Check whether you have reached the target, and when you have not, go back to the start "
+        "or to an intermediate step. Do not set subgoals and do not work backwards from the "
+        "target.\n"
+        "Examples of what you may write:\n"
+        "1. Target 24 with [12, 2]: \"12 + 2 = 14. 14 is not 24, so let's try something else. "
+        "12 * 2 = 24, and 24 is the target, so the goal is reached.\"\n"
+        "2. Target 10 with [12, 2]: \"12 + 2 = 14. 14 is not 10, so let's try a different "
+        "sequence of operations.\""),
+    "backtracking_backward": _PREAMBLE + (
+        "If you have not reached the target, go back to the start or to an intermediate step. "
+        "Work backwards from the target when that makes things easier.\n"
+        "- Do not set subgoals.\n"
+        "- Do not explicitly verify your answer.\n"
+        "Examples and rules:\n"
+        "1. Backward chaining, target 24 with [12, 2]: \"Let's work backwards from the target. "
+        "24 / 2 = 12. So 12 * 2 = 24.\"\n"
+        "2. Do not write evaluations such as \"14 is not 24\", \"14 is close to 24\" or \"14 is "
+        "too high\"; leave them out.\n"
+        "3. Backtracking, target 10 with [12, 2]: \"12 + 2 = 14. Let's try a different sequence "
+        "of operations.\"\n"
+        "4. Working backwards can lead you to numbers you already have.\n"
+        "5. Do not judge results in words, e.g. \"it is too small\", \"it is too high\" or \"this "
+        "is not the target\".\n"
+        "6. Make sure you try working backwards from the target. If that does not work, work "
+        "forwards, and interleave the two."),
+    "backtracking_subgoal": _PREAMBLE + (
+        "Break the problem into subgoals and reach them on the way to the target; if you cannot "
+        "reach the target or a subgoal, go back to an earlier state.\n"
+        "- Do not work backwards from the target.\n"
+        "- Do not explicitly verify your answer.\n"
+        "HINT: useful subgoals are factors or multiples of the target, or numbers close to it.\n"
+        "Examples and rules:\n"
+        "1. Target 24 with [10, 2, 2]: \"Let's first try to reach 12, since it is a factor of 24. "
+        "10 * 2 = 20, let's try a different sequence. 10 + 2 = 12. Now 12 * 2 = 24.\" Do not "
+        "write evaluations such as \"14 is not 24\", \"14 is close to 24\" or \"14 is too high\"; "
+        "leave them out.\n"
+        "2. Target 10 with [9, 3, 2]: \"Let's try to reach 20, since it is a multiple of 10...\" "
+        "If you cannot reach it, try something else.\n"
+        "3. State each subgoal explicitly.\n"
+        "4. A subgoal must not be the target number itself.\n"
+        "5. Do not judge results in words, e.g. \"it is too small\", \"it is too high\" or \"this "
+        "is not the target\".\n"
+        "6. Good subgoals are factors of the target or numbers close to it."),
+    "all_strategies": _PREAMBLE + (
+        "- Check whether you have reached the target, and go back to the start or to an "
+        "intermediate step when you have not.\n"
+        "- Work backwards from the target when that makes things easier.\n"
+        "- Break the problem into subgoals and reach them on the way to the target; if you cannot "
+        "reach the target or a subgoal, go back to an earlier state.\n"
+        "HINT: useful subgoals are factors or multiples of the target, or numbers close to it.\n"
+        "Examples of what you may write:\n"
+        "1. Target 24 with [12, 2]: \"12 + 2 = 14. 14 is not 24, so let's try something else. "
+        "12 * 2 = 24, and 24 is the target, so the goal is reached.\"\n"
+        "2. Target 10 with [12, 2]: \"12 + 2 = 14. 14 is not 10, so let's try a different "
+        "sequence of operations.\"\n"
+        "3. Target 10 with [9, 3, 2]: \"Let's try to reach 20, since it is a multiple of 10...\" "
+        "If you cannot reach it, try something else.\n"
+        "4. Target 24 with [10, 2, 2]: \"Let's first try to reach 12, since it is a factor of 24. "
+        "10 * 2 = 20, let's try a different sequence. 10 + 2 = 12. Now 12 * 2 = 24.\"\n"
+        "5. Backward chaining, target 24 with [12, 2]: \"Let's work backwards from the target. "
+        "24 / 2 = 12. So 12 * 2 = 24.\" This helps when setting subgoals."),
+}
+PRIMING_CONDITIONS = tuple(PRIMING_SYSTEM_PROMPTS)
+
+
+def generate_priming(condition, n, client, seed=0, max_requests=None):
+    """Ask the LLM for n usable traces of one condition -> (rows, rejects).
+
+    Problems come from countdown.generate_problems(..., "priming", seed), whose stream is prefix-
+    stable, so when some answers fail or lack a leading <think>, further problems of the same
+    stream are requested (up to max_requests, default 1.1 n + 10; the paper sent 1.05 n).
+    Rows: {query, completion, nums, target, condition, id, score}; rejects: {..., reason}.
+    """
+    if condition not in PRIMING_SYSTEM_PROMPTS:
+        raise ValueError(f"unknown priming condition {condition!r}; choose one of "
+                         f"{', '.join(PRIMING_CONDITIONS)} (controls come from `curate.py controls`)")
+    max_requests = max_requests or int(math.ceil(1.1 * n)) + 10
+    system = PRIMING_SYSTEM_PROMPTS[condition]
+    rows, rejects, asked = [], [], 0
+    while len(rows) < n and asked < max_requests:
+        want = min(max_requests, asked + (n - len(rows)))
+        problems = countdown.generate_problems(want, distribution="priming", seed=seed)[asked:]
+        replies = client.complete([(system, countdown.make_query(p["nums"], p["target"]))
+                                   for p in problems], desc=condition)
+        asked = want
+        for p, r in zip(problems, replies):
+            meta = dict(nums=p["nums"], target=p["target"], condition=condition, id=p["id"])
+            if r.text is None:
+                rejects.append(dict(meta, reason=r.error))
+                continue
+            try:
+                ex = countdown.sft_example(p["nums"], p["target"], r.text)
+            except ValueError:
+                rejects.append(dict(meta, reason="answer does not start with <think>",
+                                    text=r.text))
+                continue
+            if len(rows) < n:
+                rows.append(dict(ex, **meta, score=countdown.score(ex["completion"], p["nums"],
+                                                                   p["target"])))
+    return rows, rejects
+
+
+# -----------------------------------------------------------------------------------------------
+# (b) Controls: transformations of a generated set (paper section 3.3)
+
+_THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
+_FIRST_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_FIRST_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def load_tokenizer(path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json (or a folder holding one); None for ''."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.exists():
+        raise FileNotFoundError(f"--tokenizer {p} not found; give a tokenizer.json or its folder")
+    from tokenizers import Tokenizer  # optional dependency, only needed here
+    return Tokenizer.from_file(str(p))
+
+
+def _full_text(row):
+    """The answer as the LLM wrote it: our queries end with "<think>", which belongs to it."""
+    moved = row["query"].endswith("<think>")
+    return ("<think>" + row["completion"]) if moved else row["completion"], moved
+
+
+def _with_text(row, text, moved):
+    if moved:
+        assert text.startswith("<think>")
+        text = text[len("<think>"):]
+    return dict(row, completion=text)
+
+
+def empty_cot(rows):
+    """Every <think>...</think> becomes "<think> </think>"; the answer and the query are kept."""
+    out = []
+    for r in rows:
+        text, moved = _full_text(r)
+        out.append(_with_text(r, _THINK_RE.sub("<think> </think>", text), moved))
+    return out
+
+
+def dots(rows, tokenizer=None):
+    """Replace the first <think> content by N copies of " ." where N is its token count (with a
+    tokenizer.json) or word count; keep only the first <answer>. Items lacking either are
+    dropped. -> (rows, n_dropped). The original wrote N-1 dots and counted Llama's BOS (D-SFT-8)."""
+    out, dropped = [], 0
+    for r in rows:
+        text, moved = _full_text(r)
+        think, answer = _FIRST_THINK.search(text), _FIRST_ANSWER.search(text)
+        if think is None or answer is None:
+            dropped += 1
+            continue
+        filler = " ." * countdown.count_tokens(think.group(1), tokenizer)
+        out.append(_with_text(r, f"<think>{filler}</think>\n<answer>{answer.group(1)}</answer>",
+                              moved))
+    return out, dropped
+
+
+def no_positive(rows):
+    """Keep every example the reward scores below 1 (wrong or unparsable). The original kept only
+    score 0, i.e. dropped parsable-but-wrong answers (D-SFT-4)."""
+    missing = [i for i, r in enumerate(rows) if "nums" not in r or "target" not in r]
+    if missing:
+        raise ValueError(f"no_positive needs nums and target in every row (row {missing[0]} "
+                         "lacks them); use the JSONL written by `curate.py priming`")
+    return [r for r in rows if countdown.score(r["completion"], r["nums"], r["target"]) < 1.0]
+
+
+CONTROLS = ("empty_cot", "dots", "no_positive")
+
+
+# -----------------------------------------------------------------------------------------------
+# (c) Pretraining curation (paper sections 4.3-4.4)
+
+
+def read_documents(path, text_field="text", id_field="id"):
+    """[{"id", "text"}] from a JSONL file, a parquet file (needs pyarrow), or a folder of them."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(list(p.glob("*.jsonl")) + list(p.glob("*.parquet")))
+        if not files:
+            raise FileNotFoundError(f"no *.jsonl or *.parquet files in {p}")
+    elif p.exists():
+        files = [p]
+    else:
+        raise FileNotFoundError(f"--input {p} does not exist")
+    docs = []
+    for f in files:
+        if f.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ValueError(f"{f} is parquet but pyarrow is not installed; pip install "
+                                 "pyarrow, or convert it to JSONL") from None
+            rows = pq.read_table(f).to_pylist()
+        else:
+            rows = countdown.read_jsonl(f)
+        for i, r in enumerate(rows):
+            if text_field not in r:
+                raise ValueError(f"{f} row {i + 1} has no {text_field!r} field; set --text-field")
+            doc_id = r.get(id_field, f"{f.stem}:{i}")
+            docs.append(dict(id=doc_id, text=str(r[text_field])))
+    ids = [d["id"] for d in docs]
+    if len(set(map(str, ids))) != len(ids):
+        raise ValueError(f"document ids in {p} are not unique; set --id-field or drop the field")
+    return docs
+
+
+def truncate_document(text, tokenizer=None, max_tokens=3072, max_chars=12000):
+    """Keep the first max_tokens tokens (or max_chars characters), then cut at the last newline
+    so no line is split. Decoding skips special tokens (the original injected them, D-O6)."""
+    if tokenizer is not None:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        if len(ids) <= max_tokens:
+            return text, False
+        cut = tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+    else:
+        if len(text) <= max_chars:
+            return text, False
+        cut = text[:max_chars]
+    nl = cut.rfind("\n")
+    return (cut[:nl] if nl > 0 else cut), True
+
+
+def behavior_frequencies(labels):
+    """Figure 7: per behavior, % of documents with a count > 0 and the mean count (over documents
+    whose count parsed), and how many have no count."""
+    out = {}
+    for b in BEHAVIORS:
+        counts = [l["behaviors"][b] for l in labels if l["behaviors"][b] is not None]
+        out[b] = dict(n=len(counts), missing=len(labels) - len(counts),
+                      pct_present=100.0 * sum(c > 0 for c in counts) / len(counts) if counts else None,
+                      mean_count=sum(counts) / len(counts) if counts else None)
+    return out
+
+
+def format_frequencies(freq):
+    lines = [f"{'behavior':<13} {'% docs > 0':>10} {'mean count':>10} {'missing':>8}"]
+    for b, f in freq.items():
+        pct = "-" if f["pct_present"] is None else f"{f['pct_present']:.1f}"
+        mean = "-" if f["mean_count"] is None else f"{f['mean_count']:.2f}"
+        lines.append(f"{b:<13} {pct:>10} {mean:>10} {f['missing']:>8}")
+    return "\n".join(lines)
+
+
+def eligible(labels, cfg):
+    """Split labelled documents into the behavior-rich and the behavior-minimized pool.
+
+    Only documents with all four counts parsed take part. rich: sum of counts >= rich_min_total and
+    every behavior in rich_require > 0. minimized: sum of counts <= minimal_max_total. The original
+    code has no selection step (D-O3); these thresholds are ours and are flags.
+    """
+    if cfg.minimal_max_total >= cfg.rich_min_total:
+        raise ValueError("--minimal-max-total must be below --rich-min-total so the sets are "
+                         "disjoint")
+    bad = [b for b in cfg.rich_require if b not in BEHAVIORS]
+    if bad:
+        raise ValueError(f"--rich-require: unknown behavior(s) {bad}; choose from {BEHAVIORS}")
+    rich, minimal = [], []
+    for l in labels:
+        c = l["behaviors"]
+        if any(c[b] is None for b in BEHAVIORS):
+            continue
+        total = sum(c.values())
+        if total >= cfg.rich_min_total and all(c[b] > 0 for b in cfg.rich_require):
+            rich.append(l)
+        elif total <= cfg.minimal_max_total:
+            minimal.append(l)
+    return rich, minimal
+
+
+def select_within_budget(items, sizes, budget):
+    """First fit in the given order: take an item when it still fits, skip it otherwise.
+
+    The result never exceeds the budget, and every skipped item is larger than what was left when
+    it came up. (The original took items until the first one that overflowed and stopped, D-O5.)
+    Returns the indices taken.
+    """
+    taken, used = [], 0
+    for i, s in enumerate(sizes):
+        if used + s <= budget:
+            taken.append(i)
+            used += s
+    return taken
+
+
+REWRITE_PROMPTS = {
+    "rich": (
+        "Your task is to split the text below into a question, the thoughts that lead to the "
+        "answer, and the answer.\n\n"
+        "Make sure the question comes from the text.\n"
+        "Make sure the answer, and the writer's process of reaching it, come from the text too.\n"
+        "Paraphrase the answer into a clean form, and make sure it includes the process of "
+        "finding the solution, such as backtracking, verifying the answer, or setting subgoals.\n"
+        "What these words mean here:\n"
+        "Backtracking: going back and forth between the answer and the question, dropping an "
+        "approach that does not work.\n"
+        "Verification: checking the answer to see whether it is correct.\n"
+        "Subgoal setting: setting smaller goals on the way to the final answer.\n\n"
+        "Write the question in <question>...</question>.\n"
+        "Split the answer into the process of reaching it and the final answer: write the process "
+        "in <thoughts>the author's thinking, with backtracking and the like</thoughts> and the "
+        "final answer in <answer>...</answer>.\n"
+        "Write the thoughts in the first person (\"I\", \"me\") and in the present tense, as if "
+        "the author were thinking out loud, e.g. \"I think I should try this next.\"\n"
+        "Keep the author's mistakes in the thoughts, together with the moment the author "
+        "realizes a step was wrong.\n\n"
+        "Now do this for the following text:"),
+    "minimal": (
+        "Your task is to split the text below into a question, the thoughts that lead to the "
+        "answer, and the answer.\n"
+        "Make sure the question, the thoughts and the answer all come from the text.\n"
+        "Paraphrase the answer into a clean form, and make sure it has the steps to find the "
+        "solution.\n"
+        "Write the question in <question>...</question>.\n"
+        "Write the process in <thoughts>the steps to find the solution</thoughts> and the final "
+        "answer in <answer>...</answer>.\n\n"
+        "Now do this for the following text:"),
+}
+
+# The paper's QA framing of rewritten documents (generate_qa_parquets.py), character for
+# character, with one change of boundary: the paper's query ended at "step by step." and its
+# completion was "\n<think>...". Here "\n<think>" closes the query, as in countdown.sft_example,
+# so query + completion is the same text and SFT and RL share one boundary (D-SFT-6).
+QA_QUERY_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer.\nUser: {question} Show your work in <think> </think> tags. "
+    "And return the final answer in <answer> </answer> tags.\nAssistant: Let me solve this step "
+    "by step.\n<think>")
+
+_TAG = {t: re.compile(rf"<{t}>(.*?)</{t}>", re.DOTALL) for t in ("question", "thoughts", "answer")}
+
+
+def rewrite_request(doc_text, kind):
+    return REWRITE_PROMPTS[kind] + f"\n<text>\n{doc_text}\n</text>"
+
+
+def parse_rewrite(text):
+    """First <question>, <thoughts>, <answer> -> an SFT example, or (None, reason)."""
+    parts = {t: (m.group(1) if (m := r.search(text or "")) else "") for t, r in _TAG.items()}
+    if not parts["question"].strip():
+        return None, "no <question> in the rewrite"
+    if not parts["thoughts"].strip() and not parts["answer"].strip():
+        return None, "neither <thoughts> nor <answer> in the rewrite"
+    return dict(query=QA_QUERY_TEMPLATE.format(question=parts["question"].strip()),
+                completion=f"{parts['thoughts']}</think>\n<answer>{parts['answer']}</answer>"), None
+
+
+def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after=""):
+    """Label -> select -> rewrite -> SFT JSONL, writing every stage into `out`.
+
+    make_client(max_tokens) returns a JudgeClient (one for labelling, one for rewriting; both
+    share the request cache, so every stage resumes). Returns a summary dict.
+    """
+    out = Path(out)
+    truncated = [truncate_document(d["text"], tokenizer, cfg.max_doc_tokens, cfg.max_doc_chars)
+                 for d in docs]
+    text_prompts, version = classify.load_prompts("text", cfg.prompts_dir or None)
+    client = make_client(None)
+    results = classify.judge_behaviors([dict(response=t) for t, _ in truncated], client,
+                                       text_prompts, system=None, desc="label documents")
+    labels = []
+    for d, (t, cut), res in zip(docs, truncated, results):
+        row = dict(id=d["id"], tokens=countdown.count_tokens(t, tokenizer), chars=len(t), truncated=cut,
+                   behaviors=res["behaviors"],
+                   judge=dict(model=client.model, prompt_version=version))
+        if res["failed"]:
+            row["failed"] = res["failed"]
+        if res["missing"]:
+            row["missing"] = res["missing"]
+        labels.append(row)
+    countdown.write_jsonl(out / "doc_labels.jsonl", labels)
+    freq = behavior_frequencies(labels)
+    n_failed = sum(1 for l in labels if l.get("failed"))
+    print(f"\nbehavior frequencies over {len(labels)} documents (cf. the paper's Figure 7):")
+    print(format_frequencies(freq))
+    if n_failed:
+        print(f"{n_failed} document(s) had failed requests (counts null); rerun to retry them",
+              file=sys.stderr)
+    summary = dict(n_docs=len(docs), frequencies=freq, failed_docs=n_failed)
+    if stop_after == "label":
+        return summary
+
+    # Selection: each pool in a seeded random order, then first fit under one shared cap.
+    # Token unit: the truncated document text (what the judge saw and what gets rewritten),
+    # tokenizer tokens without special tokens, or whitespace words without --tokenizer.
+    pools = dict(zip(("rich", "minimal"), eligible(labels, cfg)))
+    for name, pool in pools.items():
+        random.Random(f"{cfg.seed}:{name}").shuffle(pool)
+    cap = cfg.budget_tokens
+    if cfg.equal_budgets:
+        cap = min([cap] + [sum(l["tokens"] for l in pool) for pool in pools.values()])
+        empty = [name for name, pool in pools.items() if not pool]
+        if empty:
+            print(f"warning: no {' or '.join(empty)} documents under the thresholds, so the shared "
+                  "budget is 0; loosen --rich-min-total / --minimal-max-total or pass "
+                  "--unequal-budgets", file=sys.stderr)
+    selected = {}
+    for name, pool in pools.items():
+        idx = select_within_budget(pool, [l["tokens"] for l in pool], cap)
+        selected[name] = [pool[i] for i in idx]
+    countdown.write_jsonl(out / "selection.jsonl",
+                          [dict(id=l["id"], set=name, tokens=l["tokens"])
+                           for name, sel in selected.items() for l in sel])
+    summary["selection"] = {name: dict(eligible=len(pools[name]), selected=len(sel),
+                                       tokens=sum(l["tokens"] for l in sel), cap=cap)
+                            for name, sel in selected.items()}
+    for name, s in summary["selection"].items():
+        print(f"{name:>8}: {s['eligible']} eligible, {s['selected']} selected, "
+              f"{s['tokens']} / {cap} document tokens")
+    if stop_after == "select":
+        return summary
+
+    text_of = {str(d["id"]): t for d, (t, _) in zip(docs, truncated)}
+    rewriter = make_client(cfg.rewrite_max_tokens)
+    sft, rejects = {}, []
+    for name, sel in selected.items():
+        replies = rewriter.complete([(None, rewrite_request(text_of[str(l["id"])], name))
+                                     for l in sel], desc=f"rewrite {name}")
+        rows = []
+        for l, r in zip(sel, replies):
+            ex, reason = (None, r.error) if r.text is None else parse_rewrite(r.text)
+            if ex is None:
+                rejects.append(dict(id=l["id"], set=name, reason=reason))
+                continue
+            rows.append(dict(ex, id=l["id"], set=name,
+                             tokens=countdown.count_tokens(ex["query"] + ex["completion"], tokenizer)))
+        sft[name] = rows
+    # The same cap once more on the examples we train on (query + completion tokens): rewriting
+    # changes lengths, and both sets must stay within one budget.
+    final_cap = cap
+    if cfg.equal_budgets:
+        final_cap = min([cap] + [sum(r["tokens"] for r in rows) for rows in sft.values()])
+    for name, rows in sft.items():
+        rows = [rows[i] for i in select_within_budget(rows, [r["tokens"] for r in rows], final_cap)]
+        countdown.write_jsonl(out / f"sft_{name}.jsonl", rows)
+        summary.setdefault("sft", {})[name] = dict(examples=len(rows), cap=final_cap,
+                                                   tokens=sum(r["tokens"] for r in rows))
+        print(f"{name:>8}: {len(rows)} SFT examples, {summary['sft'][name]['tokens']} / "
+              f"{final_cap} tokens -> {out / f'sft_{name}.jsonl'}")
+    if rejects:
+        countdown.write_jsonl(out / "rewrite_rejects.jsonl", rejects)
+        print(f"{len(rejects)} rewrite(s) failed or unparsable -> {out / 'rewrite_rejects.jsonl'}",
+              file=sys.stderr)
+    summary["rewrite_rejects"] = len(rejects)
+    return summary
+
+
+# -----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cmd_priming(args):
+    conds = PRIMING_CONDITIONS if args.condition == "all" else (args.condition,)
+    for c in conds:
+        if c not in PRIMING_SYSTEM_PROMPTS:
+            raise ValueError(f"unknown condition {c!r}; choose one of "
+                             f"{', '.join(PRIMING_CONDITIONS)} or all")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    client = JudgeClient(judge_config_from_args(args, out / "judge_cache.jsonl"))
+    for c in conds:
+        cfg = dict(condition=c, n=args.n, seed=args.seed, judge=args.judge,
+                   base_url=client.base_url, model=client.model, temperature=args.temperature,
+                   max_tokens=args.max_tokens,
+                   system_prompt_sha=hashlib.sha256(
+                       PRIMING_SYSTEM_PROMPTS[c].encode()).hexdigest()[:12])
+        classify.guard_run_config(out / f"{c}.config.json", cfg, args.overwrite)
+        rows, rejects = generate_priming(c, args.n, client, seed=args.seed)
+        countdown.write_jsonl(out / f"{c}.jsonl", rows)
+        if rejects:
+            countdown.write_jsonl(out / f"{c}.rejects.jsonl", rejects)
+        acc = sum(countdown.is_correct(r["completion"], r["nums"], r["target"]) for r in rows)
+        mean_score = sum(r["score"] for r in rows) / len(rows) if rows else float("nan")
+        print(f"{c}: {len(rows)}/{args.n} examples -> {out / f'{c}.jsonl'}; accuracy "
+              f"{acc / max(1, len(rows)):.3f}, mean reward {mean_score:.3f} (with 0.1 format "
+              f"credit); {len(rejects)} rejected")
+        if len(rows) < args.n:
+            print(f"  only {len(rows)} of {args.n}: rerun the same command to retry failed "
+                  f"requests (see {out / f'{c}.rejects.jsonl'})", file=sys.stderr)
+    return 0
+
+
+def _cmd_controls(args):
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    rows = countdown.read_jsonl(args.input)
+    bad = [i for i, r in enumerate(rows) if "query" not in r or "completion" not in r]
+    if bad:
+        raise ValueError(f"{args.input} row {bad[0] + 1} lacks query/completion; expected the "
+                         "SFT JSONL written by `curate.py priming`")
+    if args.kind == "empty_cot":
+        new, dropped = empty_cot(rows), 0
+    elif args.kind == "dots":
+        new, dropped = dots(rows, load_tokenizer(args.tokenizer))
+    else:
+        new = no_positive(rows)
+        dropped = len(rows) - len(new)
+    new = [dict(r, condition=args.kind) for r in new]  # the names of countdown.CONDITIONS
+    countdown.write_jsonl(out, new)
+    print(f"{args.kind}: {len(new)} of {len(rows)} examples -> {out} ({dropped} dropped)")
+    return 0
+
+
+def _cmd_pretrain(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = PretrainConfig(text_field=args.text_field, id_field=args.id_field,
+                         max_doc_tokens=args.max_doc_tokens, max_doc_chars=args.max_doc_chars,
+                         rich_min_total=args.rich_min_total,
+                         rich_require=tuple(b for b in args.rich_require.split(",") if b),
+                         minimal_max_total=args.minimal_max_total,
+                         budget_tokens=args.budget_tokens, equal_budgets=not args.unequal_budgets,
+                         seed=args.seed, rewrite_max_tokens=args.rewrite_max_tokens,
+                         prompts_dir=args.prompts_dir)
+    run_cfg = dict(asdict(cfg), input=str(Path(args.input).resolve()), judge=args.judge,
+                   base_url=args.base_url, model=args.model, temperature=args.temperature,
+                   max_tokens=args.max_tokens, tokenizer=args.tokenizer)
+    run_cfg["rich_require"] = list(cfg.rich_require)
+    classify.guard_run_config(out / "config.json", run_cfg, args.overwrite)
+    docs = read_documents(args.input, cfg.text_field, cfg.id_field)
+    tokenizer = load_tokenizer(args.tokenizer)
+    base = judge_config_from_args(args, out / "judge_cache.jsonl")
+
+    def make_client(max_tokens):
+        c = base if max_tokens is None else classify.JudgeConfig(**dict(asdict(base),
+                                                                        max_tokens=max_tokens))
+        return JudgeClient(c)
+    summary = curate_pretraining(docs, make_client, cfg, out, tokenizer, args.stop_after)
+    classify.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def build_parser():
+    fmt = classify.HelpFormatter
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("priming", formatter_class=fmt,
+                       help="generate priming traces for a condition with an LLM")
+    q.add_argument("--condition", required=True,
+                   help=f"one of {', '.join(PRIMING_CONDITIONS)}, or all")
+    q.add_argument("--n", type=int, default=1200,
+                   help="usable examples per condition (the paper trained on 1,000 and validated "
+                        "on 200; failed or malformed answers are replaced by further problems)")
+    q.add_argument("--seed", type=int, default=0, help="seed of countdown.generate_problems")
+    q.add_argument("--out", default="data/priming",
+                   help="folder for <condition>.jsonl, rejects and the request cache")
+    q.add_argument("--overwrite", action="store_true",
+                   help="allow replacing results made with other settings")
+    add_judge_args(q, default_api="anthropic", temperature=0.5, max_tokens=1024)
+
+    c = sub.add_parser("controls", formatter_class=fmt,
+                       help="empty_cot / dots / no_positive from a generated set")
+    c.add_argument("--input", required=True, help="SFT JSONL from `curate.py priming`")
+    c.add_argument("--kind", required=True, choices=CONTROLS,
+                   help="empty_cot: thoughts emptied; dots: thoughts -> N ' .' (N = think tokens); "
+                        "no_positive: keep every example scoring < 1")
+    c.add_argument("--out", required=True, help="output JSONL")
+    c.add_argument("--tokenizer", default="",
+                   help="tokenizer.json (or its folder) to count think tokens for dots; default: "
+                        "whitespace-separated words")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    t = sub.add_parser("pretrain", formatter_class=fmt,
+                       help="label, select, budget-cap and rewrite pretraining documents")
+    t.add_argument("--input", required=True,
+                   help="documents: JSONL (or parquet if pyarrow is installed), or a folder")
+    t.add_argument("--out", required=True, help="output folder (resumable)")
+    t.add_argument("--text-field", default="text", help="field holding the document text")
+    t.add_argument("--id-field", default="id", help="field holding a unique document id")
+    t.add_argument("--tokenizer", default="",
+                   help="tokenizer.json (or its folder) for truncation and the budget; without "
+                        "it, truncation is by characters and the budget counts whitespace words")
+    t.add_argument("--max-doc-tokens", type=int, default=3072,
+                   help="truncate documents to this many tokens (with --tokenizer)")
+    t.add_argument("--max-doc-chars", type=int, default=12000,
+                   help="truncate documents to this many characters (without --tokenizer)")
+    t.add_argument("--prompts-dir", default="",
+                   help="folder with text_<behavior>.txt or the original *_v0.txt prompt files")
+    t.add_argument("--rich-min-total", type=int, default=2,
+                   help="behavior-rich set: the four counts sum to at least this")
+    t.add_argument("--rich-require", default="",
+                   help="comma-separated behaviors that must each be > 0 in rich documents, e.g. "
+                        "backtracking (the paper's curated source was called 'backtrack')")
+    t.add_argument("--minimal-max-total", type=int, default=0,
+                   help="behavior-minimized set: the four counts sum to at most this")
+    t.add_argument("--budget-tokens", type=int, default=8_300_000,
+                   help="both sets are capped at this many tokens: first on the truncated "
+                        "documents, then on the SFT examples (query + completion)")
+    t.add_argument("--unequal-budgets", action="store_true",
+                   help="do not shrink the larger set to the smaller set's token total")
+    t.add_argument("--seed", type=int, default=0, help="order in which documents fill the budget")
+    t.add_argument("--rewrite-max-tokens", type=int, default=5120,
+                   help="max tokens of each rewrite answer (labelling uses --max-tokens)")
+    t.add_argument("--stop-after", choices=("", "label", "select"), default="",
+                   help="stop after labelling (frequencies only) or after selection")
+    t.add_argument("--overwrite", action="store_true",
+                   help="allow replacing results made with other settings")
+    add_judge_args(t, default_api="openai", temperature=0.0, max_tokens=1024)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return {"priming": _cmd_priming, "controls": _cmd_controls,
+                "pretrain": _cmd_pretrain}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, JudgeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished requests are cached; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1098 @@
+"""
+model.py: one decoder-only transformer that runs Llama-3.x / SmolLM2 and Qwen2 / Qwen2.5 checkpoints,
+in plain PyTorch, loaded straight from Hugging Face safetensors.
+
+The two families are the same machine with a few switches:
+    x = embed(tokens)
+    for each layer:  x = x + Attention(RMSNorm(x))      (RoPE, grouped-query attention)
+                     x = x + SwiGLU-MLP(RMSNorm(x))
+    logits = lm_head(RMSNorm(x))                         (lm_head may be tied to embed)
+Qwen2 adds biases to the q/k/v projections; Llama-3.1/3.2 stretch RoPE's low frequencies ("llama3"
+rope scaling). Parameter names mirror Hugging Face's so checkpoints load without renaming tables.
+
+Contents, in reading order: config -> layers -> tokenizer -> checkpoint files (read, load, save)
+-> finding a checkpoint (alias, Hub download into the Hugging Face cache) -> generation with a
+KV cache (plus a static-shape path that torch.compile turns into CUDA graphs) -> CLI.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional, Sequence, Union
+from urllib.parse import quote
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# Config
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyperparameters, named as in a Hugging Face config.json."""
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: Optional[int] = None          # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None     # None or {"rope_type": "llama3", "factor": ..., ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False            # biases on q/k/v (Qwen2: always; Llama: also on o_proj)
+    mlp_bias: bool = False
+    bos_token_id: Optional[int] = None
+    eos_token_id: Union[int, list, None] = None
+    torch_dtype: str = "float32"
+    extra: dict = field(default_factory=dict)  # other config.json keys, written back unchanged
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; this file implements "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-3.x, SmolLM2, Qwen2, Qwen2.5)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type == "llama" and self.attention_bias
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        """Build from a config.json dict (transformers 4.x or 5.x layout)."""
+        d = dict(d)
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"config.json has model_type {model_type!r}; supported: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-3.x, SmolLM2, Qwen2, Qwen2.5)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        if d.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true is not supported (Qwen2 checkpoints ship it off)")
+        # transformers 5 folds rope_theta and rope_scaling into one "rope_parameters" dict
+        rope = d.pop("rope_parameters", None)
+        if rope is not None:
+            rope = dict(rope)
+            d.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
+            if rope.get("rope_type", rope.get("type", "default")) != "default":
+                d.setdefault("rope_scaling", rope)
+        if "torch_dtype" not in d and "dtype" in d:
+            d["torch_dtype"] = d.pop("dtype")
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"config.json is missing required field(s): {', '.join(missing)}")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
+        kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
+        if kwargs.get("rope_scaling") and kwargs["rope_scaling"].get("rope_type", kwargs["rope_scaling"].get("type")) == "default":
+            kwargs["rope_scaling"] = None
+        kwargs["extra"] = {k: v for k, v in d.items() if k not in names}
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict:
+        """The config.json dict that transformers and vLLM load."""
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+        d = dict(self.extra)
+        for k in ("transformers_version", "rope_parameters", "dtype", "architectures"):
+            d.pop(k, None)
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        d.update(architectures=[arch], hidden_act="silu")
+        if self.model_type == "qwen2":
+            d.pop("attention_bias", None)   # Qwen2 always has q/k/v biases and no such key
+            d.pop("mlp_bias", None)
+        return d
+
+
+# -----------------------------------------------------------------------------
+# Layers
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (as HF does) and cast back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
+    """RoPE frequencies theta^(-2i/d), with Llama-3's long-context rescaling when configured.
+
+    llama3 scaling keeps high frequencies (short wavelengths, local order) as they are, divides
+    low frequencies by `factor` (so positions far beyond the training length stay in range), and
+    blends linearly in between.
+    """
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    rs = config.rope_scaling
+    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq, position_ids, dtype):
+    """cos/sin tables [B, T, head_dim] for integer positions [B, T] (float32 math, then cast)."""
+    freqs = position_ids[..., None].float() * inv_freq  # [B, T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)             # HF layout: the two halves share a frequency
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles ("rotate_half" layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]  # cos/sin [B, T, hd] broadcast over heads
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [B, n_kv_heads, max_len, head_dim] each.
+
+    Slot s of row b holds the token at sequence index s (prompts are left-padded, so early slots
+    of short prompts are padding); `key_valid[b, s]` says whether that slot may be attended to.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype, device):
+        # zeros, not empty: a masked slot gets probability exactly 0, but 0 * NaN garbage is still NaN
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.padded = True  # False when no row has padding slots: then attention needs no mask
+
+    def repeat_rows(self, n: int):
+        """Give every row n copies (n samples per prompt share one prefill)."""
+        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+        self.key_valid = self.key_valid.repeat_interleave(n, dim=0)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        D = config.hidden_size
+        self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=config.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None, start: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            if isinstance(start, int):
+                # write this step's keys/values into their slots, then attend over everything so far
+                kc[:, :, start:start + T] = k
+                vc[:, :, start:start + T] = v
+                k, v = kc[:, :, :start + T], vc[:, :, :start + T]
+            else:
+                # static shapes (the compiled decode step): `start` is a one-element slot tensor, and
+                # we attend over the whole preallocated cache; the mask hides slots not written yet.
+                # Every step then has identical shapes, which CUDA graphs require.
+                kc.index_copy_(2, start, k)
+                vc.index_copy_(2, start, v)
+                k, v = kc, vc
+        # grouped-query attention: each group of G = n_heads // n_kv query heads shares one k/v head
+        G = self.n_heads // self.n_kv
+        if T == 1:
+            # decoding, one query per row: fold each group's G query heads into SDPA's query axis,
+            # [B, n_kv, G, hd] against [B, n_kv, S, hd]. Exact (the mask [B, 1, 1, S] is the same for
+            # all G), and on CPU about twice as fast as SDPA with enable_gqa on [B, n_heads, 1, hd].
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G, self.hd), k, v, attn_mask=mask)
+            y = y.reshape(B, self.n_heads, 1, self.hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D, H = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(D, H, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(D, H, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(H, D, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_4d(key_valid, q_start: int, T: int):
+    """Boolean [B, 1, T, S] mask: query slot q_start+i may see key slot s <= q_start+i if s is valid.
+
+    A padding query has no valid key before it; letting every slot see itself keeps its softmax
+    finite. Its output is never used, because no real token attends to a padding key.
+    """
+    S = key_valid.shape[1]
+    q = torch.arange(q_start, q_start + T, device=key_valid.device)[:, None]
+    k = torch.arange(S, device=key_valid.device)[None, :]
+    return (((k <= q) & key_valid[:, None, :]) | (k == q))[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        # _weight skips nn.Embedding's own normal_() init: init_weights() below does it, and on the meta
+        # device that call would import torch._dynamo (~70 MB of host memory while loading)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        device = self.embed_tokens.weight.device
+        if device.type == "meta":
+            # a model about to be filled from a checkpoint: compute nothing on meta (torch would
+            # import its compiler stack for that), load_checkpoint_dir sets the real frequencies
+            self.register_buffer("inv_freq", rope_inv_freq(config, device="cpu"), persistent=False)
+        else:
+            self.register_buffer("inv_freq", rope_inv_freq(config, device=device), persistent=False)
+            self.init_weights()
+
+    def init_weights(self, std: float = 0.02):
+        """Random init for training from scratch: N(0, std) matrices, zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) would round the RoPE frequencies too; recompute them in float32 on the
+        # new device instead (HF's bf16 reference model does not, defect D-P12 of the original)
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config, device=self.embed_tokens.weight.device)
+        return self
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *,
+                      cache: Optional[KVCache] = None, cache_start: int = 0):
+        """Final normed hidden states [B, T, D].
+
+        attention_mask [B, T]: 1 for real tokens, 0 for padding (left or right). With a KV cache,
+        the mask comes from cache.key_valid and input_ids sit at slots cache_start..cache_start+T-1;
+        a tensor cache_start (one slot, T = 1) selects the static-shape decode step used by generate.
+        """
+        B, T = input_ids.shape
+        static = cache is not None and not isinstance(cache_start, int)
+        if position_ids is None and static:
+            raise ValueError("the static-shape decode step needs explicit position_ids")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = torch.arange(cache_start, cache_start + T, device=input_ids.device).expand(B, T)
+        if static:
+            mask = cache.key_valid[:, None, None, :]  # [B, 1, 1, S]: one query per row sees its valid slots
+        elif cache is not None and (cache.padded or (T > 1 and cache_start > 0)):
+            mask = attention_mask_4d(cache.key_valid[:, :cache_start + T], cache_start, T)
+        elif cache is not None:
+            mask = None  # no padding anywhere: causal prefill from slot 0, or one query that sees all slots
+        elif attention_mask is not None:
+            mask = attention_mask_4d(attention_mask.bool(), 0, T)
+        else:
+            mask = None  # plain causal attention
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                # keep only each layer's input; recompute its activations during backward
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, cache_start)
+        return self.norm(x)
+
+    def logits(self, hidden):
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        """Logits [B, T, V]."""
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids))
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+def _token_str(x):
+    """tokenizer_config.json stores special tokens as strings or as {"content": ...} dicts."""
+    return x.get("content") if isinstance(x, dict) else x
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` that knows the special tokens.
+
+    encode() adds no BOS unless asked: the paper tokenizes the Countdown prompt with
+    add_special_tokens=False. pad falls back to eos when the checkpoint has none, as the reference.
+    """
+
+    def __init__(self, tk, eos_token: str, pad_token: Optional[str] = None, bos_token: Optional[str] = None,
+                 config: Optional[dict] = None):
+        self.tk = tk
+        self.eos_token, self.bos_token = eos_token, bos_token
+        self.pad_token = pad_token or eos_token
+        self.eos_id = self._id(eos_token)
+        self.pad_id = self._id(self.pad_token)
+        self.bos_id = self._id(bos_token) if bos_token else None
+        self.config = dict(config or {})  # the rest of tokenizer_config.json, written back by save()
+
+    def _id(self, token):
+        i = self.tk.token_to_id(token)
+        if i is None:
+            raise ValueError(f"special token {token!r} is not in the tokenizer's vocabulary")
+        return i
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise FileNotFoundError(f"{tj} not found: the checkpoint folder needs the fast-tokenizer file "
+                                    "tokenizer.json (slow-only tokenizers such as tokenizer.model are not supported)")
+        tk = HFTokenizer.from_file(str(tj))
+        cfg = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+        eos, bos, pad = (_token_str(cfg.get(k)) for k in ("eos_token", "bos_token", "pad_token"))
+        if eos is None:  # fall back to the model's eos id
+            for name in ("generation_config.json", "config.json"):
+                eid = _read_json(path / name).get("eos_token_id") if (path / name).is_file() else None
+                if eid is not None:
+                    eos = tk.id_to_token(eid[0] if isinstance(eid, list) else eid)
+                    break
+        if eos is None:
+            raise ValueError(f"cannot tell the EOS token of {path}: set eos_token in tokenizer_config.json")
+        return cls(tk, eos, pad, bos, config=cfg)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool = False) -> list:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save(self, out_dir):
+        out_dir = Path(out_dir)
+        self.tk.save(str(out_dir / "tokenizer.json"))
+        cfg = dict(self.config)
+        cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        cfg.update(eos_token=self.eos_token, pad_token=self.pad_token, bos_token=self.bos_token)
+        _write_json(out_dir / "tokenizer_config.json", cfg)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint files: read safetensors, load a folder, save a folder
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_safetensors(path, dtype=None):
+    """Yield (name, tensor) from a .safetensors file, one tensor at a time.
+
+    The format is an 8-byte header length, a JSON header {name: {dtype, shape, data_offsets}}, then
+    raw little-endian bytes. Reading each tensor with readinto() (instead of memory-mapping the
+    file) means the host holds at most one source tensor beside the weights already loaded.
+    """
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path} is not a safetensors file (too short)")
+        n = int.from_bytes(raw, "little")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path} is not a valid safetensors file (bad header); re-download it") from None
+        base = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+            if end > start:
+                f.seek(base + start)
+                got = f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                if got != end - start:
+                    raise ValueError(f"{path} is truncated (tensor {name} is incomplete); re-download it")
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            yield name, t
+
+
+def _weight_files(path: Path) -> list:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no weights in {path}: expected model.safetensors, or shards listed in "
+                            "model.safetensors.index.json (.bin/.pth checkpoints are not supported)")
+
+
+def _hf_to_ours(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def _ours_to_hf(name: str) -> str:
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def load_checkpoint_dir(path, device="cpu", dtype=None):
+    """Load a local HF-layout folder. Parameters are created on the meta device (no memory) and
+    filled tensor by tensor in the target dtype, so peak host memory stays near one copy."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; a checkpoint folder holds config.json, "
+                                "model.safetensors (or shards + index) and tokenizer.json")
+    config = ModelConfig.from_hf(_read_json(path / "config.json"))
+    dtype = parse_dtype(dtype) or parse_dtype(config.torch_dtype if config.torch_dtype in DTYPES else "float32")
+    tokenizer = Tokenizer.from_dir(path)
+    files = _weight_files(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    params = dict(model.named_parameters())
+    for file in files:
+        for name, t in read_safetensors(file, dtype):
+            key = _hf_to_ours(name)
+            if key == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # tied: the embedding matrix is the head
+            if key not in params:
+                raise ValueError(f"{file.name} has unexpected tensor {name!r}; does config.json match the weights?")
+            if tuple(t.shape) != tuple(params[key].shape):
+                raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, config.json implies {tuple(params[key].shape)}")
+            module_name, _, leaf = key.rpartition(".")
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(t.to(device), requires_grad=True))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks weights for: {', '.join(missing[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
+    model.inv_freq = rope_inv_freq(config, device=torch.device(device))
+    return model.eval(), tokenizer
+
+
+def load(name_or_path, device="cpu", dtype=None):
+    """(model, tokenizer) from a local folder, a short alias (qwen2.5-3b) or a Hub repo id."""
+    parse_dtype(dtype)  # fail on a bad dtype name before any download
+    return load_checkpoint_dir(resolve_checkpoint(name_or_path), device=device, dtype=dtype)
+
+
+def save(model: Transformer, tokenizer: Tokenizer, out_dir, *, max_shard_size: int = 5 * 2**30,
+         dtype=None, overwrite: bool = False):
+    """Write an HF-compatible folder that model.load, transformers and vLLM load unchanged.
+
+    Written into a temporary sibling folder, then renamed into place, so an interrupted save never
+    leaves a half-written checkpoint under out_dir.
+    """
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True or choose another folder")
+    dtype = parse_dtype(dtype)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tied = model.config.tie_word_embeddings
+    tensors = [(n, p) for n, p in model.state_dict(keep_vars=True).items()
+               if not (tied and n == "lm_head.weight")]
+    el = lambda p: p.numel() * (dtype.itemsize if dtype else p.element_size())  # noqa: E731
+    shards, size = [[]], 0
+    for n, p in tensors:  # greedy shards of at most max_shard_size bytes (one tensor may exceed it)
+        if shards[-1] and size + el(p) > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((n, p))
+        size += el(p)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        sd = {_ours_to_hf(n): p.detach().to("cpu", dtype or p.dtype).contiguous() for n, p in shard}
+        save_file(sd, str(tmp / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in sd})
+        del sd
+    if len(shards) > 1:
+        total = sum(el(p) for _, p in tensors)
+        _write_json(tmp / "model.safetensors.index.json",
+                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    cfg = model.config.to_hf()
+    cfg["torch_dtype"] = {v: k for k, v in DTYPES.items()}[dtype or next(model.parameters()).dtype]
+    _write_json(tmp / "config.json", cfg)
+    gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}
+    _write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+    tokenizer.save(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Finding a checkpoint: local folder, alias, or Hugging Face Hub repo
+#
+# The Hub is plain HTTPS, so `requests` is all a download needs:
+#   GET {endpoint}/api/models/{repo}/revision/{rev}              -> {"sha": commit id, ...}
+#   GET {endpoint}/api/models/{repo}/tree/{commit}               -> [{"type", "path", "size", "oid",
+#                                                     "lfs": {"oid": sha256} for large files}, ...]
+#   GET {endpoint}/{repo}/resolve/{commit}/{path}                -> the file (large ones redirect
+#                                                                   to a CDN; Range requests work)
+# Files land in the Hugging Face cache layout, so huggingface_hub and this file share downloads:
+#   {cache}/models--{org}--{name}/blobs/{sha256, or git oid for small files}
+#                                /snapshots/{commit}/{path} -> ../../blobs/{...}   (relative symlink)
+#                                /refs/{revision}                                  (text: the commit)
+
+ALIASES = {
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "qwen2.5-3b": "Qwen/Qwen2.5-3B", "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen2.5-0.5b-instruct": "Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-1.5b-instruct": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen2.5-3b-instruct": "Qwen/Qwen2.5-3B-Instruct", "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B", "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M", "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
+}
+_CHECKPOINT_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "model.safetensors", "model.safetensors.index.json"}
+_SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
+_DOWNLOAD_CHUNK = 1 << 20  # bytes per write; a broken connection loses at most the chunk in flight
+LOCAL_LAYOUT_HELP = ("Without the Hub you can pass --model (or load()) a local folder holding config.json, "
+                     "model.safetensors (or model-0000X-of-0000N.safetensors shards + model.safetensors.index.json), "
+                     "tokenizer.json and tokenizer_config.json, e.g. copied from a machine that has the model.")
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _hf_home() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME", "~/.cache")
+    return Path(os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")).expanduser()
+
+
+def hub_cache_dir() -> Path:
+    """$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub (huggingface_hub's rule)."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    return Path(cache).expanduser() if cache else _hf_home() / "hub"
+
+
+def _hub_token() -> Optional[str]:
+    """HF_TOKEN, HUGGING_FACE_HUB_TOKEN, or the file `huggingface-cli login` writes. Never logged."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if not token:
+        path = Path(os.environ.get("HF_TOKEN_PATH") or _hf_home() / "token").expanduser()
+        token = path.read_text().strip() if path.is_file() else None
+    return token or None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_checkpoint(name_or_path, revision: str = "main") -> Path:
+    """A local folder is used as it is; an alias or repo id is looked up in the cache or downloaded."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    name = str(name_or_path)
+    repo = ALIASES.get(name.lower(), name)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or p.exists():
+        raise FileNotFoundError(f"{name!r} is not a checkpoint folder, a known alias ({', '.join(ALIASES)}) "
+                                "or a Hub repo id like Qwen/Qwen2.5-3B")
+    try:
+        return download(repo, revision=revision)
+    except (FileNotFoundError, PermissionError) as e:
+        if repo != name:  # an alias: the message is about the Hub
+            raise
+        raise type(e)(f"{e} (there is no local folder {name!r} either)") from None
+
+
+def download(repo_id: str, revision: str = "main", cache_dir=None) -> Path:
+    """The local snapshot folder of a Hub model repo, downloading only the files a checkpoint needs.
+
+    Files already in the cache (ours or huggingface_hub's) are not fetched again; a partial file
+    from an interrupted run is resumed. HF_HUB_OFFLINE=1 uses the cache only; so does a failed
+    connection when the cache already holds a complete snapshot.
+    """
+    import requests
+    repo_dir = Path(cache_dir or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+    cached = _cached_snapshot(repo_dir, revision)
+    if _offline():
+        if cached is None:
+            raise FileNotFoundError(f"HF_HUB_OFFLINE is set and {repo_id} ({revision}) is not in the cache "
+                                    f"{repo_dir.parent}. {LOCAL_LAYOUT_HELP}")
+        return cached
+    endpoint, token = hub_endpoint(), _hub_token()
+    api = f"{endpoint}/api/models/{repo_id}"
+    try:
+        commit = _hub_get(f"{api}/revision/{quote(revision, safe='')}", repo_id, token).json()["sha"]
+        listing, url = [], f"{api}/tree/{commit}"  # the top folder is all we need; long lists come in pages
+        while url:
+            r = _hub_get(url, repo_id, token)
+            listing += r.json()
+            url = r.links.get("next", {}).get("url")
+    except (requests.ConnectionError, requests.Timeout) as e:
+        if cached is not None:
+            print(f"cannot reach {endpoint} ({type(e).__name__}); using the cached {cached}", file=sys.stderr)
+            return cached
+        raise ConnectionError(f"cannot reach {endpoint} to download {repo_id} ({type(e).__name__}). "
+                              f"{LOCAL_LAYOUT_HELP} (HF_ENDPOINT selects a mirror.)") from None
+    files = _checkpoint_files(listing, repo_id)
+    snapshot = repo_dir / "snapshots" / commit
+    for f in files:
+        dest = snapshot / f["path"]
+        if dest.is_file() and dest.stat().st_size == f["size"]:
+            continue  # already here, downloaded by us or by huggingface_hub
+        blob = repo_dir / "blobs" / ((f.get("lfs") or {}).get("oid") or f["oid"])
+        if not (blob.is_file() and blob.stat().st_size == f["size"]):
+            url = f"{endpoint}/{repo_id}/resolve/{commit}/{quote(f['path'])}"
+            _download_file(url, blob, f["size"], (f.get("lfs") or {}).get("oid"), token, repo_id)
+        _link(blob, dest)
+    if revision != commit:  # remember which commit the branch/tag named, for offline use
+        ref = repo_dir / "refs" / revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        _write_text(ref, commit)
+    return snapshot
+
+
+def _hub_get(url, repo_id, token, **kw):
+    """GET with our auth header; turn the Hub's error statuses into errors that say what to do."""
+    import requests
+    r = requests.get(url, headers=_auth_header(token), timeout=(10, 60), **kw)
+    _check_status(r, repo_id, token)
+    return r
+
+
+def _auth_header(token) -> dict:
+    # requests drops this header when a redirect leaves the host, so CDNs never see the token
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _check_status(r, repo_id, token):
+    if r.status_code < 400:
+        return
+    endpoint, code = hub_endpoint(), r.headers.get("X-Error-Code", "")
+    if r.status_code == 404 or code in ("RevisionNotFound", "EntryNotFound"):
+        raise FileNotFoundError(f"{repo_id}: not found on {endpoint} (HTTP {r.status_code} {code}) at {r.url}; "
+                                "check the repo name (e.g. Qwen/Qwen2.5-3B), the revision, and HF_ENDPOINT")
+    if r.status_code in (401, 403):
+        # the Hub answers 401 for a missing repo too, so as not to reveal private names
+        sent = ("a token was sent (HF_TOKEN, or the huggingface-cli login file) but it has no access or is invalid"
+                if token else "no token was sent (HF_TOKEN is unset)")
+        raise PermissionError(
+            f"{repo_id}: access denied by {endpoint} (HTTP {r.status_code} {code}); {sent}. If the name is "
+            f"right, the repo is gated or private: open {endpoint}/{repo_id} while logged in and accept its "
+            f"license, create a read token at {endpoint}/settings/tokens, then `export HF_TOKEN=...` and retry.")
+    raise ConnectionError(f"{repo_id}: {endpoint} answered HTTP {r.status_code} for {r.url}; try again later")
+
+
+def _checkpoint_files(listing, repo_id) -> list:
+    """The tree entries a checkpoint needs: configs, tokenizer files, safetensors weights."""
+    top = {f["path"]: f for f in listing if f.get("type", "file") == "file" and "/" not in f["path"]}
+    want = [f for p, f in top.items() if p in _CHECKPOINT_FILES or _SHARD_NAME.fullmatch(p)]
+    if "model.safetensors.index.json" in top:  # sharded: skip a stray single-file copy
+        want = [f for f in want if f["path"] != "model.safetensors"]
+    names = {f["path"] for f in want}
+    missing = [n for n in ("config.json", "tokenizer.json") if n not in names]
+    if not names & {"model.safetensors", "model.safetensors.index.json"}:
+        missing.append("model.safetensors (or shards + model.safetensors.index.json)")
+    if missing:
+        raise FileNotFoundError(f"{repo_id} has no {', '.join(missing)}; only safetensors checkpoints with a "
+                                "fast tokenizer are supported (.bin/.pth weights and tokenizer.model are not)")
+    return sorted(want, key=lambda f: f["size"])  # small files first: fail fast on bad configs
+
+
+def _download_file(url, blob: Path, size: int, sha256: Optional[str], token, repo_id, retries: int = 5):
+    """Stream url into blob. A broken transfer is resumed with an HTTP Range request, from where
+    the .incomplete file stops (also across runs); size and sha256 are checked before os.replace."""
+    import hashlib
+    import requests
+    from tqdm import tqdm
+    part = blob.with_name(blob.name + ".incomplete")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    name = url.rsplit("/", 1)[-1]
+    for attempt in range(retries):
+        have = part.stat().st_size if part.exists() else 0
+        if have == size:
+            break  # complete but not yet verified (a previous run stopped right here)
+        headers = _auth_header(token)
+        if 0 < have < size:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=(10, 60)) as r:
+                _check_status(r, repo_id, token)
+                if r.status_code != 206:  # 200: the server sent the whole file, start over
+                    have = 0
+                with open(part, "ab" if have else "wb") as f, \
+                        tqdm(total=size, initial=have, unit="B", unit_scale=True, desc=name, file=sys.stderr) as bar:
+                    for chunk in r.iter_content(chunk_size=_DOWNLOAD_CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            if attempt == retries - 1:
+                raise ConnectionError(f"downloading {url} failed {retries} times ({type(e).__name__}); "
+                                      f"run again to resume from {part}. {LOCAL_LAYOUT_HELP}") from None
+            print(f"{name}: connection broke ({type(e).__name__}); resuming", file=sys.stderr)
+            time.sleep(min(0.5 * 2 ** attempt, 8))
+    got = part.stat().st_size
+    if got != size:
+        part.unlink()
+        raise ValueError(f"{name} from {repo_id}: received {got} bytes but the Hub lists {size}; the partial "
+                         "file was deleted, run again (a proxy or mirror may be truncating downloads)")
+    if sha256:
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        if h.hexdigest() != sha256:
+            part.unlink()
+            raise ValueError(f"{name} from {repo_id}: sha256 {h.hexdigest()} does not match the Hub's {sha256}; "
+                             "the corrupt file was deleted, run again")
+    os.replace(part, blob)
+
+
+def _link(blob: Path, dest: Path):
+    """Point snapshots/{commit}/{path} at its blob with a relative symlink (a copy where symlinks fail)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(os.path.relpath(blob, dest.parent), tmp)
+    except OSError:
+        shutil.copyfile(blob, tmp)
+    os.replace(tmp, dest)
+
+
+def _write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _cached_snapshot(repo_dir: Path, revision: str) -> Optional[Path]:
+    """The cached snapshot for revision if it holds a complete checkpoint, else None."""
+    ref = repo_dir / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snap = repo_dir / "snapshots" / commit
+    if not ((snap / "config.json").is_file() and (snap / "tokenizer.json").is_file()):
+        return None
+    try:
+        return snap if all(f.is_file() for f in _weight_files(snap)) else None
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor    # [rows, T] new tokens; pad after a row's EOS (the EOS itself kept)
+    logprobs: torch.Tensor  # [rows, T] float32 log-prob of each sampled token; 0 at padding
+    lengths: torch.Tensor   # [rows] valid new tokens, EOS included
+
+
+def _sample_index(probs, generator=None):
+    """One index per row, drawn with probability proportional to probs [R, V].
+
+    argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i / sum(p) (the "exponential
+    race", Gumbel-max in another guise). It is the draw torch.multinomial makes for one sample,
+    from the same generator stream (identical tokens), but without multinomial's input check,
+    which copies a flag to the host and so stalls the CPU on every CUDA decode step.
+    """
+    q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    q.clamp_min_(torch.finfo(q.dtype).tiny)  # a draw that rounds to 0 would make 0/0 = NaN, which argmax picks
+    return (probs / q).argmax(dim=-1)
+
+
+def sample_next(logits, temperature: float, top_p: float, generator=None):
+    """Pick one token per row from logits [R, V]; return (tokens [R], their log-probs [R]).
+
+    The log-prob is log softmax(logits / T) before top-p truncation, i.e. the policy's own
+    probability at temperature T (at T = 1, top_p = 1 exactly what PPO recomputes later).
+    It is read off as logit[tok] - logsumexp(logits), which skips writing a full [R, V] log-softmax.
+    """
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)                # [R]
+    if temperature == 0:
+        tok = logits.argmax(dim=-1)                      # greedy; log-probs at temperature 1
+    else:
+        probs = torch.exp(logits - lse[:, None])         # softmax, reusing lse
+        if top_p < 1.0:
+            # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+            sp, si = probs.sort(dim=-1, descending=True)
+            sp = sp.masked_fill((sp.cumsum(-1) - sp) >= top_p, 0.0)
+            tok = si.gather(-1, _sample_index(sp, generator)[:, None])[:, 0]
+        else:
+            tok = _sample_index(probs, generator)
+    return tok, logits.gather(-1, tok[:, None])[:, 0] - lse
+
+
+# The fast path (static=True / compile=True), gpt-fast style. A CUDA graph replays a fixed
+# sequence of kernels on fixed buffers, so the decode step must not change shape from one token
+# to the next: it writes one cache slot chosen by a tensor index and attends over the whole
+# preallocated cache under the key mask (the eager path instead slices the cache to the filled
+# prefix, which is cheaper on CPU but changes shape every step). The cache length is rounded up
+# so that calls with slightly different prompt lengths reuse one compiled graph.
+_STATIC_LEN_MULTIPLE = 256
+_DONE_CHECK_EVERY = 16     # fast path: look at "all rows done?" (a host sync) every 16 steps only
+_compiled_decode_step = None
+
+
+def _decode_step(model, cache: KVCache, tok, pos, slot):
+    """Logits [R, V] for one new token per row: tok, pos [R, 1]; slot [1] is its cache slot."""
+    cache.key_valid.index_fill_(1, slot, True)
+    h = model.hidden_states(tok, position_ids=pos, cache=cache, cache_start=slot)
+    return model.logits(h[:, -1])
+
+
+def _compiled_step():
+    # compiled once per process; torch.compile recompiles per new (rows, cache length, dtype)
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return _compiled_decode_step
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, n_samples: int = 1,
+             temperature: float = 1.0, top_p: float = 1.0, eos_id, pad_id: int, seed: Optional[int] = None,
+             generator: Optional[torch.Generator] = None, progress: bool = False,
+             static: bool = False, compile: bool = False) -> Generation:
+    """Sample n_samples continuations of each prompt with a preallocated KV cache.
+
+    Prompts are left-padded to a common length P and prefilled once; the cache rows are then copied
+    n_samples times, so samples of one prompt share its prefill. Row i*n_samples + j is sample j
+    of prompt i. Each row stops at its first EOS.
+
+    static=True runs the decode steps with fixed shapes and checks for "all rows done" only every
+    few steps, so a GPU never waits for the host; compile=True (implies static) also compiles the
+    step with torch.compile(mode="reduce-overhead"), which captures it as a CUDA graph on a GPU.
+    The tokens are the same as on the default path (up to the float rounding of compiled kernels).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
+    if max_new_tokens < 1 or n_samples < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and n_samples ({n_samples}) must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 (0 = greedy) and 0 < top_p <= 1, got {temperature}, {top_p}")
+    static = static or compile
+    device = model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        valid[i, P - len(p):] = True
+    ids, valid = ids.to(device), valid.to(device)
+    S = P + max_new_tokens
+    if static:
+        S = -(-S // _STATIC_LEN_MULTIPLE) * _STATIC_LEN_MULTIPLE
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = KVCache(model.config, B, S, dtype, device)
+        cache.key_valid[:, :P] = valid
+        cache.padded = any(len(p) < P for p in prompts)
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        h = model.hidden_states(ids, position_ids=pos, cache=cache, cache_start=0)
+        logits = model.logits(h[:, -1])                      # [B, V]: only the last position is needed
+        if n_samples > 1:
+            cache.repeat_rows(n_samples)
+            logits = logits.repeat_interleave(n_samples, dim=0)
+        R = B * n_samples
+        next_pos = valid.sum(-1).repeat_interleave(n_samples)  # position id of the next token, per row
+        tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=device)
+        done = torch.zeros(R, dtype=torch.bool, device=device)
+        lengths = torch.zeros(R, dtype=torch.long, device=device)
+        if static:
+            step = _compiled_step() if compile else _decode_step
+            if compile:  # the cache is mutated in place: tell CUDA graphs its buffers stay put
+                for t in cache.k + cache.v + [cache.key_valid]:
+                    torch._dynamo.mark_static_address(t)
+            slot = torch.full((1,), P, dtype=torch.long, device=device)
+        steps = range(max_new_tokens)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="generate", file=sys.stderr, leave=False)
+        for t in steps:
+            tok, lp = sample_next(logits, temperature, top_p, generator)
+            tok = torch.where(done, pad_id, tok)
+            tokens[:, t] = tok
+            logprobs[:, t] = torch.where(done, 0.0, lp)
+            lengths += (~done).long()
+            done |= torch.isin(tok, eos)
+            if t == max_new_tokens - 1:
+                break
+            if static:
+                if (t + 1) % _DONE_CHECK_EVERY == 0 and done.all():
+                    break
+                if compile:
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+                logits = step(model, cache, tok[:, None], next_pos[:, None], slot)
+                slot += 1
+            else:
+                if done.all():
+                    break
+                cache.key_valid[:, P + t] = True
+                h = model.hidden_states(tok[:, None], position_ids=next_pos[:, None], cache=cache,
+                                        cache_start=P + t)
+                logits = model.logits(h[:, -1])
+            next_pos += 1
+    finally:
+        model.train(was_training)
+    T = int(lengths.max())  # the static path may run past the step where every row finished
+    return Generation(tokens[:, :T], logprobs[:, :T], lengths)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Load a Llama/Qwen checkpoint and complete a prompt. "
+                                 "Prints only the completion on stdout.")
+    ap.add_argument("--model", required=True, help="local folder, alias (e.g. qwen2.5-3b) or Hub repo id")
+    ap.add_argument("--prompt", required=True, help="text to complete (tokenized without BOS)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: the checkpoint's dtype")
+    ap.add_argument("--compile", action="store_true",
+                    help="fast path for CUDA: static shapes + torch.compile (CUDA graphs) of the decode step")
+    args = ap.parse_args(argv)
+    try:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA device (use --device cpu)")
+        model, tok = load(args.model, device=args.device, dtype=args.dtype)
+        # stop at the tokenizer's EOS and at any other end token config.json lists (instruct models)
+        eos_ids = {tok.eos_id} | set(_as_list(model.config.eos_token_id))
+        out = generate(model, [tok.encode(args.prompt)], max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, eos_id=sorted(eos_ids),
+                       pad_id=tok.pad_id, seed=args.seed, compile=args.compile)
+    except (FileNotFoundError, ValueError, PermissionError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ids = out.tokens[0, :int(out.lengths[0])].tolist()
+    if ids and ids[-1] in eos_ids:
+        ids = ids[:-1]
+    print(tok.decode(ids))
+    return 0
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

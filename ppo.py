@@ -1,0 +1,1434 @@
+"""
+ppo.py: the paper's reinforcement-learning stage, PPO with a critic on Countdown, on one GPU.
+
+One step (paper_spec 2.2), with the paper's numbers:
+  1. take 256 problems and sample 4 responses each from the policy (T = 1, top-p 1, <= 1024 tokens,
+     stop at EOS), from the `base` prompt tokenized without BOS;
+  2. score each response with countdown.score (0 / 0.1 / 1) and put the score on its last valid
+     token (the EOS, or the last token of a truncated response);
+  3. recompute log pi_old with the policy, log pi_ref with the frozen initial model and V with the
+     critic (the initial checkpoint's transformer plus a fresh scalar head);
+  4. token rewards r_t = score * 1[t = L-1] - beta * KL_t; GAE with gamma = lambda = 1; whiten;
+  5. update the critic (clipped value loss), then the actor (clipped surrogate + entropy bonus),
+     in mini-batches of 128 prompts, one epoch;
+  6. every 10 steps: greedy validation on the test set, its completions to JSONL, a checkpoint.
+
+Simplifications against the original (veRL on 4 GPUs with Ray, FSDP and vLLM), up front:
+  - One process on one device. Rollouts use model.generate (a plain-PyTorch KV cache), not vLLM,
+    so they are slower; the log-probs are recomputed afterwards anyway, as the original does.
+  - No sequence packing and no balancing of micro-batches; each micro-batch is cut after its
+    longest response, so padding costs little.
+  - The problems come from countdown.make_splits(distribution="rl"), an approximation of the HF
+    set Countdown-Tasks-3to4, which cannot be downloaded here; --train-data/--test-data take the
+    real set (or any) as JSONL rows {"nums": [...], "target": int}.
+Deliberate fixes, each one a flag away from the original (--fidelity turns all of them on):
+  - D-P1: the original takes 8 critic optimizer steps (128 sequences) against 2 actor steps (512
+    sequences) per iteration; here both use the same mini-batches (--critic-mini-batch).
+  - D-P2: the original's loss is a mean over micro-batches of each micro-batch's token mean, so it
+    changes with the micro-batch size and the GPU count; here it is the token mean over the
+    mini-batch, whatever the micro-batch size (--loss-agg).
+  - D-P3: the original's warmup-0 schedule gives lr = 0 for the whole first iteration while Adam's
+    moments still move; here the first iteration learns (--lr-zero-first-step).
+  - D-P6: the original also trains V on the post-EOS state toward 0; here the critic loss covers
+    the response tokens only (--value-post-eos).
+  - Values after the EOS are zeroed before GAE (the original does not; it makes no difference at
+    gamma = lambda = 1, but lambda < 1 would bootstrap from a meaningless value otherwise).
+  - Validation reports pure accuracy beside the mean score with its 0.1 format credit (D-R4).
+
+Memory: full-parameter PPO of a 3B model (policy, critic, reference) on one 80 GB GPU.
+Qwen2.5-3B has N = 3.09e9 parameters (tied embeddings; Llama-3.2-3B: 3.21e9), the critic as many.
+  The textbook recipe (fp32 weights, fp32 grads, Adam m and v: 16 B/param) needs 46 GiB per model,
+  92 GiB for policy + critic before the reference and any activation: it does not fit.
+  What we do instead, per model (--dtype bfloat16 and, chosen by the budget, --optim-device cpu):
+    bf16 weights on the GPU                  2 B/param   5.75 GiB
+    fp32 gradient accumulator on the GPU     4 B/param  11.5 GiB  (only while that model trains)
+    fp32 master weights + Adam m, v         12 B/param  34.5 GiB  in host memory (69 GiB for both)
+  The reference (5.75 GiB bf16) waits in host memory between uses (--ref-offload). The KV cache
+  costs 36,864 B/token for Qwen2.5-3B (36 layers x (k, v) x 2 kv heads x 128 x 2 B), so 128 prompts
+  x 4 samples x 1,280 tokens = 22.5 GiB; rollouts run --rollout-batch prompts at a time (auto: as
+  many as the budget allows) and the cache is freed before training. Gradient checkpointing keeps
+  one [micro, T, D] tensor per layer (4 x 1,280 x 2,048 x 2 B x 36 = 0.7 GiB); log-probs and
+  entropy go through the LM head --logprob-chunk tokens at a time (recomputed in backward), so a
+  [B, T, 151,936] fp32 tensor never exists (for 1,024 x 1,280 tokens it would be 742 GiB; one
+  1,024-token chunk is 0.58 GiB). Computed GPU peaks: ~39 GiB in rollout, ~26 GiB in the updates;
+  host memory ~75 GiB. (A --state-checkpoints file is as big: 75 GiB; hence "last" by default.)
+  Why fp32 master weights at all: at lr 1e-6 a bf16 weight cannot move. bf16 keeps 8 significant
+  bits, so w + dw rounds back to w whenever |dw| is below ~2^-8 |w| (half a unit in the last place
+  is 2^-9..2^-8 of |w|); Adam's step is ~lr = 1e-6, while 2^-8 of a typical |w| ~ 0.02 is 8e-5.
+  The budget is computed (not measured) and printed at start; --print-budget prints it and exits.
+  None of this has run on a GPU yet: the CUDA paths (bf16, offloading, pinned copies) are written
+  from reading; CPU tests cover the same code in float32 and bfloat16.
+
+Run folder (design.md): runs/<name>/config.json, metrics.jsonl (one line per step, same keys),
+completions/step_<N>.jsonl, data/{train,test}.jsonl, checkpoints/step_<N>/policy (model.save
+format) and checkpoints/step_<N>/state.pt (critic, optimizers with master weights, RNG, step).
+Rerunning the same command resumes from the newest checkpoint; a first Ctrl-C finishes the step,
+checkpoints and exits, a second one aborts (checkpoints are written to a temp folder, then renamed).
+"""
+
+import argparse
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import countdown
+import model as M
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def _flag(default, help, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class PPOConfig:
+    """Every flag of a run, with the paper's defaults (paper_spec 2.1); written to config.json."""
+    # model and data
+    model: str = _flag("qwen2.5-3b", "initial checkpoint (policy, reference and critic backbone): a local folder, "
+                       "an alias or a Hub repo id")
+    out: str = _flag("runs/ppo", "run folder; rerunning with the same --out resumes from its newest checkpoint")
+    train_data: Optional[str] = _flag(None, "JSONL of training problems {\"nums\": [...], \"target\": int}, e.g. the real "
+                                      "Countdown-Tasks-3to4 rows; default: generated with countdown.make_splits")
+    test_data: Optional[str] = _flag(None, "JSONL of test problems (give both files or neither)")
+    distribution: str = _flag("rl", "problem distribution for generated data", choices=("rl", "priming"))
+    n_train: int = _flag(0, "generated training problems (0 = steps x batch-prompts: one pass, as the paper's run, "
+                         "which stopped long before its first epoch ended)")
+    n_test: int = _flag(1024, "generated test problems (paper: 1,024)")
+    n_val: int = _flag(0, "validate on the first N test problems (0 = all)")
+    template: str = _flag("base", "prompt template from countdown.PROMPT_TEMPLATES", choices=("base", "qwen-instruct"))
+    seed: int = _flag(0, "seed for the data, its order, the sampling and the critic head")
+    # rollout
+    steps: int = _flag(250, "PPO iterations (the paper analyses steps 0-250)")
+    batch_prompts: int = _flag(256, "prompts per iteration (paper: 256)")
+    samples: int = _flag(4, "responses sampled per prompt (paper: 4, so 1,024 sequences per iteration)")
+    temperature: float = _flag(1.0, "sampling temperature of the rollouts; log-probs use the same one")
+    top_p: float = _flag(1.0, "nucleus sampling of the rollouts (1 = off)")
+    max_prompt: int = _flag(256, "longest prompt in tokens; a longer one is an error")
+    max_response: int = _flag(1024, "most new tokens per response; a response without EOS is truncated and scored as is")
+    # reward
+    format_score: float = _flag(0.1, "reward for a parsable but wrong <answer> on the last line")
+    correct_score: float = _flag(1.0, "reward for a correct answer")
+    lenient: bool = _flag(False, "take the last <answer> anywhere in the response, not only on the last line")
+    # algorithm
+    adv: str = _flag("gae", "advantage estimator: gae (PPO with a critic, the paper) or grpo (group-normalized "
+                     "sequence rewards, no critic: saves a model's worth of memory)", choices=("gae", "grpo"))
+    gamma: float = _flag(1.0, "GAE discount")
+    lam: float = _flag(1.0, "GAE lambda")
+    kl_coef: float = _flag(0.001, "beta: weight of the per-token KL penalty in the reward (0 = no reference model)")
+    kl_estimator: str = _flag("k1", "per-token KL estimator: k1 = logp - ref (the paper); k3 = low_var_kl; abs; mse",
+                              choices=("k1", "kl", "k3", "low_var_kl", "abs", "mse"))
+    clip_ratio: float = _flag(0.2, "PPO clip epsilon for the probability ratio")
+    value_clip: float = _flag(0.5, "clip range of the value update around the old values")
+    entropy_coef: float = _flag(0.001, "entropy bonus weight in the actor loss")
+    ppo_epochs: int = _flag(1, "passes over each iteration's data")
+    mini_batch_prompts: int = _flag(128, "prompts per actor optimizer step (x samples sequences; paper: 128)")
+    micro_batch: int = _flag(0, "sequences per forward/backward (gradient accumulation); memory only, unless "
+                             "--loss-agg micro-token-mean (0 = 4, or the original's 4 with --fidelity)")
+    critic_micro_batch: int = _flag(0, "sequences per critic forward/backward (0 = --micro-batch; --fidelity: 1)")
+    infer_batch: int = _flag(16, "sequences per no-grad forward (old log-probs, reference, values)")
+    # fidelity switches (the original's quirks, off by default)
+    fidelity: bool = _flag(False, "reproduce the original's quirks: --critic-mini-batch = mini-batch-prompts, "
+                           "--loss-agg micro-token-mean with micro-batches 4 (actor) / 1 (critic), "
+                           "--lr-zero-first-step, --value-post-eos")
+    critic_mini_batch: int = _flag(0, "sequences per critic optimizer step (0 = mini-batch-prompts x samples, the "
+                                   "actor's; the original: mini-batch-prompts, i.e. 4x more critic steps, D-P1)")
+    loss_agg: str = _flag("token-mean", "loss aggregation: token-mean over the mini-batch, or the original's mean over "
+                          "micro-batches of micro-batch token means (D-P2)", choices=("token-mean", "micro-token-mean"))
+    lr_zero_first_step: bool = _flag(False, "lr 0 for the whole first iteration, as the original's schedule (D-P3)")
+    value_post_eos: bool = _flag(False, "also train V on the state after the EOS toward 0, as the original (D-P6)")
+    # optimizer
+    actor_lr: float = _flag(1e-6, "actor learning rate (constant; paper: 1e-6)")
+    critic_lr: float = _flag(1e-5, "critic learning rate (constant; paper: 1e-5)")
+    adam_beta1: float = _flag(0.9, "AdamW beta1")
+    adam_beta2: float = _flag(0.999, "AdamW beta2")
+    adam_eps: float = _flag(1e-8, "AdamW epsilon")
+    weight_decay: float = _flag(0.01, "AdamW weight decay (every parameter, as the original)")
+    grad_clip: float = _flag(1.0, "clip each model's global gradient norm to this")
+    # schedule, checkpoints, logging
+    val_every: int = _flag(10, "validate every N steps (0 = never); also at step 0 with --val-before-train")
+    val_before_train: bool = _flag(True, "validate the initial model (step 0)")
+    save_every: int = _flag(10, "checkpoint every N steps; the last step is always checkpointed")
+    state_checkpoints: str = _flag("last", "which checkpoints keep the training state needed to resume (policy "
+                                   "folders are always kept): last (older state.pt files are deleted), all, none",
+                                   choices=("last", "all", "none"))
+    max_bad_updates: int = _flag(3, "stop after this many optimizer updates in a row were skipped for a non-finite "
+                                 "loss or gradient")
+    resume: bool = _flag(False, "require an existing run in --out to continue (a rerun resumes automatically anyway)")
+    progress: bool = _flag(True, "show a tqdm progress bar")
+    # device and memory
+    device: str = _flag("auto", "cuda, cpu or auto (cuda when available)")
+    dtype: str = _flag("auto", "weights and compute dtype: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32",
+                       choices=("auto", "bfloat16", "float32"))
+    optim_device: str = _flag("auto", "where fp32 master weights and Adam moments live: auto (the GPU if the "
+                              "budget fits, else cpu), cpu, device", choices=("auto", "cpu", "device"))
+    ref_offload: bool = _flag(True, "keep the reference model in host memory between uses (cuda only)")
+    grad_checkpointing: bool = _flag(True, "recompute each layer in backward (much less activation memory)")
+    rollout_batch: int = _flag(0, "prompts per generation call; bounds the KV cache (0 = auto from the budget)")
+    val_batch: int = _flag(0, "prompts per validation generation call (0 = auto)")
+    logprob_chunk: int = _flag(1024, "tokens per chunk of the LM head in log-prob/entropy computation")
+    gpu_memory_gb: float = _flag(0.0, "GPU memory for the automatic choices (0 = the device's; 80 without one)")
+    threads: int = _flag(0, "CPU threads for torch (0 = torch's default)")
+    print_budget: bool = _flag(False, "print the memory budget for these settings and exit (reads only config.json)")
+
+
+# Settings that may change when a run is resumed (speed and memory knobs, the run length, logging);
+# everything else must match config.json. rollout/infer batch sizes change which sampled bits
+# come out of the generator, so a resume with a different one is valid but not bit-identical.
+_RESUMABLE_CHANGES = {"steps", "resume", "progress", "device", "threads", "max_bad_updates", "print_budget",
+                      "val_every", "save_every", "state_checkpoints", "rollout_batch", "val_batch", "infer_batch",
+                      "logprob_chunk", "gpu_memory_gb", "optim_device", "ref_offload"}
+
+
+# -----------------------------------------------------------------------------
+# Log-probabilities and entropy of the response tokens, in chunks
+#
+# The LM head of a 150k-token vocabulary turns a [B, T, D] bf16 tensor into [B, T, V] logits; in
+# fp32 for 1,024 x 1,280 tokens that is 797 GB. We gather only the valid response tokens, push them
+# through the head `chunk` tokens at a time, and (when gradients are on) checkpoint each chunk so
+# backward recomputes its logits instead of keeping them.
+
+
+def entropy_from_logits(logits):
+    """H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v, over the last dim, in fp32."""
+    z = logits.float()
+    return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(-1)
+
+
+def _chunk_logprobs(lm_head, hidden, targets, temperature: float, with_entropy: bool):
+    z = lm_head(hidden).float() / temperature                              # [c, V] fp32, one chunk only
+    logp = z.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(z, -1)   # [c]
+    return (logp, entropy_from_logits(z)) if with_entropy else logp
+
+
+def token_logprobs(lm_head, hidden, targets, mask, *, chunk: int = 1024, temperature: float = 1.0,
+                   with_entropy: bool = False):
+    """log pi(target_t | state_t) (and the entropy at t) for every masked position; 0 elsewhere.
+
+    hidden [B, T, D] are the states *before* each target, targets [B, T], mask [B, T].
+    Returns logp [B, T] fp32 (and entropy [B, T] fp32 when with_entropy).
+    """
+    sel = mask.bool()
+    h, y = hidden[sel], targets[sel]                      # [N, D], [N]: valid tokens only
+    fn = partial(_chunk_logprobs, lm_head, temperature=temperature, with_entropy=with_entropy)
+    remat = torch.is_grad_enabled() and h.requires_grad
+    outs = []
+    for i in range(0, h.shape[0], chunk):
+        args = (h[i:i + chunk], y[i:i + chunk])
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if remat else fn(*args))
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+
+    def scatter(parts):
+        flat = torch.cat(parts) if parts else zeros[sel]
+        return zeros.masked_scatter(sel, flat)
+    if not with_entropy:
+        return scatter(outs)
+    return scatter([o[0] for o in outs]), scatter([o[1] for o in outs])
+
+
+def response_logprobs(policy, input_ids, attention_mask, response_mask, prompt_len: int, *,
+                      chunk: int = 1024, temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probs [B, R] (and entropies) of the response tokens of prompt (P) + response (R) rows.
+
+    The token at absolute position P + t is predicted by the hidden state at P - 1 + t.
+    """
+    R = response_mask.shape[1]
+    h = policy.hidden_states(input_ids[:, :prompt_len + R - 1], attention_mask[:, :prompt_len + R - 1])
+    h = h[:, prompt_len - 1:]                                # [B, R, D]
+    targets = input_ids[:, prompt_len:prompt_len + R]        # [B, R]
+    return token_logprobs(policy.logits, h, targets, response_mask, chunk=chunk, temperature=temperature,
+                          with_entropy=with_entropy)
+
+
+# -----------------------------------------------------------------------------
+# The KL penalty, the token rewards, GAE, whitening, GRPO advantages
+
+
+def kl_penalty(logp, ref_logp, kind: str = "k1"):
+    """Per-token KL estimate between the sampling policy and the reference, on sampled tokens.
+
+    k1 ("kl"):         log p - log q                     unbiased, high variance, can be negative (paper)
+    k3 ("low_var_kl"): q/p - log(q/p) - 1 >= 0          unbiased, low variance; clamped to [-10, 10]
+    abs:               |log p - log q|
+    mse:               0.5 (log p - log q)^2
+    """
+    d = logp - ref_logp
+    if kind in ("k1", "kl"):
+        return d
+    if kind == "abs":
+        return d.abs()
+    if kind == "mse":
+        return 0.5 * d.square()
+    if kind in ("k3", "low_var_kl"):
+        return (torch.exp(-d) + d - 1).clamp(-10, 10)    # with x = log q - log p: e^x - x - 1
+    raise ValueError(f"unknown KL estimator {kind!r}; use k1, k3 (low_var_kl), abs or mse")
+
+
+def token_level_rewards(scores, kl, mask, kl_coef: float):
+    """r_t = score * 1[t = L - 1] - kl_coef * KL_t * m_t, [N, R].
+
+    L = valid response tokens (through the EOS, or all R when truncated), so the score sits on the
+    EOS of a finished response and on the final token of a truncated one.
+    """
+    rewards = torch.zeros_like(mask, dtype=torch.float32) if kl is None else -kl_coef * kl * mask
+    last = mask.sum(1).long() - 1                                     # [N]: L - 1
+    if (last < 0).any():
+        raise ValueError("every response needs at least one valid token")
+    rewards[torch.arange(len(last), device=mask.device), last] += scores.to(rewards.dtype)
+    return rewards
+
+
+def compute_gae(rewards, values, mask, gamma: float = 1.0, lam: float = 1.0):
+    """Generalized advantage estimates and returns, [N, R] each (zero after the response).
+
+    Values at t >= L are zeroed first: the state after the EOS is terminal, so the last token
+    bootstraps from 0 (what makes lambda < 1 right; at gamma = lambda = 1 it telescopes away).
+    """
+    values = values * mask
+    rewards = rewards * mask
+    N, R = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last_gae = torch.zeros(N, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(R)):
+        # delta_t = r_t + gamma V_{t+1} - V_t ;  A_t = delta_t + gamma lambda A_{t+1}   (V_R = A_R = 0)
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        adv[:, t] = last_gae
+    # gamma = lambda = 1: A_t = sum_{k>=t} r_k - V_t and G_t = sum_{k>=t} r_k (Monte-Carlo return-to-go)
+    returns = adv + values
+    return adv * mask, returns * mask
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def masked_var(x, mask, unbiased: bool = True):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean).square(), mask)
+    if unbiased:
+        n = mask.sum()
+        if n < 2:
+            raise ValueError("masked_var needs at least two valid entries")
+        var = var * n / (n - 1)                        # Bessel's correction
+    return var
+
+
+def masked_whiten(x, mask, eps: float = 1e-8):
+    """(x - mean) / sqrt(var + eps) over the valid entries (unbiased variance); zero elsewhere."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def grpo_advantages(seq_rewards, group_size: int, eps: float = 1e-6):
+    """(r - mean_group) / (std_group + eps) per sequence, [N]; rows i*n .. i*n+n-1 are one prompt's.
+
+    std is the unbiased one (as torch.std and veRL's GRPO); a group of equal rewards gets 0.
+    """
+    if group_size < 2:
+        raise ValueError("GRPO needs at least 2 samples per prompt (--samples)")
+    g = seq_rewards.view(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
+
+
+# -----------------------------------------------------------------------------
+# Losses. Each takes a `normalizer`: the loss is sum(mask * per-token loss) / normalizer, so the
+# caller decides the aggregation (token mean over the mini-batch, or the original's per
+# micro-batch means) and micro-batches can be summed by gradient accumulation.
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_ratio: float = 0.2, normalizer=None):
+    """Clipped surrogate: max(-A rho, -A clip(rho, 1-eps, 1+eps)), rho = pi / pi_old.
+
+    Returns (loss, clip fraction, approx KL(old || new) = mean(old_logp - logp)).
+    """
+    normalizer = mask.sum() if normalizer is None else normalizer
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_ratio, 1 + clip_ratio)
+    loss = (torch.maximum(unclipped, clipped) * mask).sum() / normalizer
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(old_logp - logp, mask)
+    return loss, clipfrac.detach(), approx_kl.detach()
+
+
+def value_loss(values, old_values, returns, mask, clip: float = 0.5, normalizer=None):
+    """0.5 * max((V - G)^2, (V_clip - G)^2), V_clip = V_old + clip(V - V_old, -c, c); (loss, clip fraction)."""
+    normalizer = mask.sum() if normalizer is None else normalizer
+    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    l_unclipped = (values - returns).square()
+    l_clipped = (v_clipped - returns).square()
+    loss = 0.5 * (torch.maximum(l_unclipped, l_clipped) * mask).sum() / normalizer
+    clipfrac = masked_mean((l_clipped > l_unclipped).float(), mask)
+    return loss, clipfrac.detach()
+
+
+def entropy_bonus(entropy, mask, normalizer=None):
+    """sum(mask * H) / normalizer: the term the actor loss subtracts, times entropy_coef."""
+    normalizer = mask.sum() if normalizer is None else normalizer
+    return (entropy * mask).sum() / normalizer
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(G - V) / Var(G) over valid tokens: 1 = perfect critic, 0 = no better than a constant."""
+    var_g = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var_g) if var_g > 0 else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# The critic: the initial checkpoint's transformer and a fresh scalar head
+
+
+class Critic(nn.Module):
+    """V(prefix) = w . h_last + b on the backbone's final hidden states (HF token-classification head)."""
+
+    def __init__(self, backbone: M.Transformer, seed: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        w = backbone.embed_tokens.weight
+        self.score = nn.Linear(backbone.config.hidden_size, 1, device=w.device, dtype=w.dtype)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():   # as HF initializes a new head: N(0, 0.02) weights, zero bias
+            self.score.weight.copy_(torch.randn(self.score.weight.shape, generator=g) * 0.02)
+            self.score.bias.zero_()
+        if not backbone.config.tie_word_embeddings:
+            backbone.lm_head = None   # an untied LM head is dead weight in a critic (V x D parameters)
+
+    def forward(self, input_ids, attention_mask=None):
+        """Values [B, T] in fp32, one per position (the value of the prefix ending there)."""
+        return self.score(self.backbone.hidden_states(input_ids, attention_mask))[..., 0].float()
+
+
+def response_values(critic, input_ids, attention_mask, prompt_len: int, R: int):
+    """V_t for the states prompt + y_<t, t = 0..R-1: positions P-1+t, masked by attention (c_t)."""
+    v = critic(input_ids[:, :prompt_len + R - 1], attention_mask[:, :prompt_len + R - 1])[:, prompt_len - 1:]
+    return v * attention_mask[:, prompt_len - 1:prompt_len + R - 1]        # [B, R]; c_0 = 1, c_t = m_{t-1}
+
+
+# -----------------------------------------------------------------------------
+# AdamW on fp32 master weights
+#
+# At lr 1e-6 a bf16 weight cannot move: bf16 has 8 significant bits, so an update smaller than
+# ~2^-8 of the weight's magnitude rounds away (|w| ~ 0.02 needs |dw| > ~8e-5, Adam's step is ~1e-6).
+# So the optimizer keeps fp32 master weights (and Adam's moments), on the GPU or in host memory
+# (--optim-device cpu), steps them, and copies them back into the bf16 weights the model computes
+# with. Gradients are summed in fp32 as each parameter's gradient is ready (a post-accumulate hook
+# folds the bf16 .grad into an fp32 buffer and frees it), so 32 micro-batches do not accumulate
+# bf16 rounding, and no second full set of bf16 gradients is ever alive.
+
+
+class MasterAdamW:
+    def __init__(self, params, *, lr: float, betas, eps: float, weight_decay: float, master_device):
+        self.params = [p for p in params if p.requires_grad]
+        self.master_device = torch.device(master_device)
+        self.mixed = any(p.dtype != torch.float32 or p.device != self.master_device for p in self.params)
+        if self.mixed:
+            pin = self.master_device.type == "cpu" and torch.cuda.is_available()
+            self.master = [nn.Parameter(p.detach().to(self.master_device, torch.float32, copy=True))
+                           for p in self.params]
+            if pin:
+                self.master = [nn.Parameter(m.data.pin_memory()) for m in self.master]
+            self._acc = [None] * len(self.params)
+            for i, p in enumerate(self.params):
+                p.register_post_accumulate_grad_hook(partial(self._fold_grad, i))
+        else:
+            self.master = self.params
+        self.opt = torch.optim.AdamW(self.master, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+    def _fold_grad(self, i, p):
+        g = p.grad.float()
+        if self._acc[i] is None:
+            self._acc[i] = g if g is not p.grad else g.clone()
+        else:
+            self._acc[i].add_(g)
+        p.grad = None
+
+    def zero_grad(self):
+        if self.mixed:
+            self._acc = [None] * len(self.params)
+        for p in self.params:
+            p.grad = None
+        for m in self.master:
+            m.grad = None
+
+    def step(self, lr: float, max_norm: float):
+        """Clip, step, copy back; returns (grad norm before clipping, applied?). Skips non-finite norms."""
+        if self.mixed:
+            for m, acc in zip(self.master, self._acc):
+                m.grad = None if acc is None else acc.to(self.master_device, non_blocking=True)
+            self._acc = [None] * len(self.params)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.master, max_norm))
+        if not math.isfinite(norm):
+            self.zero_grad()
+            return norm, False
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.zero_grad()
+        if self.mixed:
+            with torch.no_grad():
+                for p, m in zip(self.params, self.master):
+                    p.copy_(m)   # blocking: the next CPU step must not overwrite m while it is in flight
+        return norm, True
+
+    def state_dict(self):
+        s = {"opt": self.opt.state_dict()}
+        if self.mixed:
+            s["master"] = [m.detach().cpu() for m in self.master]
+        return s
+
+    def load_state_dict(self, s):
+        if self.mixed:
+            with torch.no_grad():
+                for p, m, saved in zip(self.params, self.master, s["master"]):
+                    m.copy_(saved)
+                    p.copy_(m)
+        self.opt.load_state_dict(s["opt"])
+
+
+# -----------------------------------------------------------------------------
+# Experience: one iteration's rollouts as tensors
+
+
+@dataclass
+class Experience:
+    input_ids: torch.Tensor          # [N, P + R] prompt (left-padded) + response (right-padded)
+    attention_mask: torch.Tensor     # [N, P + R] 1 = real token
+    response_mask: torch.Tensor      # [N, R] fp32, m_t = 1[t < L]
+    prompt_len: int                  # P
+    scores: torch.Tensor             # [N] outcome score of each response
+    rollout_logp: torch.Tensor       # [N, R] log-probs the sampler reported
+    ended: torch.Tensor              # [N] bool: the response ends with an EOS (else truncated)
+    old_logp: Optional[torch.Tensor] = None
+    ref_logp: Optional[torch.Tensor] = None
+    kl: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None       # [N, R] old values, masked by c_t
+    rewards: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None   # whitened (GAE) or group-normalized (GRPO)
+    returns: Optional[torch.Tensor] = None
+    raw_advantages: Optional[torch.Tensor] = None
+
+
+def make_experience(prompts, gen: M.Generation, n_samples: int, scores, pad_id: int, eos_ids) -> Experience:
+    """Tensors for len(prompts) x n_samples rollouts; row i * n + j is sample j of prompt i."""
+    device = gen.tokens.device
+    N, R = gen.tokens.shape
+    if N != len(prompts) * n_samples:
+        raise ValueError(f"{N} generated rows for {len(prompts)} prompts x {n_samples} samples")
+    P = max(len(p) for p in prompts)
+    prompt_ids = torch.full((N, P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros(N, P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        rows = slice(i * n_samples, (i + 1) * n_samples)
+        prompt_ids[rows, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        prompt_mask[rows, P - len(p):] = 1
+    lengths = gen.lengths.to(device)
+    response_mask = (torch.arange(R, device=device)[None, :] < lengths[:, None])
+    last_tok = gen.tokens.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+    ended = torch.isin(last_tok, torch.as_tensor(eos_ids, device=device).view(-1))
+    return Experience(
+        input_ids=torch.cat([prompt_ids.to(device), gen.tokens], 1),
+        attention_mask=torch.cat([prompt_mask.to(device), response_mask.long()], 1),
+        response_mask=response_mask.float(), prompt_len=P,
+        scores=torch.as_tensor(scores, dtype=torch.float32, device=device),
+        rollout_logp=gen.logprobs.float() * response_mask, ended=ended)
+
+
+def _micro(exp: Experience, rows, extra: int = 1):
+    """Rows of exp cut after their longest response (+extra positions for V_L); (ids, attn, R')."""
+    L = int(exp.response_mask[rows].sum(1).max())
+    R = min(L + extra, exp.response_mask.shape[1])
+    P = exp.prompt_len
+    return exp.input_ids[rows, :P + R], exp.attention_mask[rows, :P + R], R
+
+
+def _pad_to(x, R):
+    return F.pad(x, (0, R - x.shape[1]))
+
+
+def _row_batches(start: int, stop: int, size: int):
+    return [torch.arange(i, min(i + size, stop)) for i in range(start, stop, size)]
+
+
+# -----------------------------------------------------------------------------
+# Models and the pieces of one iteration
+
+
+@dataclass
+class Models:
+    policy: M.Transformer
+    critic: Optional[Critic]
+    ref: Optional[M.Transformer]
+    actor_opt: MasterAdamW
+    critic_opt: Optional[MasterAdamW]
+    device: torch.device
+    ref_offload: bool = False
+
+
+def rollout(policy, prompts, cfg: PPOConfig, *, eos_id, pad_id: int, generator, temperature=None,
+            n_samples=None, batch_prompts=None) -> M.Generation:
+    """Sample n responses per prompt, `batch_prompts` prompts per generate call (bounds the KV cache)."""
+    n = cfg.samples if n_samples is None else n_samples
+    T = cfg.temperature if temperature is None else temperature
+    size = batch_prompts or len(prompts)
+    parts = [M.generate(policy, prompts[i:i + size], max_new_tokens=cfg.max_response, n_samples=n, temperature=T,
+                        top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id, generator=generator)
+             for i in range(0, len(prompts), size)]
+    if policy.embed_tokens.weight.is_cuda:
+        torch.cuda.empty_cache()   # the KV caches are garbage now; hand their memory back before training
+    R = max(g.tokens.shape[1] for g in parts)
+    return M.Generation(torch.cat([F.pad(g.tokens, (0, R - g.tokens.shape[1]), value=pad_id) for g in parts]),
+                        torch.cat([_pad_to(g.logprobs, R) for g in parts]),
+                        torch.cat([g.lengths for g in parts]))
+
+
+@torch.no_grad()
+def prepare_experience(exp: Experience, models: Models, cfg: PPOConfig):
+    """Old log-probs, reference log-probs, values, KL, token rewards, advantages and returns."""
+    N, R = exp.response_mask.shape
+    P = exp.prompt_len
+    mask = exp.response_mask
+
+    def per_batch(fn, extra=0):
+        outs = []
+        for rows in _row_batches(0, N, cfg.infer_batch):
+            ids, attn, Rm = _micro(exp, rows, extra)
+            outs.append(_pad_to(fn(ids, attn, exp.response_mask[rows, :Rm], Rm), R))
+        return torch.cat(outs)
+
+    def logprobs_of(net):
+        net.eval()
+        return per_batch(lambda ids, attn, m, Rm: response_logprobs(net, ids, attn, m, P, chunk=cfg.logprob_chunk,
+                                                                   temperature=cfg.temperature))
+    exp.old_logp = logprobs_of(models.policy)
+    if models.ref is not None:
+        if models.ref_offload:
+            models.ref.to(models.device)
+        exp.ref_logp = logprobs_of(models.ref)
+        if models.ref_offload:
+            models.ref.to("cpu")
+        exp.kl = kl_penalty(exp.old_logp, exp.ref_logp, cfg.kl_estimator) * mask
+    exp.rewards = token_level_rewards(exp.scores, exp.kl, mask, cfg.kl_coef)
+    if cfg.adv == "gae":
+        models.critic.eval()
+        exp.values = per_batch(lambda ids, attn, m, Rm: response_values(models.critic, ids, attn, P, Rm), extra=1)
+        exp.raw_advantages, exp.returns = compute_gae(exp.rewards, exp.values, mask, cfg.gamma, cfg.lam)
+        exp.advantages = masked_whiten(exp.raw_advantages, mask)
+    else:
+        exp.raw_advantages = grpo_advantages(exp.rewards.sum(1), cfg.samples)[:, None] * mask
+        exp.advantages = exp.raw_advantages
+    return exp
+
+
+class _Accum:
+    """Weighted running means for update statistics."""
+
+    def __init__(self):
+        self.sums, self.weights = {}, {}
+
+    def add(self, key, value, weight=1.0):
+        self.sums[key] = self.sums.get(key, 0.0) + float(value) * float(weight)
+        self.weights[key] = self.weights.get(key, 0.0) + float(weight)
+
+    def means(self):
+        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+
+
+def _normalizer(cfg, mb_tokens, micro_tokens, n_micro):
+    # token-mean: every token of the mini-batch weighs the same, whatever the micro-batching.
+    # micro-token-mean (the original, D-P2): each micro-batch's token mean, averaged over micro-batches.
+    return mb_tokens if cfg.loss_agg == "token-mean" else micro_tokens * n_micro
+
+
+def update_critic(critic: Critic, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float):
+    """Clipped value regression toward the returns, in mini-batches of critic_mini_batch sequences."""
+    N, R = exp.response_mask.shape
+    P = exp.prompt_len
+    # which states V is trained on: t < L (ours), or t <= L with the post-EOS state toward 0 (original)
+    vmask = exp.attention_mask[:, P - 1:P - 1 + R].float() if cfg.value_post_eos else exp.response_mask
+    stats, outcomes = _Accum(), []
+    critic.train()
+    for _ in range(cfg.ppo_epochs):
+        for start in range(0, N, cfg.critic_mini_batch):
+            stop = min(start + cfg.critic_mini_batch, N)
+            micros = _row_batches(start, stop, cfg.critic_micro_batch)
+            mb_tokens = vmask[start:stop].sum()
+            opt.zero_grad()
+            finite, mb_loss = True, 0.0
+            for rows in micros:
+                ids, attn, Rm = _micro(exp, rows, extra=1)
+                vm = vmask[rows, :Rm]
+                v = response_values(critic, ids, attn, P, Rm)
+                loss, clipfrac = value_loss(v, exp.values[rows, :Rm], exp.returns[rows, :Rm], vm, cfg.value_clip,
+                                            normalizer=_normalizer(cfg, mb_tokens, vm.sum(), len(micros)))
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                mb_loss += loss.item()
+                stats.add("vf_clipfrac", clipfrac, vm.sum())
+            norm, ok = opt.step(lr, cfg.grad_clip) if finite else (float("nan"), False)
+            if not ok:
+                opt.zero_grad()
+            else:
+                stats.add("value_loss", mb_loss)
+                stats.add("critic_grad_norm", norm)
+            outcomes.append(ok)
+    critic.eval()
+    out = stats.means()
+    out["critic_outcomes"] = outcomes
+    return out
+
+
+def update_actor(policy: M.Transformer, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float):
+    """Clipped surrogate with an entropy bonus, in mini-batches of mini_batch_prompts x samples sequences."""
+    N, R = exp.response_mask.shape
+    P = exp.prompt_len
+    mb = cfg.mini_batch_prompts * cfg.samples
+    stats, outcomes = _Accum(), []
+    policy.train()
+    for _ in range(cfg.ppo_epochs):
+        for start in range(0, N, mb):
+            stop = min(start + mb, N)
+            micros = _row_batches(start, stop, cfg.micro_batch)
+            mb_tokens = exp.response_mask[start:stop].sum()
+            opt.zero_grad()
+            finite, mb_loss = True, 0.0
+            for rows in micros:
+                ids, attn, Rm = _micro(exp, rows, extra=0)
+                m = exp.response_mask[rows, :Rm]
+                logp, ent = response_logprobs(policy, ids, attn, m, P, chunk=cfg.logprob_chunk,
+                                              temperature=cfg.temperature, with_entropy=True)
+                norm_ = _normalizer(cfg, mb_tokens, m.sum(), len(micros))
+                pg, clipfrac, ppo_kl = policy_loss(logp, exp.old_logp[rows, :Rm], exp.advantages[rows, :Rm], m,
+                                                   cfg.clip_ratio, normalizer=norm_)
+                ent_term = entropy_bonus(ent, m, normalizer=norm_)
+                loss = pg - cfg.entropy_coef * ent_term
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                mb_loss += loss.item()
+                w = m.sum()
+                stats.add("pg_clipfrac", clipfrac, w)
+                stats.add("ppo_kl", ppo_kl, w)
+                stats.add("entropy", masked_mean(ent.detach(), m), w)
+                stats.add("pg_loss", pg.item() * norm_ / w, w)   # reported as a token mean
+            norm, ok = opt.step(lr, cfg.grad_clip) if finite else (float("nan"), False)
+            if not ok:
+                opt.zero_grad()
+            else:
+                stats.add("actor_loss", mb_loss)
+                stats.add("actor_grad_norm", norm)
+            outcomes.append(ok)
+    policy.eval()
+    out = stats.means()
+    out["actor_outcomes"] = outcomes
+    return out
+
+
+def _step_generator(seed: int, step: int, device) -> torch.Generator:
+    # one generator per iteration, derived from (seed, step): a resumed run samples what a straight one would
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % 2**63)
+
+
+def _consecutive_bad(outcomes, count: int) -> int:
+    for ok in outcomes:
+        count = 0 if ok else count + 1
+    return count
+
+
+def ppo_iteration(models: Models, prompts, reward_fn: Callable, cfg: PPOConfig, step: int, *, eos_id, pad_id: int):
+    """One PPO iteration on these prompts: rollout, reward, advantages, critic update, actor update.
+
+    reward_fn(responses: list of token-id lists, row order) -> (scores, dict of extra metrics).
+    Returns (metrics, experience, (actor outcomes, critic outcomes)).
+    """
+    timer = _Timer(models.device)
+    gen = rollout(models.policy, prompts, cfg, eos_id=eos_id, pad_id=pad_id,
+                  generator=_step_generator(cfg.seed, step, models.device), batch_prompts=cfg.rollout_batch)
+    t_rollout = timer.lap()
+    responses = [row[:n].tolist() for row, n in zip(gen.tokens.cpu(), gen.lengths.tolist())]
+    scores, extra = reward_fn(responses)
+    t_reward = timer.lap()
+    exp = make_experience(prompts, gen, cfg.samples, scores, pad_id, eos_id)
+    del gen
+    prepare_experience(exp, models, cfg)
+    t_prepare = timer.lap()
+    # D-P3: the original's constant schedule with 0 warmup steps gives lr 0 for the whole first iteration
+    scale = 0.0 if (cfg.lr_zero_first_step and step == 1) else 1.0
+    critic_stats = {}
+    if models.critic is not None:
+        critic_stats = update_critic(models.critic, models.critic_opt, exp, cfg, cfg.critic_lr * scale)
+    t_critic = timer.lap()
+    actor_stats = update_actor(models.policy, models.actor_opt, exp, cfg, cfg.actor_lr * scale)
+    t_actor = timer.lap()
+
+    m = exp.response_mask
+    lengths = m.sum(1)
+    metrics = dict(
+        reward_mean=exp.scores.mean().item(), **extra,
+        response_length=lengths.mean().item(), response_length_max=lengths.max().item(),
+        truncated_frac=1 - exp.ended.float().mean().item(),
+        kl=masked_mean(exp.kl, m).item() if exp.kl is not None else None,
+        logp_mismatch=masked_mean((exp.old_logp - exp.rollout_logp).abs(), m).item(),
+        sequence_reward_mean=exp.rewards.sum(1).mean().item(),
+        advantage_raw_mean=masked_mean(exp.raw_advantages, m).item(),
+        actor_lr=cfg.actor_lr * scale, critic_lr=cfg.critic_lr * scale if models.critic is not None else None,
+        time_rollout=t_rollout, time_reward=t_reward, time_prepare=t_prepare, time_critic=t_critic,
+        time_actor=t_actor, tokens_per_s=lengths.sum().item() / max(t_rollout, 1e-9))
+    if exp.values is not None:
+        metrics.update(value_mean=masked_mean(exp.values, m).item(), return_mean=masked_mean(exp.returns, m).item(),
+                       explained_var=explained_variance(exp.values, exp.returns, m))
+    outcomes = (actor_stats.pop("actor_outcomes"), critic_stats.pop("critic_outcomes", []))
+    metrics.update(actor_stats)
+    metrics.update(critic_stats)
+    metrics["skipped_updates"] = sum(not ok for ok in outcomes[0] + outcomes[1])
+    return metrics, exp, outcomes
+
+
+class _Timer:
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
+
+
+# -----------------------------------------------------------------------------
+# Countdown: prompts, the reward, validation
+
+
+def encode_prompts(tokenizer: M.Tokenizer, problems, cfg: PPOConfig):
+    """The paper's prompt for each problem, tokenized without BOS (as the original)."""
+    out = []
+    for p in problems:
+        ids = tokenizer.encode(countdown.make_prompt(p["nums"], p["target"], cfg.template))
+        if len(ids) > cfg.max_prompt:
+            raise ValueError(f"the prompt for {p['nums']} -> {p['target']} has {len(ids)} tokens, more than "
+                             f"--max-prompt {cfg.max_prompt}; raise --max-prompt")
+        out.append(ids)
+    return out
+
+
+def response_text(tokenizer: M.Tokenizer, ids) -> str:
+    """The generated text after the prompt, the EOS and other special tokens stripped."""
+    ids = list(ids)
+    if ids and ids[-1] == tokenizer.eos_id:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _judge(text, p, cfg):
+    """(score, correct, format ok) of one response; format ok = an <answer> the reward could read."""
+    s = countdown.score(text, p["nums"], p["target"], cfg.format_score, cfg.correct_score, cfg.lenient)
+    has_answer = countdown.score(text, p["nums"], p["target"], 1.0, 1.0, cfg.lenient) > 0
+    return s, countdown.is_correct(text, p["nums"], p["target"], cfg.lenient), has_answer
+
+
+def countdown_reward(tokenizer: M.Tokenizer, problems, cfg: PPOConfig) -> Callable:
+    """reward_fn for ppo_iteration: rows i*samples .. i*samples+samples-1 answer problems[i]."""
+    def reward_fn(responses):
+        judged = [_judge(response_text(tokenizer, ids), problems[i // cfg.samples], cfg)
+                  for i, ids in enumerate(responses)]
+        n = len(judged)
+        return [j[0] for j in judged], {"accuracy": sum(j[1] for j in judged) / n,
+                                        "format_rate": sum(j[2] for j in judged) / n}
+    return reward_fn
+
+
+def validate(policy, tokenizer: M.Tokenizer, problems, cfg: PPOConfig, step: int, run: Optional[Path]) -> dict:
+    """Greedy decoding on the test problems; pure accuracy and mean score (with its format credit)
+    separately (D-R4). Writes completions/step_<N>.jsonl for behavior classification."""
+    prompts = encode_prompts(tokenizer, problems, cfg)
+    gen = rollout(policy, prompts, cfg, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=None,
+                  temperature=0.0, n_samples=1, batch_prompts=cfg.val_batch or len(prompts))
+    rows, ended = [], []
+    for p, toks, n in zip(problems, gen.tokens.cpu(), gen.lengths.tolist()):
+        ids = toks[:n].tolist()
+        text = response_text(tokenizer, ids)
+        s, correct, has_answer = _judge(text, p, cfg)
+        ended.append(bool(ids) and ids[-1] == tokenizer.eos_id)
+        rows.append({"step": step, "nums": p["nums"], "target": p["target"],
+                     "prompt": countdown.make_prompt(p["nums"], p["target"], cfg.template), "completion": text,
+                     "score": s, "correct": correct, "format_ok": has_answer, "length": n})
+    if run is not None:
+        countdown.write_jsonl(run / "completions" / f"step_{step}.jsonl", rows)
+    n = len(rows)
+    return {"val_accuracy": sum(r["correct"] for r in rows) / n, "val_score": sum(r["score"] for r in rows) / n,
+            "val_format_rate": sum(r["format_ok"] for r in rows) / n,
+            "val_response_length": sum(r["length"] for r in rows) / n, "val_truncated_frac": 1 - sum(ended) / n}
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def _read_problems(path) -> list:
+    rows = countdown.read_jsonl(path)
+    for i, r in enumerate(rows):
+        ok = (isinstance(r, dict) and isinstance(r.get("nums"), list) and r["nums"]
+              and all(isinstance(x, int) for x in r["nums"]) and isinstance(r.get("target"), int))
+        if not ok:
+            raise ValueError(f"{path}: row {i + 1} is not a problem {{\"nums\": [ints], \"target\": int}}: {str(r)[:80]}")
+    if not rows:
+        raise ValueError(f"{path} holds no problems")
+    return [{"nums": r["nums"], "target": r["target"], "id": r.get("id", i)} for i, r in enumerate(rows)]
+
+
+def load_problems(cfg: PPOConfig, run: Path):
+    """(train, test): the run folder's copy when resuming, else --train/test-data, else generated."""
+    data = run / "data"
+    if (data / "train.jsonl").is_file() and (data / "test.jsonl").is_file():
+        return _read_problems(data / "train.jsonl"), _read_problems(data / "test.jsonl")
+    if bool(cfg.train_data) != bool(cfg.test_data):
+        raise ValueError("give both --train-data and --test-data, or neither (then problems are generated)")
+    if cfg.train_data:
+        train, test = _read_problems(cfg.train_data), _read_problems(cfg.test_data)
+    else:
+        n_train = cfg.n_train or cfg.steps * cfg.batch_prompts
+        print(f"generating {n_train} training and {cfg.n_test} test problems ({cfg.distribution!r}, seed {cfg.seed}) ...",
+              file=sys.stderr)
+        train, test = countdown.make_splits(n_train, cfg.n_test, distribution=cfg.distribution, seed=cfg.seed)
+    if len(train) < cfg.batch_prompts:
+        raise ValueError(f"{len(train)} training problems, fewer than one batch (--batch-prompts {cfg.batch_prompts})")
+    countdown.write_jsonl(data / "test.jsonl", test)     # a copy in the run folder: what this run used
+    countdown.write_jsonl(data / "train.jsonl", train)
+    return train, test
+
+
+_ORDERS = {}
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> list:
+    """Problems of iteration `step` (1-based): a seeded shuffle per epoch, last partial batch dropped."""
+    per_epoch = n // batch
+    epoch, j = divmod(step - 1, per_epoch)
+    key = (n, seed, epoch)
+    if key not in _ORDERS:
+        order = list(range(n))
+        random.Random(f"ppo-order:{seed}:{epoch}").shuffle(order)
+        _ORDERS.clear()
+        _ORDERS[key] = order
+    return _ORDERS[key][j * batch:(j + 1) * batch]
+
+
+# -----------------------------------------------------------------------------
+# Memory budget (computed from the architecture, not measured)
+
+
+def param_count(mc: M.ModelConfig) -> int:
+    """Parameters of a Transformer with this config (tied embeddings counted once)."""
+    D, I, V, hd = mc.hidden_size, mc.intermediate_size, mc.vocab_size, mc.head_dim
+    H, KV = mc.num_attention_heads, mc.num_key_value_heads
+    attn = D * H * hd + 2 * D * KV * hd + H * hd * D
+    attn += (H * hd + 2 * KV * hd) if mc.qkv_bias else 0
+    attn += D if mc.o_bias else 0
+    mlp = 3 * D * I + ((2 * I + D) if mc.mlp_bias else 0)
+    layer = attn + mlp + 2 * D
+    return V * D + mc.num_hidden_layers * layer + D + (0 if mc.tie_word_embeddings else V * D)
+
+
+def memory_budget(cfg: PPOConfig, mc: M.ModelConfig) -> dict:
+    """Bytes of each resident item, where it lives, and the device peak of each phase."""
+    cuda = cfg.device == "cuda"
+    wb = 2 if cfg.dtype == "bfloat16" else 4
+    n_pol = param_count(mc)
+    n_crit = (n_pol - (0 if mc.tie_word_embeddings else mc.vocab_size * mc.hidden_size) + mc.hidden_size + 1
+              if cfg.adv == "gae" else 0)
+    n_ref = n_pol if cfg.kl_coef > 0 else 0
+    optim_on_device = not cuda or cfg.optim_device != "cpu"
+    mixed = wb != 4 or not optim_on_device
+    D, I, L, H = mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers, mc.num_attention_heads
+    S = cfg.max_prompt + cfg.max_response
+    kv_row = S * L * 2 * mc.num_key_value_heads * mc.head_dim * wb
+    layer_act = lambda b: b * S * (10 * D + 4 * I) * wb + b * H * S * S * wb  # noqa: E731  one layer, rough
+    micro = max(cfg.micro_batch or 4, cfg.critic_micro_batch or 1)
+    train_act = (micro * S * D * wb * L + layer_act(micro)) if cfg.grad_checkpointing else L * layer_act(micro)
+    chunk = 3 * cfg.logprob_chunk * mc.vocab_size * 4
+    rows = (cfg.rollout_batch or cfg.batch_prompts) * cfg.samples
+    optim = (4 * (n_pol + n_crit) if mixed else 0) + 8 * (n_pol + n_crit)
+    # generation also holds fp32 logits and their softmax for every row, and one layer of the prefill
+    gen_work = 3 * rows * mc.vocab_size * 4 + (rows // cfg.samples) * cfg.max_prompt * (10 * D + 4 * I) * wb
+    dev = "gpu" if cuda else "cpu"
+    ref_where = "cpu" if (cuda and cfg.ref_offload) else dev
+    items = [  # (name, bytes, where)
+        ("policy weights", n_pol * wb, dev),
+        ("critic weights", n_crit * wb, dev),
+        ("reference weights", n_ref * wb, ref_where),
+        ("fp32 master weights (policy + critic)", 4 * (n_pol + n_crit) if mixed else 0,
+         "cpu" if not optim_on_device else dev),
+        ("Adam moments m, v fp32 (policy + critic)", 8 * (n_pol + n_crit), "cpu" if not optim_on_device else dev),
+        ("fp32 gradients (one model at a time)", 4 * max(n_pol, n_crit), dev),
+        (f"rollout KV cache ({rows} rows x {S} tokens)", rows * kv_row, dev),
+        ("generation working set (~: logits, prefill layer)", gen_work, dev),
+        ("training activations (~, per micro-batch)", train_act, dev),
+        ("log-prob chunk (~)", chunk, dev),
+    ]
+    base = n_pol * wb + n_crit * wb + (n_ref * wb if ref_where == dev else 0) + (optim if optim_on_device else 0)
+    phases = {
+        "rollout": base + rows * kv_row + gen_work,
+        "old/ref log-probs, values": base + (n_ref * wb if ref_where != dev else 0) + layer_act(cfg.infer_batch) + chunk,
+        "update": base + 4 * max(n_pol, n_crit) + train_act + chunk,
+    }
+    host_extra = (n_ref * wb if ref_where == "cpu" and cuda else 0) + (optim if not optim_on_device else 0)
+    state = n_crit * wb + optim
+    return {"params_policy": n_pol, "params_critic": n_crit, "items": items, "phases": phases,
+            "device_peak": max(phases.values()), "host": host_extra if cuda else max(phases.values()),
+            "checkpoint_policy": n_pol * wb, "checkpoint_state": state, "kv_per_row": kv_row}
+
+
+def _params(n) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def _size(n) -> str:
+    return f"{n / 2**30:8.2f} GiB" if n >= 2**27 else f"{n / 2**20:8.2f} MiB"
+
+
+def format_budget(b: dict, cfg: PPOConfig) -> str:
+    lines = [f"memory budget (computed, not measured) for {_params(b['params_policy'])}-parameter policy, "
+             f"{_params(b['params_critic'])} critic; dtype {cfg.dtype}, device {cfg.device}, "
+             f"optimizer on {cfg.optim_device}, reference offload {cfg.ref_offload and cfg.device == 'cuda'}:"]
+    for name, n, where in b["items"]:
+        if n:
+            lines.append(f"  {name:<50} {_size(n)}  [{where}]")
+    for name, n in b["phases"].items():
+        lines.append(f"  peak during {name:<38} {_size(n)}  [{'gpu' if cfg.device == 'cuda' else 'cpu'}]")
+    if cfg.device == "cuda":
+        lines.append(f"  {'host memory held (offloaded parts)':<50} {_size(b['host'])}  [cpu]")
+    lines.append(f"  per checkpoint: policy folder {_size(b['checkpoint_policy']).strip()}, training state "
+                 f"{_size(b['checkpoint_state']).strip()} (--state-checkpoints {cfg.state_checkpoints})")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Config resolution
+
+
+def _resolve(cfg: PPOConfig) -> PPOConfig:
+    """Fill the automatic and --fidelity settings and check the combination; raise ValueError on nonsense."""
+    c = replace(cfg)
+    if c.device == "auto":
+        c.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if c.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or auto, not {c.device!r}")
+    if c.device == "cuda" and not torch.cuda.is_available() and not c.print_budget:
+        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+    if c.dtype == "auto":
+        c.dtype = "bfloat16" if c.device == "cuda" else "float32"
+    if c.fidelity:  # the original's quirks (paper_spec 2.1, D-P1/2/3/6)
+        c.critic_mini_batch = c.critic_mini_batch or c.mini_batch_prompts
+        c.loss_agg = "micro-token-mean"
+        c.micro_batch = c.micro_batch or 4
+        c.critic_micro_batch = c.critic_micro_batch or 1
+        c.lr_zero_first_step = c.value_post_eos = True
+    c.micro_batch = c.micro_batch or 4
+    c.critic_micro_batch = c.critic_micro_batch or c.micro_batch
+    c.critic_mini_batch = c.critic_mini_batch or c.mini_batch_prompts * c.samples
+    positive = ["steps", "batch_prompts", "samples", "max_prompt", "max_response", "mini_batch_prompts", "micro_batch",
+                "critic_micro_batch", "critic_mini_batch", "infer_batch", "ppo_epochs", "logprob_chunk", "save_every",
+                "max_bad_updates"]
+    for name in positive:
+        if getattr(c, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+    for name in ("n_train", "n_test", "n_val", "val_every", "rollout_batch", "val_batch", "threads", "kl_coef",
+                 "entropy_coef", "weight_decay", "gpu_memory_gb"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+    if c.batch_prompts % c.mini_batch_prompts:
+        raise ValueError(f"--batch-prompts {c.batch_prompts} is not a multiple of --mini-batch-prompts "
+                         f"{c.mini_batch_prompts}")
+    if c.temperature <= 0:
+        raise ValueError("--temperature must be > 0 for rollouts (validation is always greedy)")
+    if not 0 < c.top_p <= 1:
+        raise ValueError("--top-p must be in (0, 1]")
+    if c.adv == "grpo" and c.samples < 2:
+        raise ValueError("--adv grpo normalizes within each prompt's samples: use --samples >= 2")
+    if not (0 <= c.gamma <= 1 and 0 <= c.lam <= 1):
+        raise ValueError("--gamma and --lam must be in [0, 1]")
+    if c.clip_ratio <= 0 or c.value_clip <= 0 or c.grad_clip <= 0:
+        raise ValueError("--clip-ratio, --value-clip and --grad-clip must be > 0")
+    return c
+
+
+def _resolve_memory(cfg: PPOConfig, mc: M.ModelConfig) -> PPOConfig:
+    """Pick the optimizer's device and the generation batch sizes from the budget (cuda), or trivially (cpu)."""
+    c = replace(cfg)
+    if c.device != "cuda":
+        c.optim_device = "device"
+        c.rollout_batch = c.rollout_batch or c.batch_prompts
+        return c
+    gpu = c.gpu_memory_gb * 2**30 if c.gpu_memory_gb else (
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30)
+    usable = 0.85 * gpu   # headroom for the allocator's fragmentation and CUDA's own context
+    if c.optim_device == "auto":
+        trial = replace(c, optim_device="device", rollout_batch=c.rollout_batch or 1)
+        c.optim_device = "device" if memory_budget(trial, mc)["device_peak"] <= usable else "cpu"
+    b = memory_budget(replace(c, rollout_batch=c.rollout_batch or 1), mc)
+    per_row = (b["kv_per_row"] + 3 * mc.vocab_size * 4                       # cache, logits
+               + c.max_prompt * (10 * mc.hidden_size + 4 * mc.intermediate_size) * 2)   # prefill layer
+    room = usable - (b["phases"]["rollout"] - c.samples * per_row)
+    rows = int(room // per_row)
+    if not c.rollout_batch:   # the most prompts that fit, evened out over the calls a batch needs
+        most = max(1, min(c.batch_prompts, rows // c.samples))
+        c.rollout_batch = math.ceil(c.batch_prompts / math.ceil(c.batch_prompts / most))
+    if not c.val_batch:
+        c.val_batch = max(1, min(1024, rows))
+    return c
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and the run folder
+
+
+def _rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _step_dirs(run: Path) -> dict:
+    out = {}
+    for d in (run / "checkpoints").glob("step_*"):
+        if d.is_dir() and d.name[5:].isdigit():
+            out[int(d.name[5:])] = d
+    return out
+
+
+def latest_checkpoint(run: Path) -> Optional[Path]:
+    """The newest checkpoint folder that can be resumed (one with a state.pt)."""
+    dirs = {s: d for s, d in _step_dirs(run).items() if (d / "state.pt").is_file()}
+    return dirs[max(dirs)] if dirs else None
+
+
+def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOConfig, counters: dict) -> Path:
+    """checkpoints/step_<N>/{policy/, state.pt}, written in a temp folder and renamed into place."""
+    ck = run / "checkpoints"
+    final = ck / f"step_{step}"
+    tmp = ck / f".step_{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    M.save(models.policy, tokenizer, tmp / "policy")
+    if cfg.state_checkpoints != "none":
+        state = {"step": step, "config": asdict(cfg), "counters": dict(counters), "rng": _rng_state(),
+                 "actor_opt": models.actor_opt.state_dict(),
+                 "critic": models.critic.state_dict() if models.critic is not None else None,
+                 "critic_opt": models.critic_opt.state_dict() if models.critic_opt is not None else None}
+        torch.save(state, tmp / "state.pt")
+    if final.exists():   # only after a resume re-reaches a step whose folder exists (identical content)
+        old = ck / f".step_{step}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    if cfg.state_checkpoints == "last":
+        for s, d in _step_dirs(run).items():
+            if s != step and (d / "state.pt").is_file():
+                (d / "state.pt").unlink()
+    return final
+
+
+def _write_json(path: Path, obj):
+    import json
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _open_run(cfg: PPOConfig, run: Path) -> Optional[Path]:
+    """Create the run folder, or check it belongs to this config and return its newest checkpoint."""
+    import json
+    cfg_path = run / "config.json"
+    if run.exists() and any(run.iterdir()) and not cfg_path.is_file():
+        raise ValueError(f"{run} exists, is not empty and has no config.json: it is not a ppo.py run; choose another --out")
+    if not cfg_path.is_file():
+        if cfg.resume:
+            raise ValueError(f"--resume: no run to resume in {run}")
+        run.mkdir(parents=True, exist_ok=True)
+        _write_json(cfg_path, asdict(cfg))
+        return None
+    saved = json.loads(cfg_path.read_text(encoding="utf-8"))
+    new = asdict(cfg)
+    diff = [k for k in new if k not in _RESUMABLE_CHANGES and saved.get(k) != new[k]]
+    if diff and not _step_dirs(run) and not (run / "metrics.jsonl").is_file():
+        # an attempt that died before recording anything (a typo in a path, say): nothing to lose
+        print(f"{run}: the earlier attempt recorded nothing; starting over with the new settings", file=sys.stderr)
+        shutil.rmtree(run / "data", ignore_errors=True)
+        _write_json(cfg_path, new)
+        return None
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k in diff)
+        raise ValueError(f"{run} holds a run with different settings ({detail}); rerun with the same flags to "
+                         "resume it, or choose another --out")
+    ckpt = latest_checkpoint(run)
+    if ckpt is None and _step_dirs(run):
+        raise ValueError(f"{run} has checkpoints but none with training state (--state-checkpoints none?), so it "
+                         "cannot be resumed and will not be overwritten; choose another --out")
+    if ckpt is None and cfg.resume:
+        raise ValueError(f"--resume: {run} has no checkpoint with training state to resume from")
+    step = int(ckpt.name[5:]) if ckpt else 0
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():   # lines after the checkpoint describe steps that will be redone (identically)
+        rows = countdown.read_jsonl(metrics)
+        keep = [r for r in rows if r.get("step", 0) < step or (ckpt and r.get("step") == step)]
+        if len(keep) != len(rows):
+            print(f"{metrics}: dropping {len(rows) - len(keep)} line(s) after the checkpoint at step {step}; "
+                  "those steps are redone", file=sys.stderr)
+            countdown.write_jsonl(metrics, keep)
+    _write_json(cfg_path, new)
+    print(f"resuming {run} from step {step}" if ckpt else f"{run}: no checkpoint yet, starting from step 0",
+          file=sys.stderr)
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+METRIC_KEYS = (
+    "step", "reward_mean", "accuracy", "format_rate", "response_length", "response_length_max", "truncated_frac",
+    "kl", "logp_mismatch", "sequence_reward_mean", "advantage_raw_mean", "entropy", "pg_loss", "actor_loss",
+    "pg_clipfrac", "ppo_kl", "value_loss", "vf_clipfrac", "value_mean", "return_mean", "explained_var",
+    "actor_grad_norm", "critic_grad_norm", "actor_lr", "critic_lr", "skipped_updates",
+    "val_accuracy", "val_score", "val_format_rate", "val_response_length", "val_truncated_frac",
+    "time_rollout", "time_reward", "time_prepare", "time_critic", "time_actor", "time_val", "time_step",
+    "tokens_per_s", "peak_mem_gb", "elapsed_s")
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite updates in a row."""
+
+
+def _peak_memory_gb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux: host peak RSS
+
+
+def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
+    """(Models, tokenizer): policy from policy_path, critic backbone and reference from init_path."""
+    device = torch.device(cfg.device)
+    policy, tokenizer = M.load(policy_path, device=device, dtype=cfg.dtype)
+    policy.gradient_checkpointing = cfg.grad_checkpointing
+    ref = None
+    if cfg.kl_coef > 0:
+        ref_device = "cpu" if (cfg.device == "cuda" and cfg.ref_offload) else device
+        ref, _ = M.load(init_path, device=ref_device, dtype=cfg.dtype)
+        ref.requires_grad_(False)
+    optim_device = "cpu" if cfg.optim_device == "cpu" else device
+    adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                master_device=optim_device)
+    critic = critic_opt = None
+    if cfg.adv == "gae":
+        backbone, _ = M.load(init_path, device=device, dtype=cfg.dtype)
+        backbone.gradient_checkpointing = cfg.grad_checkpointing
+        critic = Critic(backbone, seed=cfg.seed).eval()
+        critic_opt = MasterAdamW(critic.parameters(), lr=cfg.critic_lr, **adam)
+    actor_opt = MasterAdamW(policy.parameters(), lr=cfg.actor_lr, **adam)
+    models = Models(policy, critic, ref, actor_opt, critic_opt, device,
+                    ref_offload=cfg.device == "cuda" and cfg.ref_offload)
+    return models, tokenizer
+
+
+def _model_config(name_or_path) -> M.ModelConfig:
+    import json
+    p = Path(name_or_path)
+    if p.is_file() and p.suffix == ".json":
+        return M.ModelConfig.from_hf(json.loads(p.read_text(encoding="utf-8")))
+    path = M.resolve_checkpoint(name_or_path) / "config.json"
+    return M.ModelConfig.from_hf(json.loads(path.read_text(encoding="utf-8")))
+
+
+def train(cfg: PPOConfig) -> dict:
+    """Run (or resume) PPO as configured; returns the last metrics line."""
+    cfg = _resolve(cfg)
+    run = Path(cfg.out)
+    init_path = M.resolve_checkpoint(cfg.model)
+    cfg = _resolve_memory(cfg, _model_config(init_path))
+    ckpt = _open_run(cfg, run)
+    print(format_budget(memory_budget(cfg, _model_config(init_path)), cfg), file=sys.stderr)
+    seqs = cfg.batch_prompts * cfg.samples
+    print(f"ppo: {cfg.adv}; per iteration {seqs} sequences, {seqs // (cfg.mini_batch_prompts * cfg.samples)} actor "
+          + (f"and {math.ceil(seqs / cfg.critic_mini_batch)} critic " if cfg.adv == "gae" else "")
+          + f"optimizer steps; loss aggregation {cfg.loss_agg}; first iteration lr "
+          f"{'0 (original)' if cfg.lr_zero_first_step else 'as set'}; value loss on "
+          f"{'response + post-EOS states (original)' if cfg.value_post_eos else 'response tokens'}", file=sys.stderr)
+    train_set, test_set = load_problems(cfg, run)
+    val_set = test_set[:cfg.n_val] if cfg.n_val else test_set
+
+    models, tokenizer = build_models(cfg, ckpt / "policy" if ckpt else init_path, init_path)
+    counters = {"actor_bad": 0, "critic_bad": 0, "elapsed_s": 0.0}
+    start = 0
+    if ckpt is not None:
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        start = state["step"]
+        counters.update(state["counters"])
+        models.actor_opt.load_state_dict(state["actor_opt"])
+        if models.critic is not None:
+            models.critic.load_state_dict(state["critic"])
+            models.critic_opt.load_state_dict(state["critic_opt"])
+        _set_rng_state(state["rng"])
+
+    stop = {"requested": False}
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigint(signum, frame):
+            if stop["requested"]:
+                raise KeyboardInterrupt
+            stop["requested"] = True
+            print("\nCtrl-C: finishing this step, then checkpointing and stopping (Ctrl-C again aborts)", file=sys.stderr)
+        previous_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    def log(line):
+        row = {k: line.get(k) for k in METRIC_KEYS}
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # strict JSON
+        countdown.append_jsonl(run / "metrics.jsonl", row)
+        return row
+
+    row = {}
+    t_run = time.perf_counter() - counters["elapsed_s"]
+    try:
+        if start == 0 and cfg.val_before_train and cfg.val_every:
+            t = time.perf_counter()
+            row = log({"step": 0, **validate(models.policy, tokenizer, val_set, cfg, 0, run),
+                       "time_val": time.perf_counter() - t, "elapsed_s": time.perf_counter() - t_run})
+            print(f"step 0: val accuracy {row['val_accuracy']:.3f}, val score {row['val_score']:.3f}", file=sys.stderr)
+        from tqdm import tqdm
+        bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo", disable=not cfg.progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        for step in bar:
+            t_step = time.perf_counter()
+            if models.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            problems = [train_set[i] for i in batch_indices(len(train_set), cfg.batch_prompts, step, cfg.seed)]
+            prompts = encode_prompts(tokenizer, problems, cfg)
+            reward_fn = countdown_reward(tokenizer, problems, cfg)
+            metrics, _, (actor_ok, critic_ok) = ppo_iteration(models, prompts, reward_fn, cfg, step,
+                                                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+            counters["actor_bad"] = _consecutive_bad(actor_ok, counters["actor_bad"])
+            counters["critic_bad"] = _consecutive_bad(critic_ok, counters["critic_bad"])
+            if metrics["skipped_updates"]:
+                print(f"step {step}: skipped {metrics['skipped_updates']} update(s) with a non-finite loss or gradient",
+                      file=sys.stderr)
+            metrics["time_step"] = time.perf_counter() - t_step
+            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+                t = time.perf_counter()
+                metrics.update(validate(models.policy, tokenizer, val_set, cfg, step, run))
+                metrics["time_val"] = time.perf_counter() - t
+            metrics["peak_mem_gb"] = _peak_memory_gb(models.device)
+            counters["elapsed_s"] = time.perf_counter() - t_run
+            row = log({"step": step, **metrics, "elapsed_s": counters["elapsed_s"]})
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}",
+                            **({"val": f"{row['val_accuracy']:.3f}"} if row["val_accuracy"] is not None else {}))
+            worst = max(counters["actor_bad"], counters["critic_bad"])
+            if step % cfg.save_every == 0 or step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates:
+                save_checkpoint(run, step, models, tokenizer, cfg, counters)
+            if worst >= cfg.max_bad_updates:
+                raise TrainingStopped(
+                    f"stopped at step {step}: {worst} optimizer updates in a row had a non-finite loss or gradient "
+                    f"(--max-bad-updates {cfg.max_bad_updates}); see {run / 'metrics.jsonl'}. Lower the learning "
+                    "rates, check the data, or resume from an earlier checkpoint with another --out")
+            if stop["requested"]:
+                print(f"stopped after step {step}; checkpoint saved. Rerun the same command to continue.", file=sys.stderr)
+                break
+        bar.close()
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+    return row
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def _add_flags(parser, cls):
+    for f in fields(cls):
+        name = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "") + (f" (default: {f.default})" if f.default not in (None, "") else "")
+        help_ = help_.replace("%", "%%")
+        kw = {"help": help_, "default": f.default}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if isinstance(f.default, bool):
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            typ = {int: int, float: float}.get(type(f.default), str)
+            parser.add_argument(name, type=typ, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="PPO on Countdown as in 'Cognitive Behaviors that Enable Self-Improving Reasoners': the paper's "
+                    "settings by default (python ppo.py --model qwen2.5-3b). Problems are generated "
+                    "(countdown.make_splits, distribution 'rl') unless --train-data/--test-data give JSONL files of "
+                    "{\"nums\", \"target\"} rows, e.g. exported from the HF dataset Jiayi-Pan/Countdown-Tasks-3to4. "
+                    "A small CPU run (~8 minutes for a 1M-parameter model): --model runs/sft_tiny/final --device cpu "
+                    "--distribution priming --n-test 500 --batch-prompts 64 --samples 4 --mini-batch-prompts 32 "
+                    "--micro-batch 64 --max-response 96 --steps 150 --actor-lr 2e-4 --critic-lr 1e-3 "
+                    "--no-grad-checkpointing (a tiny model needs far larger learning rates than the paper's).")
+    _add_flags(p, PPOConfig)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = PPOConfig(**vars(args))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        if cfg.print_budget:
+            c = _resolve(cfg)
+            mc = _model_config(c.model)
+            c = _resolve_memory(c, mc)
+            print(format_budget(memory_budget(c, mc), c))
+            return 0
+        row = train(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\naborted; rerun the same command to resume from the newest checkpoint in {cfg.out}/checkpoints",
+              file=sys.stderr)
+        return 130
+    if row.get("val_accuracy") is not None:
+        print(f"done: step {row['step']}, val accuracy {row['val_accuracy']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""classify.py: the judge client against a local fake server (both API shapes, injected faults,
+kill-and-resume, secrets), count parsing, per-step aggregation, and the rule-based judge."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import classify  # noqa: E402
+import countdown  # noqa: E402
+from fake_judge import FakeJudge  # noqa: E402
+
+KEY = "sk-FAKE-0123456789-do-not-leak"
+FAST = ["--backoff-base", "0.01", "--backoff-max", "0.05", "--timeout", "1.5", "--max-retries", "3",
+        "--no-progress"]
+
+
+def behavior_of(prompt):
+    """Which behavior a built-in Countdown prompt asks about (its instruction follows the frame)."""
+    tail = prompt.split("</reasoning>", 1)[1]
+    for b in classify.BEHAVIORS:
+        instruction = classify.COUNTDOWN_PROMPTS[b].split("</reasoning>", 1)[1][:60]
+        if instruction in tail:
+            return b
+    raise AssertionError("unknown prompt")
+
+
+def item_of(prompt):
+    return int(prompt.split("<<ITEM-", 1)[1].split(">>", 1)[0])
+
+
+def true_count(item, b):
+    return (item + classify.BEHAVIORS.index(b)) % 3
+
+
+def expected(item, b):
+    return None if (item == 5 and b == "subgoal") else true_count(item, b)
+
+
+def responder(prompt, system):
+    """Answers like a judge: count = (item + behavior index) % 3, in varied tag spacing."""
+    i, b = item_of(prompt), behavior_of(prompt)
+    if i == 5 and b == "subgoal":
+        return "I think there are two subgoals, but I forgot the tag."
+    return f"## Thoughts\n...\n<count>{' ' * (i % 2)}{true_count(i, b)}{chr(10) * (i % 2)}</count>"
+
+
+def make_rows(n_items, steps=(0,)):
+    rows = []
+    for step in steps:
+        for i in range(n_items):
+            k = i + 100 * step
+            rows.append(dict(step=step, nums=[3, 5, 2], target=16, prompt="p",
+                             completion=f" <<ITEM-{k}>> 3 + 5 = 8. 8 * 2 = 16 </think>\n"
+                                        f"<answer>{'(3 + 5) * 2' if i % 2 == 0 else '3 + 5 + 2'}"
+                                        "</answer>", score=0.0, length=20 + i))
+    return rows
+
+
+def write_completions(folder, rows):
+    for step in sorted({r["step"] for r in rows}):
+        countdown.write_jsonl(Path(folder) / f"step_{step}.jsonl", [r for r in rows if r["step"] == step])
+
+
+def all_output_text(folder):
+    return "".join(p.read_text(errors="replace") for p in Path(folder).rglob("*") if p.is_file())
+
+
+# --- parsing and prompts -------------------------------------------------------------------------
+
+def test_parse_count_tolerates_whitespace_and_reports_missing():
+    assert classify.parse_count("<count>3</count>") == 3
+    assert classify.parse_count("so <count> 12 </count>") == 12
+    assert classify.parse_count("<count>\n4\n</count> and later <count>9</count>") == 4  # first
+    assert classify.parse_count("<count>0</count>") == 0
+    # no digits (the original templates' placeholder), no tag, empty: missing, not 0
+    assert classify.parse_count("<count> [1/2/...] </count>") is None
+    assert classify.parse_count("there are 3") is None
+    assert classify.parse_count("") is None and classify.parse_count(None) is None
+
+
+def test_prompts_render_and_original_files_drop_in(tmp_path):
+    p = classify.render_prompt(classify.COUNTDOWN_PROMPTS["subgoal"], numbers=[3, 5, 2], target=25,
+                               completion="a {weird} {target} text")
+    assert "[3, 5, 2]" in p and "reach the target number 25" in p
+    assert "close to 12," in p                       # {target//2}
+    assert "a {weird} {target} text" in p            # values are not re-rendered
+    for b in classify.BEHAVIORS:
+        assert "<count>" in classify.COUNTDOWN_PROMPTS[b] and "{completion}" in classify.COUNTDOWN_PROMPTS[b]
+        assert "{response}" in classify.TEXT_PROMPTS[b]
+    # the original Countdown prompts are f-strings: pasted into a file they keep {numbers} etc.
+    (tmp_path / "countdown_backward.txt").write_text(
+        "Numbers {numbers}, target {target}: {completion}. Half is {target//2}. <count> </count>")
+    # the original math-text prompts are str.format templates named *_v0.txt
+    (tmp_path / "backtracking_v0.txt").write_text("# Task\n{{literal}}\n{response}\n# Response\n")
+    cd, v1 = classify.load_prompts("countdown", tmp_path)
+    assert cd["backward"].startswith("Numbers {numbers}") and cd["verification"] == classify.COUNTDOWN_PROMPTS["verification"]
+    assert classify.render_prompt(cd["backward"], numbers=[1, 2], target=9, completion="x") == \
+        "Numbers [1, 2], target 9: x. Half is 4. <count> </count>"
+    tx, v2 = classify.load_prompts("text", tmp_path)
+    assert classify.render_prompt(tx["backtracking"], response="DOC") == "# Task\n{literal}\nDOC\n# Response\n"
+    assert v1 != classify.load_prompts("countdown")[1] and "custom" in v1 and "custom" in v2
+    (tmp_path / "countdown_subgoal.txt").write_text("no placeholder here")
+    with pytest.raises(ValueError, match="completion"):
+        classify.load_prompts("countdown", tmp_path)
+    with pytest.raises(FileNotFoundError):
+        classify.load_prompts("text", tmp_path / "nope")
+    names = classify.dump_prompts(tmp_path / "dump")
+    assert len(names) == 8
+    with pytest.raises(FileExistsError):
+        classify.dump_prompts(tmp_path / "dump")
+
+
+def test_base_url_normalization():
+    n = classify.normalize_base_url
+    assert n("http://h:8000") == n("http://h:8000/") == n("http://h:8000/v1") == n("http://h:8000/v1/") \
+        == "http://h:8000"
+    with pytest.raises(ValueError):
+        n("localhost:8000")
+
+
+# --- the client, both API shapes -----------------------------------------------------------------
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+@pytest.mark.parametrize("suffix", ["", "/v1", "/v1/"])
+def test_client_speaks_both_apis(api, suffix, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_KEY", KEY)
+    with FakeJudge(lambda p, s: f"echo {len(p)} <count>1</count>", api_key=KEY) as fj:
+        cfg = classify.JudgeConfig(api=api, base_url=fj.url + suffix, model="m-test",
+                                   api_key_env="FAKE_KEY", temperature=0.0, max_tokens=77,
+                                   cache=str(tmp_path / "c.jsonl"), progress=False)
+        client = classify.JudgeClient(cfg)
+        replies = client.complete([("SYS", "hello"), (None, "hi there"), ("SYS", "hello")])
+        assert [r.text for r in replies] == ["echo 5 <count>1</count>", "echo 8 <count>1</count>",
+                                             "echo 5 <count>1</count>"]
+        assert len(fj.log) == 2  # the duplicate request is sent once
+        e = fj.log[0] if fj.log[0]["prompt"] == "hello" else fj.log[1]
+        assert e["path"] == ("/v1/chat/completions" if api == "openai" else "/v1/messages")
+        assert e["body"]["model"] == "m-test" and e["body"]["temperature"] == 0.0
+        assert e["body"]["max_tokens"] == 77 and e["system"] == "SYS"
+        if api == "openai":
+            assert e["headers"]["authorization"] == f"Bearer {KEY}"
+            assert e["body"]["messages"][0] == {"role": "system", "content": "SYS"}
+        else:
+            assert e["headers"]["x-api-key"] == KEY and e["headers"]["anthropic-version"]
+            assert e["body"]["system"] == "SYS" and e["body"]["messages"][0]["role"] == "user"
+        assert client.stats["tokens"] > 0
+        # a second client on the same cache sends nothing
+        again = classify.JudgeClient(cfg).complete([("SYS", "hello"), (None, "hi there")])
+        assert [r.cached for r in again] == [True, True] and len(fj.log) == 2
+    assert KEY not in all_output_text(tmp_path)
+
+
+def test_local_server_needs_no_key(monkeypatch, capsys):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with FakeJudge(lambda p, s: "ok") as fj:
+        client = classify.JudgeClient(classify.JudgeConfig(base_url=fj.url, api_key_env="NO_SUCH_KEY_VAR",
+                                                           progress=False))
+        assert client.complete([(None, "x")])[0].text == "ok"
+        assert "authorization" not in fj.log[0]["headers"]
+    assert "NO_SUCH_KEY_VAR is not set" in capsys.readouterr().err
+
+
+def test_rpm_limit_spaces_requests():
+    with FakeJudge(lambda p, s: "ok") as fj:
+        client = classify.JudgeClient(classify.JudgeConfig(base_url=fj.url, rpm=1200, concurrency=4,
+                                                           progress=False))
+        t0 = time.monotonic()
+        client.complete([(None, f"q{i}") for i in range(8)])
+        wall = time.monotonic() - t0
+        assert len(fj.log) == 8
+    assert wall >= 7 * 0.05  # 1200 rpm = one start every 0.05 s, whatever the concurrency
+
+
+# --- faults, end to end through the CLI ----------------------------------------------------------
+
+def test_faults_every_item_labelled_or_failed_with_reason(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_KEY", KEY)
+    rows = make_rows(10)
+    write_completions(tmp_path / "completions", rows)
+    with FakeJudge(responder, api_key=KEY) as fj:
+        fj.add_fault("status", match="<<ITEM-0>>", status=429, retry_after=1)
+        fj.add_fault("status", match="<<ITEM-1>>", status=500, times=2)
+        fj.add_fault("hang", match="<<ITEM-2>>", seconds=4.0)          # > the 1.5 s client timeout
+        fj.add_fault("malformed", match="<<ITEM-3>>")
+        fj.add_fault("malformed", match="<<ITEM-4>>", times=100)       # never recovers
+        fj.add_fault("status", match="<<ITEM-6>>", status=400, times=100, message="prompt too long")
+        fj.add_fault("status", match="<<ITEM-7>>", status=503, times=100, message="overloaded")
+        rc = classify.main(["--input", str(tmp_path / "completions"), "--base-url", fj.url,
+                            "--api-key-env", "FAKE_KEY", "--n-samples", "0"] + FAST[:-1])
+        log = list(fj.log)
+        first = tmp_path / "labels" / "labels.first.jsonl"
+        first.write_text((tmp_path / "labels" / "labels.jsonl").read_text())
+        summary1 = (tmp_path / "labels" / "summary.json").read_text()
+        # a rerun sends only the failed requests again; everything that succeeded is cached
+        fj.faults.clear()
+        fj.log.clear()
+        out = capsys.readouterr()
+        assert classify.main(["--input", str(tmp_path / "completions"), "--base-url", fj.url,
+                              "--api-key-env", "FAKE_KEY", "--n-samples", "0"] + FAST) == 0
+        rerun = list(fj.log)
+    assert sorted({item_of(e["prompt"]) for e in rerun}) == [4, 6, 7] and len(rerun) == 12
+    assert all(not r.get("failed") for r in countdown.read_jsonl(tmp_path / "labels" / "labels.jsonl"))
+    assert rc == 0
+    labels = countdown.read_jsonl(tmp_path / "labels" / "labels.first.jsonl")
+    assert len(labels) == 10
+    for r in labels:
+        i = item_of(r["completion"])
+        for b in classify.BEHAVIORS:
+            c = r["behaviors"][b]
+            if i in (4, 6, 7):
+                assert c is None and r["failed"][b]
+            elif i == 5 and b == "subgoal":
+                assert c is None and r["missing"] == ["subgoal"]
+            else:
+                assert c == true_count(i, b), (i, b)
+    by = {item_of(r["completion"]): r for r in labels}
+    assert "malformed response" in by[4]["failed"]["backtracking"] and "gave up after 4" in by[4]["failed"]["backtracking"]
+    assert by[6]["failed"]["verification"] == "HTTP 400: prompt too long"
+    assert "HTTP 503: overloaded" in by[7]["failed"]["subgoal"]
+
+    def seen(i, status=None):
+        return sum(1 for e in log if f"<<ITEM-{i}>>" in e["prompt"] and (status is None or e["status"] == status))
+    # what the server saw: 4 prompts per item, plus exactly the retries the faults call for
+    assert seen(0) == 5 and seen(0, 429) == 1          # one 429, retried
+    assert seen(1) == 6 and seen(1, 500) == 2          # two 500s, retried
+    assert seen(2) == 5 and seen(2, "hang") == 1       # one timeout, retried
+    assert seen(3) == 5 and seen(3, "malformed") == 1
+    assert seen(4) == 16 and seen(4, 200) == 0         # 4 prompts x (1 + 3 retries), all malformed
+    assert seen(6) == 4                                 # 400 is not retried
+    assert seen(7) == 16                                # 503 retried, then failed
+    assert sum(seen(i) for i in (5, 8, 9)) == 12        # clean items: one request per prompt
+    assert len(log) == 5 + 6 + 5 + 5 + 16 + 4 + 4 + 16 + 8
+    # Retry-After: 1 was honoured (the retry came at least a second after the 429)
+    t429 = next(e["t"] for e in log if e["status"] == 429)
+    p429 = next(e["prompt"] for e in log if e["status"] == 429)
+    assert min(e["t"] for e in log if e["prompt"] == p429 and e["status"] == 200) - t429 >= 1.0
+    # the summary reports missing and failed separately; averages use parsed counts only
+    s = json.loads(summary1)["steps"][0]
+    assert s["subgoal_missing"] == 1 and s["subgoal_failed"] == 3 and s["verification_failed"] == 3
+    ok = [i for i in range(10) if i not in (4, 5, 6, 7)]
+    assert s["subgoal_avg"] == pytest.approx(sum(true_count(i, "subgoal") for i in ok) / len(ok))
+    assert s["accuracy"] == pytest.approx(0.5)  # even items answer (3 + 5) * 2 = 16
+    assert s["mean_tokens"] == pytest.approx(sum(r["length"] for r in rows) / 10)
+    assert "3 item(s) with failed requests, 1 with an answer lacking <count>" in out.err
+    assert KEY not in out.out + out.err + all_output_text(tmp_path)
+
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_401_stops_with_clear_error_and_no_key(api, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_KEY", KEY)
+    write_completions(tmp_path / "completions", make_rows(20))
+    with FakeJudge(responder, api_key="sk-the-right-one") as fj:
+        rc = classify.main(["--input", str(tmp_path / "completions"), "--judge", api, "--base-url", fj.url,
+                            "--api-key-env", "FAKE_KEY", "--concurrency", "2"] + FAST)
+        n_seen = len(fj.log)
+    out = capsys.readouterr()
+    assert rc == 2
+    assert "HTTP 401" in out.err and "Incorrect API key provided:" in out.err and "***" in out.err
+    assert "$FAKE_KEY" in out.err  # names the variable to fix, never its value
+    assert n_seen <= 4  # of 80 prompts: stopped at once, no retries (<= 2 per worker, a race)
+    assert KEY not in out.out + out.err + all_output_text(tmp_path)
+
+
+def _run_cli(args, **kw):
+    return subprocess.Popen([sys.executable, str(ROOT / "classify.py")] + args, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _wait_for_lines(path, n, proc, timeout=30):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and path.read_text().count("\n") >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never reached {n} lines")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_kill_and_restart_never_pays_twice(sig, tmp_path):
+    """Kill the CLI while 50 of 120 requests are answered and more hang; the rerun asks the server
+    only for what was never answered."""
+    rows = make_rows(30)
+    write_completions(tmp_path / "completions", rows)
+    env = dict(os.environ, FAKE_KEY=KEY)
+    args = ["--input", str(tmp_path / "completions"), "--api-key-env", "FAKE_KEY", "--n-samples", "0",
+            "--concurrency", "4"] + FAST[:-1]
+    cache = tmp_path / "labels" / "judge_cache.jsonl"
+    with FakeJudge(responder, api_key=KEY) as fj:
+        fj.hold_after(50)
+        p = _run_cli(args + ["--base-url", fj.url], env=env)
+        _wait_for_lines(cache, 50, p)
+        time.sleep(0.2)  # let the held requests arrive
+        p.send_signal(sig)
+        time.sleep(0.3)  # SIGINT: let the client stop before the held requests are let go
+        fj.release()
+        _, err1 = p.communicate(timeout=30)
+        assert p.returncode == (-9 if sig == signal.SIGKILL else 130), err1
+        held = sum(1 for e in fj.log if e["status"] == "held")
+        assert cache.read_text().count("\n") >= 50 and held >= 1
+        assert not (tmp_path / "labels" / "labels.jsonl").exists()
+        p = _run_cli(args + ["--base-url", fj.url], env=env)
+        out2, err2 = p.communicate(timeout=60)
+        assert p.returncode == 0, err2
+        answered = fj.answered()
+        received = len(fj.log)
+    assert len(answered) == 120 and len(set(answered)) == 120   # every prompt paid for once
+    assert received == 120 + held                                 # plus the ones cut off by the kill
+    labels = countdown.read_jsonl(tmp_path / "labels" / "labels.jsonl")
+    assert len(labels) == 30 and all(
+        r["behaviors"][b] == expected(item_of(r["completion"]), b) for r in labels for b in classify.BEHAVIORS)
+    assert KEY not in err1 + out2 + err2 + all_output_text(tmp_path)
+    print(f"kill={sig.name}: 120 prompts, 50 answered before the kill, {held} held at the kill, "
+          f"server received {received}, answered {len(answered)} (distinct {len(set(answered))})")
+
+
+def test_torn_cache_line_is_skipped_and_not_glued(tmp_path):
+    cache = tmp_path / "c.jsonl"
+    with FakeJudge(lambda p, s: "ok " + p) as fj:
+        cfg = classify.JudgeConfig(base_url=fj.url, cache=str(cache), progress=False)
+        classify.JudgeClient(cfg).complete([(None, "a"), (None, "b")])
+        with open(cache, "a") as f:
+            f.write('{"key": "torn')  # a kill in the middle of an append
+        replies = classify.JudgeClient(cfg).complete([(None, "a"), (None, "c")])
+        assert [r.text for r in replies] == ["ok a", "ok c"] and len(fj.log) == 3
+        assert [r.cached for r in classify.JudgeClient(cfg).complete([(None, "c")])] == [True]
+
+
+# --- sampling, aggregation, overwrite protection -------------------------------------------------
+
+def test_seeded_sampling_per_step():
+    rows = make_rows(50, steps=(0, 10))
+    a = classify.sample_per_step(rows, 20, seed=1)
+    b = classify.sample_per_step(rows, 20, seed=1)
+    c = classify.sample_per_step(rows, 20, seed=2)
+    assert sorted(a) == [0, 10] and all(len(a[s][0]) == 50 and len(a[s][1]) == 20 for s in a)
+    assert a[0][1] == b[0][1] and a[0][1] != c[0][1] and a[0][1] != a[10][1]
+    assert len({r["completion"] for r in a[0][1]}) == 20  # without replacement
+    assert len(classify.sample_per_step(rows, 0)[0][1]) == 50
+
+
+def test_rules_run_summary_and_no_silent_overwrite(tmp_path, capsys):
+    rows = [dict(step=s, nums=[3, 5, 2], target=16, completion=t) for s, t in [
+        (0, "3 + 5 = 8. 8 is not 16, let's try something else. 8 * 2 = 16 </think><answer>(3 + 5) * 2</answer>"),
+        (0, "Let's work backwards from the target: 16 / 2 = 8. 3 + 5 = 8. </think><answer>(3 + 5) * 2</answer>"),
+        (0, "3 * 5 = 15. </think><answer>3 * 5 + 2</answer>"),
+        (10, "First, try to reach 8 since 8 * 2 = 16. Done. </think><answer>(5 + 3) * 2</answer>"),
+    ]]
+    countdown.write_jsonl(tmp_path / "c.jsonl", rows)
+    assert classify.main(["--input", str(tmp_path / "c.jsonl"), "--judge", "rules", "--out", str(tmp_path / "o")]) == 0
+    s = {r["step"]: r for r in json.loads((tmp_path / "o" / "summary.json").read_text())["steps"]}
+    assert s[0]["n_judged"] == 3 and s[0]["accuracy"] == pytest.approx(2 / 3)
+    assert s[0]["verification_avg"] == pytest.approx(1 / 3) and s[0]["backtracking_avg"] == pytest.approx(1 / 3)
+    assert s[0]["backward_avg"] == pytest.approx(1 / 3) and s[10]["subgoal_avg"] == 1.0
+    assert s[10]["accuracy"] == 1.0 and s[0]["mean_tokens"] is None
+    assert s[0]["mean_chars"] == pytest.approx(sum(len(r["completion"]) for r in rows[:3]) / 3)
+    csv_rows = (tmp_path / "o" / "summary.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("step,n_completions,n_judged,accuracy") and len(csv_rows) == 3
+    # same settings: resumes and rewrites; other settings: refused with a clear message
+    assert classify.main(["--input", str(tmp_path / "c.jsonl"), "--judge", "rules", "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    assert classify.main(["--input", str(tmp_path / "c.jsonl"), "--judge", "rules", "--out", str(tmp_path / "o"),
+                          "--n-samples", "5"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert classify.main(["--input", str(tmp_path / "c.jsonl"), "--judge", "rules", "--out", str(tmp_path / "o"),
+                          "--n-samples", "5", "--overwrite"]) == 0
+
+
+def test_bad_input_gives_clear_error(tmp_path, capsys):
+    countdown.write_jsonl(tmp_path / "x.jsonl", [{"nums": [1, 2], "completion": "x"}])
+    assert classify.main(["--input", str(tmp_path / "x.jsonl"), "--judge", "rules"]) == 2
+    assert "lacks target" in capsys.readouterr().err
+    assert classify.main(["--input", str(tmp_path / "missing.jsonl"), "--judge", "rules"]) == 2
+
+
+def test_score_against_by_hand():
+    rows = [dict(true_behaviors=t, behaviors=p) for t, p in [
+        ({"verification": 2, "backtracking": 0, "subgoal": 1, "backward": 0},
+         {"verification": 1, "backtracking": 1, "subgoal": 1, "backward": 0}),
+        ({"verification": 0, "backtracking": 3, "subgoal": 0, "backward": 0},
+         {"verification": 0, "backtracking": 1, "subgoal": None, "backward": 0}),
+        ({"verification": 1, "backtracking": 0, "subgoal": 2, "backward": 0},
+         {"verification": 0, "backtracking": 0, "subgoal": 0, "backward": 0}),
+    ]]
+    s = classify.score_against(rows)
+    assert s["verification"] == dict(n=3, tp=1, fp=0, fn=1, tn=1, precision=1.0, recall=0.5, mae=pytest.approx(2 / 3))
+    assert s["backtracking"]["precision"] == 0.5 and s["backtracking"]["recall"] == 1.0
+    assert s["backtracking"]["mae"] == pytest.approx((1 + 2 + 0) / 3)
+    assert s["subgoal"]["n"] == 2 and s["subgoal"]["recall"] == 0.5 and s["subgoal"]["mae"] == 1.0
+    assert s["backward"]["precision"] is None and s["backward"]["recall"] is None and s["backward"]["mae"] == 0
+
+
+def test_every_flag_has_help():
+    for action in classify.build_parser()._actions:
+        assert action.help, action.option_strings
+
+
+# --- the rule-based judge ------------------------------------------------------------------------
+
+def test_rules_judge_against_synthetic_ground_truth(tmp_path, capsys):
+    """countdown.generate_traces counts every behavior as it writes it; the rules must recover the
+    counts (they were written for that phrasing plus natural phrasing, so this is in-distribution)."""
+    rows = [t for c in countdown.CONDITIONS for t in countdown.generate_traces(c, 100, seed=3)]
+    countdown.write_jsonl(tmp_path / "traces.jsonl", rows)
+    assert classify.main(["--input", str(tmp_path / "traces.jsonl"), "--judge", "rules", "--n-samples", "0",
+                          "--score-against"]) == 0
+    report = json.loads((tmp_path / "traces_labels" / "score.json").read_text())
+    for b, s in report["overall"].items():
+        assert s["n"] == len(rows)
+        assert s["precision"] >= 0.95 and s["recall"] >= 0.95 and s["mae"] <= 0.1, (b, s)
+    # conditions that forbid a behavior: the rules find none of it
+    for c, sc in report["by_condition"].items():
+        for b in classify.BEHAVIORS:
+            if b not in countdown.ALLOWED_BEHAVIORS[c]:
+                assert sc[b]["fp"] == 0 and sc[b]["tp"] == 0, (c, b)
+    assert "precision" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text,want", [
+    ("This sequence results in 1, which is not equal to 22.", dict(verification=1)),
+    ("Too high! Let's try 25 - 3 instead.", dict(verification=1, backtracking=1)),
+    ("This works!", dict(verification=1)),
+    ("12+2 = 14. Trying something else. 12*2=24.", dict(backtracking=1)),
+    ("12+2 = 14. 14 is not 24, so let's try something else. 12*2=24 and 24 was the goal, so the "
+     "goal has been reached.", dict(verification=2, backtracking=1)),
+    ("Let's first try to reach 12 since it is a factor of 24; 10 * 2 = 20, let's try a different "
+     "sequence. 10 + 2 = 12. Now, 12 * 2 = 24.", dict(subgoal=1, backtracking=1)),
+    ("Let's try to reach 20 since it is a multiple of 10.", dict(subgoal=1)),
+    ("Let's work backwards from the target. 24/2 = 12. So, 12*2=24.", dict(backward=1)),
+    ("Since the target is 22, and 22 + 3 = 25, we need 25 from the rest.", dict(backward=1)),
+    ("I made a mistake. Wait, let me go back to the start.", dict(backtracking=1)),
+    ("First, I'll try to get close to 12, then multiply by 2.", dict(subgoal=1)),
+    ("3 + 5 = 8. 8 * 2 = 16.", dict()),
+    ("Step 1: 6 + 8 = 14.\nStep 2: 14 + 11 = 25.", dict()),
+])
+def test_rules_judge_on_natural_phrasing(text, want):
+    """Hand-labelled sentences in the paper's prompt examples' style (not countdown.py's phrasing)."""
+    assert classify.count_behaviors_rules(text) == {b: want.get(b, 0) for b in classify.BEHAVIORS}

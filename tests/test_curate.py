@@ -1,0 +1,333 @@
+"""curate.py: priming data through the fake judge, the controls, and pretraining curation
+(truncation, labelling, selection under a token budget, rewriting, SFT format)."""
+import ast
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import classify  # noqa: E402
+import countdown  # noqa: E402
+import curate  # noqa: E402
+from fake_judge import FakeJudge  # noqa: E402
+
+KEY = "sk-FAKE-curate-0123456789"
+FAST = ["--backoff-base", "0.01", "--backoff-max", "0.05", "--timeout", "2", "--max-retries", "2",
+        "--no-progress"]
+
+
+def all_output_text(folder):
+    return "".join(p.read_text(errors="replace") for p in Path(folder).rglob("*") if p.is_file())
+
+
+def problem_text(p):
+    return f"Using the numbers {p['nums']}, create an equation that equals {p['target']}."
+
+
+# --- (a) priming ---------------------------------------------------------------------------------
+
+def priming_responder(prompt, system):
+    m = re.search(r"Using the numbers (\[[^\]]*\]), create an equation that equals (\d+)\.", prompt)
+    nums, target = ast.literal_eval(m.group(1)), int(m.group(2))
+    expr = countdown.solve(nums, target)
+    if target % 7 == 0:  # some answers are wrong, as Claude's were
+        expr = " + ".join(map(str, nums))
+    return f"<think>\nLet me try {expr}. 12 is not {target}, let's try something else.\n</think>\n<answer> {expr} </answer>"
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_priming_writes_sft_examples_and_tops_up_failures(api, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_KEY", KEY)
+    n, seed = 12, 5
+    stream = countdown.generate_problems(30, distribution="priming", seed=seed)
+    with FakeJudge(priming_responder, api_key=KEY) as fj:
+        fj.add_fault("status", match=problem_text(stream[2]), status=500, times=100)  # never answers
+        bad = problem_text(stream[4])
+        fj.add_fault("malformed", match=bad)                                            # recovers
+        orig = fj.responder
+        fj.responder = lambda p, s: ("Sure! Here is my answer: 42" if problem_text(stream[7]) in p
+                                     else orig(p, s))                                   # no <think>
+        args = ["priming", "--condition", "backtracking_verification", "--n", str(n), "--seed", str(seed),
+                "--out", str(tmp_path / "p"), "--judge", api, "--base-url", fj.url, "--api-key-env",
+                "FAKE_KEY"] + FAST
+        assert curate.main(args) == 0
+        log = list(fj.log)
+        fj.log.clear()
+        assert curate.main(args) == 0  # rerun: only the never-answering problem is asked again
+        rerun = list(fj.log)
+    rows = countdown.read_jsonl(tmp_path / "p" / "backtracking_verification.jsonl")
+    # problems 2 and 7 fail; the stream continues with problems 12 and 13
+    want = [p for i, p in enumerate(stream[:14]) if i not in (2, 7)]
+    assert [(r["nums"], r["target"], r["id"]) for r in rows] == [(p["nums"], p["target"], p["id"]) for p in want]
+    for r in rows:
+        assert r["query"] == countdown.make_prompt(r["nums"], r["target"])  # exactly the RL prompt
+        text = priming_responder(countdown.make_query(r["nums"], r["target"]), None)
+        assert "<think>" + r["completion"] == text and r["condition"] == "backtracking_verification"
+        assert r["score"] == countdown.score(r["completion"], r["nums"], r["target"])
+    assert {r["score"] for r in rows} == {1.0, 0.1}
+    rejects = countdown.read_jsonl(tmp_path / "p" / "backtracking_verification.rejects.jsonl")
+    assert {r["id"]: r["reason"] for r in rejects}.keys() == {2, 7}
+    assert "HTTP 500" in [r for r in rejects if r["id"] == 2][0]["reason"]
+    assert "does not start with <think>" in [r for r in rejects if r["id"] == 7][0]["reason"]
+    # what the server saw: the condition's system prompt, the raw query, the paper's settings
+    first = next(e for e in log if e["prompt"] == countdown.make_query(stream[0]["nums"], stream[0]["target"]))
+    assert first["system"] == curate.PRIMING_SYSTEM_PROMPTS["backtracking_verification"]
+    assert first["body"]["temperature"] == 0.5 and first["body"]["max_tokens"] == 1024
+    assert sum(1 for e in log if e["prompt"] == countdown.make_query(stream[2]["nums"], stream[2]["target"])) == 3
+    assert sum(1 for e in log if bad in e["prompt"]) == 2
+    assert len(log) == 14 + 2 + 1  # 14 problems, 2 retries of #2, 1 retry of #4
+    assert len(rerun) == 3 and all(problem_text(stream[2]) in e["prompt"] for e in rerun)
+    out = capsys.readouterr()
+    assert "12/12 examples" in out.out and "accuracy" in out.out
+    assert KEY not in out.out + out.err + all_output_text(tmp_path)
+
+
+def test_priming_prompts_cover_the_llm_conditions():
+    llm = set(countdown.CONDITIONS) - set(curate.CONTROLS)
+    assert set(curate.PRIMING_CONDITIONS) == llm
+    for c, p in curate.PRIMING_SYSTEM_PROMPTS.items():
+        assert "<think>" in p and "<answer>" in p and "target" in p
+    forbid = {"only_backtracking": ["subgoals", "backwards", "verify"],
+              "backtracking_verification": ["subgoals", "backwards"],
+              "backtracking_backward": ["subgoals", "verify"],
+              "backtracking_subgoal": ["backwards", "verify"],
+              "negative_control": ["backtrack", "backwards", "verify"]}
+    for c, words in forbid.items():
+        rules = [line for line in curate.PRIMING_SYSTEM_PROMPTS[c].splitlines() if "Do not" in line or "not " in line]
+        for w in words:
+            assert any(w in line for line in rules), (c, w)
+
+
+def test_priming_unknown_condition_is_a_clear_error(tmp_path, capsys):
+    assert curate.main(["priming", "--condition", "dots", "--out", str(tmp_path)]) == 2
+    assert "unknown condition" in capsys.readouterr().err
+
+
+# --- controls ------------------------------------------------------------------------------------
+
+def word_tokenizer_json(path, texts):
+    """A tiny word-level tokenizer.json with no special tokens added on encode."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs
+    tk.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    tk.save(str(path))
+    return path
+
+
+def test_controls_match_countdown_reference_and_hand_counts(tmp_path):
+    src = countdown.generate_traces("all_strategies", 40, seed=2)
+    assert [r["completion"] for r in curate.empty_cot(src)] == \
+        [r["completion"] for r in countdown.generate_traces("empty_cot", 40, seed=2)]
+    d, dropped = curate.dots(src)
+    assert dropped == 0 and [r["completion"] for r in d] == \
+        [r["completion"] for r in countdown.generate_traces("dots", 40, seed=2)]
+    tok = curate.load_tokenizer(word_tokenizer_json(tmp_path / "tokenizer.json", [r["completion"] for r in src]))
+    d_tok, _ = curate.dots(src, tok)
+    assert [r["completion"] for r in d_tok] == \
+        [r["completion"] for r in countdown.generate_traces("dots", 40, seed=2, tokenizer=tok)]
+    assert [r["query"] for r in d] == [r["query"] for r in src]  # queries unchanged
+    # by hand: 7 words (12 + 2 = 14. Then 12*2=24.) -> exactly 7 " ." (the original wrote N - 1);
+    # only the first think/answer pair is kept
+    row = dict(query=countdown.make_prompt([12, 2], 24), completion="\n12 + 2 = 14. Then 12*2=24.\n</think>\n"
+               "<answer> 12 * 2 </answer> extra <think>x</think><answer>9</answer>", nums=[12, 2], target=24)
+    assert curate.dots([row])[0][0]["completion"] == " . . . . . . .</think>\n<answer> 12 * 2 </answer>"
+    # the Whitespace pre-tokenizer splits \w+ and punctuation runs: 12 + 2 = 14 . Then 12 * 2 = 24 .
+    assert countdown.count_tokens("\n12 + 2 = 14. Then 12*2=24.\n", tok) == 13
+    assert curate.empty_cot([row])[0]["completion"] == " </think>\n<answer> 12 * 2 </answer> extra <think> </think><answer>9</answer>"
+    # an answer-less item is dropped from dots; a query in the paper's old format also works
+    assert curate.dots([dict(row, completion="no tags")]) == ([], 1)
+    old = dict(query=countdown.make_query([12, 2], 24), completion="<think>a b</think>\n<answer>12*2</answer>")
+    assert curate.dots([old])[0][0]["completion"] == "<think> . .</think>\n<answer>12*2</answer>"
+
+
+def test_no_positive_keeps_every_answer_below_full_score(tmp_path, capsys):
+    q = countdown.make_prompt([3, 5, 2], 16)
+    rows = [dict(query=q, nums=[3, 5, 2], target=16, completion=c, condition="all_strategies") for c in [
+        " ok </think>\n<answer> (3 + 5) * 2 </answer>",   # 1.0: dropped
+        " hm </think>\n<answer> 3 + 5 + 2 </answer>",     # 0.1, parsable but wrong: kept (D-SFT-4)
+        " hm </think>\n<answer> 3 * 5 </answer>",         # 0.1, misses a number: kept
+        " hm </think>\nno answer at all",                  # 0.0: kept
+    ]]
+    kept = curate.no_positive(rows)
+    assert [r["completion"] for r in kept] == [r["completion"] for r in rows[1:]]
+    assert curate.no_positive(countdown.generate_traces("all_strategies", 30, seed=1)) == []
+    assert len(curate.no_positive(countdown.generate_traces("no_positive", 30, seed=1))) == 30
+    countdown.write_jsonl(tmp_path / "in.jsonl", rows)
+    args = ["controls", "--input", str(tmp_path / "in.jsonl"), "--kind", "no_positive", "--out", str(tmp_path / "np.jsonl")]
+    assert curate.main(args) == 0
+    out = countdown.read_jsonl(tmp_path / "np.jsonl")
+    assert len(out) == 3 and {r["condition"] for r in out} == {"no_positive"}
+    assert curate.main(args) == 2 and "exists" in capsys.readouterr().err  # never silently overwritten
+    assert curate.main(args + ["--overwrite"]) == 0
+    with pytest.raises(ValueError, match="nums and target"):
+        curate.no_positive([dict(query=q, completion="x")])
+
+
+# --- (b) pretraining -----------------------------------------------------------------------------
+
+def test_truncate_by_chars_and_tokens(tmp_path):
+    doc = "line one\nline two is longer\nline three\n" * 5
+    cut, was = curate.truncate_document(doc, max_chars=30)
+    assert was and cut == "line one\nline two is longer" and doc.startswith(cut)
+    assert curate.truncate_document(doc, max_chars=10_000) == (doc, False)
+    assert curate.truncate_document("x" * 50, max_chars=20) == ("x" * 20, True)  # no newline: plain cut
+    tok = curate.load_tokenizer(word_tokenizer_json(tmp_path / "t.json", [doc]))
+    cut, was = curate.truncate_document(doc, tok, max_tokens=7)
+    # tokens: line one line two is longer line -> decoded and cut at its last newline
+    assert was and countdown.count_tokens(cut, tok) <= 7 and "\n" not in cut.strip("\n") or cut.count("\n") <= 1
+    assert curate.truncate_document(doc, tok, max_tokens=10_000) == (doc, False)
+
+
+def test_select_within_budget_honours_the_budget_exactly():
+    rng = random.Random(0)
+    for _ in range(300):
+        sizes = [rng.randint(1, 60) for _ in range(rng.randint(0, 25))]
+        budget = rng.randint(0, 400)
+        taken = curate.select_within_budget(list(range(len(sizes))), sizes, budget)
+        used = 0
+        for i, s in enumerate(sizes):
+            if i in taken:
+                used += s
+            else:
+                assert s > budget - used  # skipped only because it did not fit at that point
+        assert used == sum(sizes[i] for i in taken) <= budget
+        if sum(sizes) <= budget:
+            assert taken == list(range(len(sizes)))
+    # the cap is reached exactly when sizes allow; an oversized item does not stop the fill
+    assert curate.select_within_budget(None, [5, 3, 100, 2], 10) == [0, 1, 3]
+    assert curate.select_within_budget(None, [4, 4, 4], 8) == [0, 1]
+
+
+DOCS = {  # id: (verification, backtracking, subgoal, backward)
+    "d0": (0, 0, 0, 0), "d1": (1, 1, 0, 0), "d2": (2, 0, 1, 0), "d3": (0, 0, 0, 0), "d4": (0, 3, 0, 1),
+    "d5": (0, 0, 0, 0), "d6": (1, 0, 0, 0), "d7": (0, 0, 0, 0), "d8": (2, 2, 2, 2), "d9": (0, 0, 0, 0),
+}
+
+
+def doc_text(i, counts):
+    body = " ".join(f"word{j}" for j in range(20 + 7 * int(i[1:])))
+    return f"Problem {i}: solve it.\n<<{i}>> {body}\nmarks {counts}\n" + "padding line\n" * 3
+
+
+def pretrain_responder(prompt, system):
+    doc = re.search(r"<<(d\d)>>", prompt).group(1)
+    if prompt.startswith(curate.REWRITE_PROMPTS["rich"][:200]) or prompt.startswith(curate.REWRITE_PROMPTS["minimal"][:200]):
+        if doc == "d2":
+            return "I could not find a question."
+        kind = "rich" if "backtracking, verifying" in prompt else "minimal"
+        return (f"<question>What is {doc}?</question>\n<thoughts>I think about {doc} ({kind}).</thoughts>\n"
+                f"<answer>{doc} solved</answer> <answer>second answer ignored</answer>")
+    for k, b in enumerate(classify.BEHAVIORS):
+        if prompt.startswith(classify.TEXT_PROMPTS[b][:250]):
+            if doc == "d5" and b == "subgoal":
+                return "## Thoughts\nunsure\n## Number\n<count> [1/2/...] </count>"
+            return f"## Thoughts\n...\n## Does it?\nyes\n## Number of steps\n<count> {DOCS[doc][k]} </count>"
+    raise AssertionError("unexpected prompt")
+
+
+def test_pretrain_pipeline_end_to_end(tmp_path, capsys):
+    docs = [dict(id=i, text=doc_text(i, c), url="x") for i, c in DOCS.items()]
+    countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
+    sizes = {d["id"]: countdown.count_tokens(d["text"]) for d in docs}  # whitespace words
+    # rich (sum >= 2): d1 d2 d4 d8; minimal (sum == 0): d0 d3 d7 d9 (d5 has a missing count)
+    rich_total = sum(sizes[i] for i in ("d1", "d2", "d4", "d8"))
+    budget = rich_total - 30  # binds for the rich set
+    args = ["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
+            "--budget-tokens", str(budget), "--max-doc-chars", "100000"] + FAST
+    with FakeJudge(pretrain_responder) as fj:
+        args += ["--base-url", fj.url]
+        assert curate.main(args) == 0
+        n_first = len(fj.log)
+        assert curate.main(args) == 0 and len(fj.log) == n_first  # rerun: all cached
+    out = capsys.readouterr().out
+    labels = {r["id"]: r for r in countdown.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")}
+    for i, c in DOCS.items():
+        want = dict(zip(classify.BEHAVIORS, c))
+        if i == "d5":
+            want["subgoal"] = None
+            assert labels[i]["missing"] == ["subgoal"]
+        assert labels[i]["behaviors"] == want and labels[i]["tokens"] == sizes[i]
+    # Figure 7 by hand: verification > 0 in d1 d2 d6 d8 = 4 of 10, mean (1+2+1+2)/10
+    freq = json.loads((tmp_path / "o" / "summary.json").read_text())["frequencies"]
+    assert freq["verification"]["pct_present"] == 40.0 and freq["verification"]["mean_count"] == 0.6
+    assert freq["subgoal"]["n"] == 9 and freq["subgoal"]["missing"] == 1
+    assert freq["subgoal"]["pct_present"] == pytest.approx(200 / 9)
+    assert "% docs > 0" in out and "40.0" in out
+    sel = countdown.read_jsonl(tmp_path / "o" / "selection.jsonl")
+    by = {"rich": [s for s in sel if s["set"] == "rich"], "minimal": [s for s in sel if s["set"] == "minimal"]}
+    assert {s["id"] for s in by["rich"]} < {"d1", "d2", "d4", "d8"}
+    assert {s["id"] for s in by["minimal"]} <= {"d0", "d3", "d7", "d9"}
+    min_total = sum(sizes[i] for i in ("d0", "d3", "d7", "d9"))
+    cap = min(budget, rich_total, min_total)  # one cap for both sets
+    for name, s in by.items():
+        assert sum(x["tokens"] for x in s) <= cap
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["selection"]["rich"]["cap"] == summary["selection"]["minimal"]["cap"] == cap
+    # rewrites -> SFT in the paper's QA framing; d2's rewrite has no question and is dropped
+    for name in ("rich", "minimal"):
+        sft = countdown.read_jsonl(tmp_path / "o" / f"sft_{name}.jsonl")
+        ids = [s["id"] for s in by[name] if s["id"] != "d2"]
+        assert [r["id"] for r in sft] == ids[:len(sft)] and len(sft) >= 1
+        for r in sft:
+            assert r["query"] == curate.QA_QUERY_TEMPLATE.format(question=f"What is {r['id']}?")
+            assert r["query"].endswith("Let me solve this step by step.\n<think>")
+            assert r["completion"] == f"I think about {r['id']} ({name}).</think>\n<answer>{r['id']} solved</answer>"
+        assert sum(r["tokens"] for r in sft) <= summary["sft"][name]["cap"] <= cap
+    assert summary["sft"]["rich"]["cap"] == summary["sft"]["minimal"]["cap"]
+    if any(s["id"] == "d2" for s in by["rich"]):
+        rej = countdown.read_jsonl(tmp_path / "o" / "rewrite_rejects.jsonl")
+        assert rej == [dict(id="d2", set="rich", reason="no <question> in the rewrite")]
+    # the rewrite request: our prompt, then the document between <text> tags, as one user turn
+    rew = [e for e in fj.log if e["prompt"].startswith(curate.REWRITE_PROMPTS["minimal"])]
+    assert rew and rew[0]["prompt"].endswith("\n</text>") and "\n<text>\nProblem d" in rew[0]["prompt"]
+    assert rew[0]["body"]["max_tokens"] == 5120 and rew[0]["system"] is None
+
+
+def test_pretrain_stop_after_label_and_thresholds(tmp_path, capsys):
+    docs = [dict(id=i, text=doc_text(i, c)) for i, c in DOCS.items()]
+    countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
+    with FakeJudge(pretrain_responder) as fj:
+        assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
+                            "--stop-after", "label", "--base-url", fj.url] + FAST) == 0
+        assert len(fj.log) == 40 and not (tmp_path / "o" / "selection.jsonl").exists()
+    labels = countdown.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")
+    cfg = curate.PretrainConfig(rich_min_total=1, rich_require=("backtracking",))
+    rich, minimal = curate.eligible(labels, cfg)
+    assert sorted(r["id"] for r in rich) == ["d1", "d4", "d8"]
+    assert sorted(r["id"] for r in minimal) == ["d0", "d3", "d7", "d9"]
+    with pytest.raises(ValueError, match="disjoint"):
+        curate.eligible(labels, curate.PretrainConfig(rich_min_total=1, minimal_max_total=1))
+    # other settings into the same folder are refused
+    assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
+                        "--stop-after", "label", "--rich-min-total", "3", "--base-url", "http://127.0.0.1:9"] + FAST) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_read_documents(tmp_path):
+    countdown.write_jsonl(tmp_path / "a.jsonl", [{"content": "x"}, {"content": "y"}])
+    docs = curate.read_documents(tmp_path / "a.jsonl", text_field="content")
+    assert docs == [dict(id="a:0", text="x"), dict(id="a:1", text="y")]
+    with pytest.raises(ValueError, match="--text-field"):
+        curate.read_documents(tmp_path / "a.jsonl")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pyarrow"):
+            curate.read_documents(tmp_path / "b.parquet")
+
+
+def test_every_flag_has_help():
+    parser = curate.build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, (name, action.option_strings)

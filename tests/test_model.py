@@ -1,0 +1,447 @@
+"""model.py against transformers (the oracle, tests only) on tiny random checkpoints built here."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from conftest import EOS, make_checkpoint, make_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+# (model_type, tied embeddings, num_key_value_heads of 4 heads, rope scaling)
+VARIANTS = {
+    "llama3-rope-gqa2": ("llama", False, 2, LLAMA3_ROPE),
+    "llama-tied-mha": ("llama", True, 4, None),
+    "qwen2-tied-gqa2": ("qwen2", True, 2, None),
+    "qwen2-untied-mha": ("qwen2", False, 4, None),
+}
+
+
+def build_hf(variant, seed=0):
+    """A random transformers model of the variant; Qwen2 biases randomized so they matter."""
+    model_type, tied, kv, rope = VARIANTS[variant]
+    kw = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=kv, max_position_embeddings=512, tie_word_embeddings=tied,
+              bos_token_id=None, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    if model_type == "llama":
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw, rope_scaling=rope, rope_theta=500000.0))
+    else:
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif "norm" in n:
+                p.uniform_(0.5, 1.5)  # non-trivial RMSNorm gains
+    return hf.eval()
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def pair(request, tmp_path_factory):
+    """(variant, transformers model, our model loaded from its save_pretrained folder, folder)."""
+    hf = build_hf(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    make_tokenizer().save(path)
+    ours, _ = M.load(path, dtype="float32")
+    return request.param, hf, ours, path
+
+
+def padded_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(1, 400, (4, 24), generator=g)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0      # left padding
+    mask[2, :17] = 0     # left padding, short row
+    mask[3, 20:] = 0     # right padding
+    return x, mask
+
+
+# ----------------------------------------------------------------------------- forward parity
+
+def test_logits_match_transformers(pair):
+    _, hf, ours, _ = pair
+    x, mask = padded_batch()
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() <= 1e-4
+        a, b = hf(x, attention_mask=mask).logits, ours(x, attention_mask=mask)
+    assert (a - b)[mask.bool()].abs().max() <= 1e-4  # padded positions are don't-care
+
+
+def test_hidden_states_and_logits_are_consistent(pair):
+    _, hf, ours, _ = pair
+    x, mask = padded_batch()
+    with torch.no_grad():
+        h = ours.hidden_states(x, attention_mask=mask)
+        assert torch.equal(ours.logits(h), ours(x, attention_mask=mask))
+        ref = hf.model(x, attention_mask=mask).last_hidden_state  # after the final norm, as ours
+    assert h.shape == (4, 24, 64)
+    assert (h - ref)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_explicit_position_ids_match_transformers(pair):
+    _, hf, ours, _ = pair
+    x = torch.randint(1, 400, (2, 10), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(300, 310).expand(2, 10)  # a continuation far out, where llama3 scaling acts
+    with torch.no_grad():
+        assert (hf(x, position_ids=pos).logits - ours(x, position_ids=pos)).abs().max() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- generation
+
+PROMPTS = [[5, 17, 30, 2, 99, 140, 3], [7, 8], [250, 11, 12, 13]]
+
+
+def greedy_by_recomputation(hf, prompt, n, eos):
+    """The oracle: transformers' full forward over the whole sequence at every step, no cache."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+            if seq[-1] == eos:
+                break
+    return seq[len(prompt):]
+
+
+def test_cached_greedy_equals_full_recomputation(pair):
+    _, hf, ours, _ = pair
+    g = M.generate(ours, PROMPTS, max_new_tokens=12, temperature=0, eos_id=0, pad_id=0)
+    for i, p in enumerate(PROMPTS):
+        assert g.tokens[i, :g.lengths[i]].tolist() == greedy_by_recomputation(hf, p, 12, eos=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Our model + tokenizer from a conftest checkpoint (Llama, GQA, tied)."""
+    return M.load(make_checkpoint(tmp_path_factory.mktemp("tiny") / "ck"), dtype="float32")
+
+
+def test_batch_of_mixed_lengths_equals_one_at_a_time(tiny):
+    model, tok = tiny
+    batch = M.generate(model, PROMPTS, max_new_tokens=15, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    for i, p in enumerate(PROMPTS):
+        one = M.generate(model, [p], max_new_tokens=15, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        n = int(one.lengths[0])
+        assert int(batch.lengths[i]) == n
+        assert batch.tokens[i, :n].tolist() == one.tokens[0, :n].tolist()
+        assert torch.allclose(batch.logprobs[i, :n], one.logprobs[0, :n], atol=1e-5)
+
+
+def full_logprobs(model, prompt, new, temperature):
+    """log softmax(logits / T) at each new token, from one uncached forward over prompt + new."""
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(new)]))[0, len(prompt) - 1:-1].float()
+    logp = F.log_softmax(logits / (temperature or 1.0), dim=-1)
+    return logp.gather(-1, torch.tensor(new)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_samples_share_prefill_and_logprobs_match_full_forward(tiny, temperature, top_p):
+    model, tok = tiny
+    shapes = []
+    hook = model.embed_tokens.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    try:
+        g = M.generate(model, PROMPTS, max_new_tokens=10, n_samples=3, temperature=temperature, top_p=top_p,
+                       eos_id=tok.eos_id, pad_id=tok.pad_id, seed=123)
+    finally:
+        hook.remove()
+    P = max(map(len, PROMPTS))
+    assert shapes[0] == (3, P)                        # one prefill over the 3 prompts, not 9 rows
+    assert set(shapes[1:]) == {(9, 1)}                # then one token per row per step
+    assert g.tokens.shape[0] == 9
+    for i, p in enumerate(PROMPTS):
+        rows = [g.tokens[i * 3 + j, :g.lengths[i * 3 + j]].tolist() for j in range(3)]
+        assert len({tuple(r) for r in rows}) > 1      # samples of one prompt differ
+        for j, new in enumerate(rows):
+            ref = full_logprobs(model, p, new, temperature)
+            assert torch.allclose(g.logprobs[i * 3 + j, :len(new)], ref, atol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=12, n_samples=2, temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    a, b = M.generate(model, PROMPTS, seed=7, **kw), M.generate(model, PROMPTS, seed=7, **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    c = M.generate(model, PROMPTS, seed=8, **kw)
+    assert not torch.equal(a.tokens, c.tokens)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(M.generate(model, PROMPTS, generator=g1, **kw).tokens,
+                       M.generate(model, PROMPTS, generator=g2, **kw).tokens)
+
+
+def test_rows_stop_at_eos_and_are_padded(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=12, n_samples=2, temperature=1.0, pad_id=tok.pad_id, seed=3)
+    free = M.generate(model, PROMPTS, eos_id=-1, **kw)
+    eos = int(free.tokens[0, 4])  # pretend a token row 0 samples at step 4 is the EOS
+    g = M.generate(model, PROMPTS, eos_id=[eos, -5], **kw)
+    for r in range(6):
+        row = free.tokens[r].tolist()
+        n = row.index(eos) + 1 if eos in row else 12
+        assert int(g.lengths[r]) == n
+        assert g.tokens[r, :n].tolist() == row[:n]                     # same draws up to and with the EOS
+        assert (g.tokens[r, n:] == tok.pad_id).all() and (g.logprobs[r, n:] == 0).all()
+    assert int(g.lengths[0]) <= 5 and g.tokens.shape[1] == int(g.lengths.max())
+
+
+def test_sampler_draws_exactly_what_multinomial_draws():
+    probs = torch.softmax(torch.randn(16, 300, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    probs[:, 50:60] = 0.0  # zero-probability tokens (as after top-p) are never drawn
+    for seed in range(5):
+        ours = M._sample_index(probs, torch.Generator().manual_seed(seed))
+        ref = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+        assert torch.equal(ours, ref)
+        assert not ((ours >= 50) & (ours < 60)).any()
+
+
+def test_top_p_tiny_is_greedy(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=10, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    greedy = M.generate(model, PROMPTS, temperature=0, **kw)
+    nucleus = M.generate(model, PROMPTS, temperature=1.0, top_p=1e-6, seed=0, **kw)
+    assert torch.equal(greedy.tokens, nucleus.tokens)
+    assert torch.allclose(greedy.logprobs, nucleus.logprobs, atol=1e-6)  # both: log softmax at T = 1
+
+
+def test_generate_leaves_mode_and_grad_alone(tiny):
+    model, tok = tiny
+    model.train()
+    try:
+        g = M.generate(model, PROMPTS, max_new_tokens=3, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        assert model.training and not g.logprobs.requires_grad
+    finally:
+        model.eval()
+    with pytest.raises(ValueError, match="at least one token"):
+        M.generate(model, [[1], []], max_new_tokens=3, eos_id=0, pad_id=0)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=5, n_samples=2)])
+def test_static_shape_path_gives_the_same_tokens(tiny, sampling):
+    model, tok = tiny
+    kw = dict(max_new_tokens=20, eos_id=tok.eos_id, pad_id=tok.pad_id, **sampling)
+    a = M.generate(model, PROMPTS, **kw)
+    b = M.generate(model, PROMPTS, static=True, **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_static_path_stops_early_when_every_row_is_done(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=200, temperature=1.0, seed=3, pad_id=tok.pad_id)
+    free = M.generate(model, [[5, 6]], eos_id=-1, **{**kw, "max_new_tokens": 30})
+    eos = int(free.tokens[0, 2])
+    a = M.generate(model, [[5, 6]], eos_id=eos, **kw)
+    b = M.generate(model, [[5, 6]], eos_id=eos, static=True, **kw)
+    assert torch.equal(a.tokens, b.tokens) and a.tokens.shape[1] <= 3
+
+
+def test_compiled_decode_step_is_one_graph_with_the_same_tokens(tiny, monkeypatch):
+    """compile=True through dynamo with fullgraph=True (any graph break fails) and the aot_eager
+    backend: checks the capture that CUDA graphs need in seconds, without inductor's C++ build."""
+    from torch._dynamo.utils import counters
+    model, tok = tiny
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(M, "_compiled_decode_step", torch.compile(M._decode_step, backend="aot_eager",
+                                                                  fullgraph=True, dynamic=False))
+    kw = dict(max_new_tokens=12, temperature=1.0, n_samples=2, seed=1, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    assert torch.equal(M.generate(model, PROMPTS, compile=True, **kw).tokens, M.generate(model, PROMPTS, **kw).tokens)
+    other = [[9, 9, 9, 9, 9], [4], [3, 3, 3]]  # other lengths, same rows: the same graph is reused
+    assert torch.equal(M.generate(model, other, compile=True, **kw).tokens, M.generate(model, other, **kw).tokens)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not os.environ.get("MODEL_TEST_INDUCTOR"),
+                    reason="inductor builds C++ for 20-60 s on CPU; set MODEL_TEST_INDUCTOR=1 to run")
+def test_inductor_compiled_path_on_cpu(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=12, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    assert torch.equal(M.generate(model, PROMPTS, compile=True, **kw).tokens, M.generate(model, PROMPTS, **kw).tokens)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def test_save_loads_in_transformers_with_equal_logits(pair, tmp_path):
+    name, _, ours, _ = pair
+    out = M.save(ours, make_tokenizer(), tmp_path / "saved")
+    assert {p.name for p in out.iterdir()} >= {"config.json", "generation_config.json", "model.safetensors",
+                                               "tokenizer.json", "tokenizer_config.json"}
+    cls = transformers.LlamaForCausalLM if name.startswith("llama") else transformers.Qwen2ForCausalLM
+    hf2 = cls.from_pretrained(out, dtype=torch.float32).eval()
+    x, mask = padded_batch()
+    with torch.no_grad():
+        assert (hf2(x, attention_mask=mask).logits - ours(x, attention_mask=mask))[mask.bool()].abs().max() <= 1e-5
+    ht = transformers.PreTrainedTokenizerFast.from_pretrained(out)
+    assert ht.eos_token == EOS and ht.pad_token == EOS
+
+
+def test_sharded_save_and_load_roundtrip(tiny, tmp_path):
+    model, tok = tiny
+    out = M.save(model, tok, tmp_path / "sharded", max_shard_size=40_000)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    again, _ = M.load(out, dtype="float32")
+    x = torch.randint(0, 400, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        M.save(model, tok, out)
+    assert (out / "model.safetensors.index.json").is_file()  # untouched by the refused save
+
+
+def test_loads_shards_written_by_transformers(tmp_path):
+    hf = build_hf("qwen2-untied-mha")
+    hf.save_pretrained(tmp_path, max_shard_size="60KB")
+    make_tokenizer().save(tmp_path)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    ours, _ = M.load(tmp_path, dtype="float32")
+    x, _ = padded_batch()
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() <= 1e-4
+
+
+def test_bfloat16_load(tiny, tmp_path):
+    model, tok = tiny
+    path = M.save(model, tok, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    m16, _ = M.load(path)  # default: the checkpoint's dtype
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    assert m16.inv_freq.dtype == torch.float32  # RoPE frequencies stay float32
+    m32, _ = M.load(path, dtype="float32")
+    x = torch.randint(0, 400, (2, 9))
+    with torch.no_grad():
+        lo, hi = m16(x), m32(x)
+    assert lo.dtype == torch.bfloat16 and (lo.float() - hi).abs().max() < 0.05 * hi.abs().max()
+    g = M.generate(m16, PROMPTS, max_new_tokens=4, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    assert g.logprobs.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+TEXTS = ["", "Using the numbers [3, 17, 8], create an equation that equals 12.",
+         "Ünïcödé façade — naïve café", "emoji 🙂🚀👩‍👩‍👧 and 数字 mixed 123 + 456",
+         "def f(x):\n    return x ** 2  # code\n\n\tif y != 0:\n\t\tz = {'a': [1, 2]}",
+         "   leading, trailing   \n\n\n   whitespace  runs\t\t\t", "<think> 17 - 8 = 9 </think><|endoftext|>"]
+
+
+def test_tokenizer_matches_transformers_and_roundtrips(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.save(tmp_path)
+    ours = M.Tokenizer.from_dir(tmp_path)
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == ref.decode(ids) == text
+    assert ours.encode("<|endoftext|>") == [ours.eos_id] == [0]
+    assert ours.decode([5, 0, 6], skip_special_tokens=True) == ref.decode([5, 0, 6], skip_special_tokens=True)
+    assert ours.pad_id == ours.eos_id and ours.bos_id is None and ours.vocab_size == len(ref)
+
+
+def test_tokenizer_special_tokens_from_config(tiny_tokenizer, tmp_path):
+    tk = tiny_tokenizer.tk
+    tk.add_special_tokens(["<s>", "<pad>"])
+    M.Tokenizer(tk, EOS, pad_token="<pad>", bos_token="<s>").save(tmp_path)
+    t = M.Tokenizer.from_dir(tmp_path)
+    assert (t.bos_id, t.pad_id, t.eos_id) == (tk.token_to_id("<s>"), tk.token_to_id("<pad>"), 0)
+    assert t.encode("hi", bos=True)[0] == t.bos_id and t.encode("hi")[0] != t.bos_id
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture
+def ck(tmp_path):
+    return make_checkpoint(tmp_path / "ck")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        M.load(tmp_path / "nope" / "deeper")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        M.load("no-such-alias")
+
+
+def test_missing_files(ck):
+    (ck / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        M.load(ck)
+    (ck / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.load(ck)
+
+
+def test_missing_weights(ck):
+    (ck / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        M.load(ck)
+
+
+@pytest.mark.parametrize("changes,pattern", [
+    (dict(model_type="mistral"), r"model_type 'mistral'.*supported: llama, qwen2"),
+    (dict(hidden_size=None), "missing required field.*hidden_size"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn' is not supported"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    (dict(intermediate_size=96), r"shape .* config.json implies"),
+])
+def test_bad_config_gives_clear_error(ck, changes, pattern):
+    edit_config(ck, **changes)
+    with pytest.raises(ValueError, match=pattern):
+        M.load(ck)
+
+
+def test_bad_dtype_fails_before_any_download(ck, monkeypatch):
+    monkeypatch.setattr(M, "download", lambda *a, **k: pytest.fail("must not download"))
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'; use one of float32, bfloat16, float16"):
+        M.load("Qwen/Qwen2.5-3B", dtype="fp8")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        M.load(ck, dtype="half-ish")
+
+
+def test_truncated_safetensors_file(ck):
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[:len(data) - 1000])
+    with pytest.raises(ValueError, match="truncated"):
+        M.load(ck)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(Path(M.__file__)), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prints_only_the_greedy_completion(tiny, tmp_path):
+    model, tok = tiny
+    path = M.save(model, tok, tmp_path / "cli")
+    prompt = "Using the numbers [3, 17, 8]"
+    args = ["--model", str(path), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0"]
+    a, b = run_cli(*args), run_cli(*args, "--seed", "99")
+    assert a.returncode == 0, a.stderr
+    g = M.generate(model, [tok.encode(prompt)], max_new_tokens=12, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    ids = g.tokens[0, :g.lengths[0]].tolist()
+    expected = tok.decode(ids[:-1] if ids[-1] == tok.eos_id else ids)
+    assert a.stdout == expected + "\n" == b.stdout  # greedy ignores the seed
+    bad = run_cli("--model", str(tmp_path / "missing" / "x"), "--prompt", "hi")
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("error: ")
+    assert "Traceback" not in bad.stderr

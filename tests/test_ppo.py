@@ -1,0 +1,466 @@
+"""ppo.py: the math against hand computations and brute force, then the loop on tiny models."""
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+import ppo
+from conftest import make_checkpoint, make_config
+
+
+# -----------------------------------------------------------------------------
+# GAE, whitening, rewards
+
+
+def _mask(lengths, R):
+    return (torch.arange(R)[None, :] < torch.tensor(lengths)[:, None]).float()
+
+
+def test_gae_equals_return_to_go_at_gamma_lambda_1():
+    torch.manual_seed(0)
+    R, lengths = 7, [3, 7, 1, 5]                         # row 1 is truncated (L = R)
+    mask = _mask(lengths, R)
+    rewards = torch.randn(4, R) * mask
+    values = torch.randn(4, R) * 3                        # garbage after the EOS on purpose
+    adv, ret = ppo.compute_gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    for i, L in enumerate(lengths):
+        for t in range(R):
+            if t < L:
+                g = sum(rewards[i, k].item() for k in range(t, L))          # Monte-Carlo return-to-go
+                assert ret[i, t].item() == pytest.approx(g, abs=1e-5)
+                assert adv[i, t].item() == pytest.approx(g - values[i, t].item(), abs=1e-5)
+            else:
+                assert adv[i, t] == 0 and ret[i, t] == 0
+
+
+def test_gae_lambda_below_one_by_hand():
+    # one row: L = 2 of R = 4; the critic says 5 and 7 after the EOS, which must not leak in
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[0.5, 1.0, 0.0, 0.0]])
+    values = torch.tensor([[0.2, 0.4, 5.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    adv, ret = ppo.compute_gae(rewards, values, mask, gamma, lam)
+    a1 = 1.0 + gamma * 0.0 - 0.4                         # the last token bootstraps from V = 0 (terminal)
+    a0 = (0.5 + gamma * 0.4 - 0.2) + gamma * lam * a1
+    assert adv[0].tolist() == pytest.approx([a0, a1, 0.0, 0.0], abs=1e-6)
+    assert ret[0].tolist() == pytest.approx([a0 + 0.2, a1 + 0.4, 0.0, 0.0], abs=1e-6)
+    # without zeroing, delta_1 would have used gamma * 5.0: a different (wrong) answer
+    assert a1 != pytest.approx(1.0 + gamma * 5.0 - 0.4)
+
+
+def test_masked_whiten_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, -50.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    mean = 2.5                                           # valid entries 1, 2, 3, 4
+    var = ((1.5 ** 2) * 2 + (0.5 ** 2) * 2) / 3          # unbiased: divide by n - 1 = 3
+    want = [[(v - mean) / math.sqrt(var + 1e-8) for v in (1.0, 2.0, 3.0)] + [0.0],
+            [(4.0 - mean) / math.sqrt(var + 1e-8), 0.0, 0.0, 0.0]]
+    assert ppo.masked_whiten(x, mask).tolist()[0] == pytest.approx(want[0], abs=1e-6)
+    assert ppo.masked_whiten(x, mask).tolist()[1] == pytest.approx(want[1], abs=1e-6)
+    with pytest.raises(ValueError):
+        ppo.masked_whiten(x, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
+
+
+def test_reward_sits_on_last_valid_token_including_truncated_rows():
+    R = 5
+    mask = _mask([2, 5, 1], R)                           # row 1 truncated: no EOS in R tokens
+    scores = torch.tensor([1.0, 0.1, 0.0])
+    kl = torch.arange(15, dtype=torch.float32).view(3, 5) / 10
+    r = ppo.token_level_rewards(scores, kl * mask, mask, kl_coef=0.5)
+    want = -0.5 * kl * mask
+    want[0, 1] += 1.0
+    want[1, 4] += 0.1
+    want[2, 0] += 0.0
+    assert torch.allclose(r, want)
+    r0 = ppo.token_level_rewards(scores, None, mask, kl_coef=0.5)
+    assert r0.nonzero().tolist() == [[0, 1], [1, 4]] and r0[0, 1] == 1.0 and r0[1, 4] == pytest.approx(0.1)
+
+
+def test_grpo_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    a = ppo.grpo_advantages(r, group_size=4)
+    std = math.sqrt((0.75 ** 2 + 3 * 0.25 ** 2) / 3)     # unbiased std of (1, 0, 0, 0)
+    want = [0.75 / (std + 1e-6)] + [-0.25 / (std + 1e-6)] * 3 + [0.0] * 4
+    assert a.tolist() == pytest.approx(want, abs=1e-5)
+    with pytest.raises(ValueError):
+        ppo.grpo_advantages(r, group_size=1)
+
+
+# -----------------------------------------------------------------------------
+# Losses and KL estimators
+
+
+def test_policy_loss_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.9, 0.2]]))
+    old = torch.log(torch.tensor([[0.5, 0.6, 0.4]]))     # ratios 1.0, 1.5, 0.5
+    adv = torch.tensor([[2.0, 1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0]])
+    loss, clipfrac, approx_kl = ppo.policy_loss(logp, old, adv, mask, clip_ratio=0.2)
+    per_token = [max(-2.0 * 1.0, -2.0 * 1.0),            # inside the trust region
+                 max(-1.0 * 1.5, -1.0 * 1.2),            # A > 0, ratio above 1 + eps: clipped to -1.2
+                 max(1.0 * 0.5, 1.0 * 0.8)]              # A < 0, ratio below 1 - eps: clipped to 0.8
+    assert loss.item() == pytest.approx(sum(per_token) / 3, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(2 / 3)
+    assert approx_kl.item() == pytest.approx((old - logp).mean().item(), abs=1e-6)
+    loss2, _, _ = ppo.policy_loss(logp, old, adv, mask, 0.2, normalizer=10.0)
+    assert loss2.item() == pytest.approx(sum(per_token) / 10, abs=1e-6)
+
+
+@pytest.mark.parametrize("adv,ratio,grad_sign", [
+    (1.0, 1.5, 0),      # A > 0 and already far more likely: clipped, no gradient
+    (1.0, 0.5, -1),     # A > 0, less likely: unclipped, the loss falls as logp rises
+    (-1.0, 0.5, 0),     # A < 0 and already far less likely: clipped, no gradient
+    (-1.0, 1.5, +1),    # A < 0, more likely: unclipped, the loss rises with logp (pushes it down)
+    (1.0, 1.1, -1),     # inside the trust region: always a gradient
+    (-1.0, 0.9, +1),
+])
+def test_policy_loss_gradient_outside_and_inside_trust_region(adv, ratio, grad_sign):
+    old = torch.tensor([[math.log(0.4)]])
+    logp = (old + math.log(ratio)).clone().requires_grad_(True)
+    loss, _, _ = ppo.policy_loss(logp, old, torch.tensor([[adv]]), torch.ones(1, 1), clip_ratio=0.2)
+    loss.backward()
+    g = logp.grad.item()
+    if grad_sign == 0:
+        assert g == 0.0
+    else:
+        assert math.copysign(1, g) == grad_sign
+        assert g == pytest.approx(-adv * ratio, rel=1e-5)      # d(-A rho)/d logp = -A rho
+
+
+def test_value_loss_clipping_by_hand():
+    values = torch.tensor([[1.0, 0.2, 3.0]], requires_grad=True)
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    ret = torch.tensor([[2.0, 1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])               # the third position is not trained
+    loss, clipfrac = ppo.value_loss(values, old, ret, mask, clip=0.5)
+    # t0: unclipped (1-2)^2 = 1, clipped V = 0.5: (0.5-2)^2 = 2.25 -> max 2.25 (no gradient through V)
+    # t1: V = 0.2 within the clip range: both 0.64
+    want = 0.5 * (2.25 + 0.64) / 2
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(0.5)
+    loss.backward()
+    assert values.grad.tolist()[0] == pytest.approx([0.0, 0.5 * 2 * (0.2 - 1.0) / 2, 0.0], abs=1e-6)
+
+
+def test_entropy_by_hand():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(3.0), 0.0, -1e4, -1e4]])
+    p2 = [0.75, 0.25]
+    want = [math.log(4), -sum(p * math.log(p) for p in p2)]
+    assert ppo.entropy_from_logits(logits).tolist() == pytest.approx(want, abs=1e-6)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert ppo.entropy_bonus(torch.tensor([[1.0, 2.0, 50.0]]), mask).item() == pytest.approx(1.5)
+
+
+def test_kl_estimators_by_hand():
+    logp = torch.log(torch.tensor([0.5, 0.2]))
+    ref = torch.log(torch.tensor([0.25, 0.4]))
+    d = [math.log(0.5 / 0.25), math.log(0.2 / 0.4)]
+    assert ppo.kl_penalty(logp, ref, "k1").tolist() == pytest.approx(d, abs=1e-6)
+    assert ppo.kl_penalty(logp, ref, "kl").tolist() == pytest.approx(d, abs=1e-6)
+    assert ppo.kl_penalty(logp, ref, "abs").tolist() == pytest.approx([abs(x) for x in d], abs=1e-6)
+    assert ppo.kl_penalty(logp, ref, "mse").tolist() == pytest.approx([0.5 * x * x for x in d], abs=1e-6)
+    k3 = [0.25 / 0.5 - math.log(0.25 / 0.5) - 1, 0.4 / 0.2 - math.log(0.4 / 0.2) - 1]   # q/p - log(q/p) - 1
+    assert ppo.kl_penalty(logp, ref, "k3").tolist() == pytest.approx(k3, abs=1e-6)
+    assert ppo.kl_penalty(logp, ref, "low_var_kl").tolist() == pytest.approx(k3, abs=1e-6)
+    far = ppo.kl_penalty(torch.tensor([-30.0]), torch.tensor([0.0]), "k3")  # e^30 - 31: clamped
+    assert far.item() == 10.0
+    with pytest.raises(ValueError):
+        ppo.kl_penalty(logp, ref, "k2")
+
+
+# -----------------------------------------------------------------------------
+# Chunked log-probs and the critic
+
+
+def test_chunked_logprobs_and_entropy_equal_unchunked_with_gradients():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(3, 5, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 5))
+    mask = _mask([5, 2, 4], 5)
+
+    full = F.log_softmax(head(hidden) / 0.7, -1)                       # the [B, T, V] reference
+    want_lp = full.gather(-1, targets[..., None])[..., 0] * mask
+    want_h = -(full.exp() * full).sum(-1) * mask
+    (want_lp.sum() + 0.3 * want_h.sum()).backward()
+    want_grad = hidden.grad.clone()
+    hidden.grad = None
+    for chunk in (1, 3, 100):
+        lp, h = ppo.token_logprobs(head, hidden, targets, mask, chunk=chunk, temperature=0.7, with_entropy=True)
+        assert torch.allclose(lp, want_lp, atol=1e-6) and torch.allclose(h, want_h, atol=1e-5)
+        (lp.sum() + 0.3 * h.sum()).backward()
+        assert torch.allclose(hidden.grad, want_grad, atol=1e-6)
+        hidden.grad = None
+    lp_only = ppo.token_logprobs(head, hidden, targets, mask, chunk=2, temperature=0.7)
+    assert torch.allclose(lp_only, want_lp, atol=1e-6)
+
+
+def test_critic_head_init_and_values_masked():
+    torch.manual_seed(0)
+    backbone = M.Transformer(make_config(vocab_size=50, eos_token_id=0, tie_word_embeddings=False))
+    critic = ppo.Critic(backbone, seed=3)
+    assert critic.score.bias.item() == 0.0
+    assert 0.01 < critic.score.weight.std().item() < 0.03
+    assert backbone.lm_head is None                      # an untied LM head is dropped from the critic
+    ids = torch.randint(1, 50, (2, 6))
+    attn = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])   # P = 3, row 0: left pad, L = 1
+    v = ppo.response_values(critic, ids, attn, prompt_len=3, R=3)
+    full = critic(ids[:, :5], attn[:, :5])
+    assert torch.allclose(v[1], full[1, 2:5])
+    assert torch.allclose(v[0, :2], full[0, 2:4])        # V_0 and V_L (the state after the EOS) are kept,
+    assert v[0, 2] == 0                                  # states after that (padding) are masked: c_t = m_{t-1}
+
+
+def test_param_count_matches_the_model():
+    for kw in [dict(), dict(tie_word_embeddings=False), dict(model_type="qwen2"),
+               dict(attention_bias=True, tie_word_embeddings=False)]:
+        cfg = make_config(**kw)
+        model = M.Transformer(cfg)
+        assert ppo.param_count(cfg) == sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Optimizer: fp32 master weights
+
+
+def test_master_weights_let_bf16_weights_learn_at_lr_1e6():
+    torch.manual_seed(0)
+    w0 = (torch.randn(64) * 0.02).to(torch.bfloat16)
+    naive = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.AdamW([naive], lr=1e-6, weight_decay=0.0)
+    ours = torch.nn.Parameter(w0.clone())
+    master = ppo.MasterAdamW([ours], lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, master_device="cpu")
+    for _ in range(200):
+        for p in (naive, ours):
+            (p.float() * torch.ones(64)).sum().backward()   # gradient 1 everywhere: Adam steps ~ -lr
+        opt.step()
+        opt.zero_grad()
+        master.step(1e-6, max_norm=1e9)
+    assert torch.equal(naive.data, w0)                      # every update rounded away in bf16
+    moved = master.master[0].data - w0.float()
+    assert moved.mean().item() == pytest.approx(-200e-6, rel=0.05)   # the fp32 master moved 200 x 1e-6
+    assert not torch.equal(ours.data, w0)                   # and the bf16 copy follows it
+
+
+def test_master_adamw_sums_micro_batch_gradients_in_fp32():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.bfloat16))
+    opt = ppo.MasterAdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, master_device="cpu")
+    for g in ([1e-3, 1.0], [1.0, 1e-3]):     # two micro-batches; their bf16 sum would round 1 + 1e-3 to 1
+        (p.float() * torch.tensor(g)).sum().backward()
+        assert p.grad is None                # folded into the fp32 buffer as soon as it was ready
+    assert opt._acc[0].dtype == torch.float32
+    assert opt._acc[0].tolist() == pytest.approx([1.001, 1.001], abs=1e-6)
+
+
+def test_master_adamw_skips_non_finite_gradients():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ppo.MasterAdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, master_device="cpu")
+    (p * torch.tensor([1.0, float("nan"), 1.0])).sum().backward()
+    norm, ok = opt.step(0.1, max_norm=1.0)
+    assert not ok and not math.isfinite(norm) and torch.equal(p.data, torch.ones(3))
+    assert ppo._consecutive_bad([False, False], 1) == 3 and ppo._consecutive_bad([False, True], 2) == 0
+
+
+# -----------------------------------------------------------------------------
+# The loop on tiny models
+
+
+def _toy_models(cfg, seed=0, vocab=16):
+    torch.manual_seed(seed)
+    mc = make_config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, eos_token_id=0)
+    policy = M.Transformer(mc).eval()
+    adam = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, master_device="cpu")
+    critic = ppo.Critic(copy.deepcopy(policy), seed=seed).eval() if cfg.adv == "gae" else None
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    return ppo.Models(policy, critic, ref, ppo.MasterAdamW(policy.parameters(), lr=cfg.actor_lr, **adam),
+                      ppo.MasterAdamW(critic.parameters(), lr=cfg.critic_lr, **adam) if critic else None,
+                      torch.device("cpu"))
+
+
+def _toy_cfg(**kw):
+    base = dict(device="cpu", dtype="float32", batch_prompts=16, samples=4, mini_batch_prompts=8, max_response=2, micro_batch=32,
+                actor_lr=1e-2, critic_lr=1e-2, progress=False)
+    base.update(kw)
+    return ppo._resolve(ppo.PPOConfig(**base))
+
+
+def _toy_run(cfg, models, steps, seed=0):
+    """Prompt token p in 1..4; reward 1 iff the first response token is p + 8 (chance: 1/16)."""
+    rng = random.Random(seed)
+    rewards = []
+    for step in range(1, steps + 1):
+        ps = [rng.randint(1, 4) for _ in range(cfg.batch_prompts)]
+
+        def reward_fn(responses):
+            return [1.0 if r[0] == ps[i // cfg.samples] + 8 else 0.0 for i, r in enumerate(responses)], {}
+        metrics, _, _ = ppo.ppo_iteration(models, [[p] for p in ps], reward_fn, cfg, step, eos_id=0, pad_id=0)
+        rewards.append(metrics["reward_mean"])
+    return rewards
+
+
+def test_toy_task_ppo_mean_reward_rises_from_near_0_to_near_1():
+    cfg = _toy_cfg(actor_lr=5e-3, critic_lr=1e-2)
+    rewards = _toy_run(cfg, _toy_models(cfg), steps=40)
+    assert sum(rewards[:2]) / 2 < 0.2
+    assert sum(rewards[-5:]) / 5 > 0.9, rewards
+
+
+def test_toy_task_grpo_learns_without_a_critic():
+    cfg = _toy_cfg(adv="grpo", samples=8, batch_prompts=8, mini_batch_prompts=4, actor_lr=1e-2)
+    models = _toy_models(cfg)
+    assert models.critic is None
+    rewards = _toy_run(cfg, models, steps=40)
+    assert sum(rewards[:2]) / 2 < 0.2
+    assert sum(rewards[-5:]) / 5 > 0.75, rewards
+
+
+def test_token_mean_is_independent_of_micro_batch_but_original_aggregation_is_not():
+    def actor_gradient(**kw):
+        cfg = _toy_cfg(batch_prompts=4, mini_batch_prompts=4, max_response=4, kl_coef=0.0, **kw)
+        models = _toy_models(cfg, seed=1, vocab=8)
+        grads = []
+
+        def record(lr, max_norm):   # the accumulated gradient of the one mini-batch, instead of a step
+            grads.append(torch.cat([p.grad.flatten() for p in models.actor_opt.params]))
+            models.actor_opt.zero_grad()
+            return 0.0, True
+        models.actor_opt.step = record
+        _toy_run(cfg, models, steps=1, seed=1)
+        return grads[0]
+    a, b = actor_gradient(micro_batch=16), actor_gradient(micro_batch=3)
+    assert a.abs().max() > 1e-3 and torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    c = actor_gradient(micro_batch=16, loss_agg="micro-token-mean")
+    d = actor_gradient(micro_batch=3, loss_agg="micro-token-mean")
+    assert torch.allclose(a, c, rtol=1e-4, atol=1e-7)   # one micro-batch: both aggregations agree
+    assert not torch.allclose(c, d, rtol=1e-2)          # unequal micro-batches: the original's depends on them
+
+
+def test_non_finite_loss_skips_the_update_and_is_reported():
+    cfg = _toy_cfg(batch_prompts=4, mini_batch_prompts=4)
+    models = _toy_models(cfg)
+    gen = M.generate(models.policy, [[1], [2], [3], [4]], max_new_tokens=2, n_samples=4, eos_id=0, pad_id=0, seed=0)
+    exp = ppo.make_experience([[1], [2], [3], [4]], gen, 4, [1.0] * 16, pad_id=0, eos_ids=0)
+    ppo.prepare_experience(exp, models, cfg)
+    exp.advantages[0, 0] = float("nan")
+    before = [p.detach().clone() for p in models.policy.parameters()]
+    stats = ppo.update_actor(models.policy, models.actor_opt, exp, cfg, lr=1e-2)
+    assert stats["actor_outcomes"] == [False]
+    assert all(torch.equal(a, b) for a, b in zip(before, models.policy.parameters()))
+
+
+def test_entropy_bonus_raises_entropy():
+    cfg = _toy_cfg(batch_prompts=4, mini_batch_prompts=4, entropy_coef=1.0, kl_coef=0.0)
+    models = _toy_models(cfg)
+    gen = M.generate(models.policy, [[1], [2], [3], [4]], max_new_tokens=2, n_samples=4, eos_id=0, pad_id=0, seed=0)
+    exp = ppo.make_experience([[1], [2], [3], [4]], gen, 4, [0.0] * 16, pad_id=0, eos_ids=0)
+    ppo.prepare_experience(exp, models, cfg)
+    exp.advantages.zero_()                   # no policy-gradient signal: only the bonus acts
+    entropies = [ppo.update_actor(models.policy, models.actor_opt, exp, cfg, lr=1e-2)["entropy"] for _ in range(3)]
+    assert entropies[2] > entropies[0]
+
+
+def test_old_logprobs_recomputed_at_step_0_equal_the_rollout(tmp_path):
+    model, tok = M.load(make_checkpoint(tmp_path / "ck"), dtype="float32")
+    cfg = ppo._resolve(ppo.PPOConfig(device="cpu", max_response=12, infer_batch=3, kl_coef=0.001))
+    critic = ppo.Critic(copy.deepcopy(model))
+    models = ppo.Models(model, critic, copy.deepcopy(model), None, None, torch.device("cpu"))
+    prompts = [tok.encode("Using the numbers"), tok.encode("A conversation between User and Assistant."),
+               tok.encode("17 - 8 = 9")]                                       # different lengths: left padding
+    gen = M.generate(model, prompts, max_new_tokens=12, n_samples=2, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=0)
+    exp = ppo.make_experience(prompts, gen, 2, [0.0] * 6, tok.pad_id, tok.eos_id)
+    ppo.prepare_experience(exp, models, cfg)
+    m = exp.response_mask
+    assert m.sum() > 6
+    assert torch.allclose(exp.old_logp, exp.rollout_logp, atol=1e-4)
+    assert ((exp.old_logp - exp.rollout_logp).abs() * m).max() < 1e-4
+    assert torch.allclose(exp.kl, torch.zeros_like(exp.kl), atol=1e-5)        # reference = policy at step 0
+
+
+# -----------------------------------------------------------------------------
+# The training entry point: resume, run folder, CLI
+
+
+def _run_cfg(model, out, steps, **kw):
+    base = dict(model=str(model), out=str(out), device="cpu", batch_prompts=2, samples=2, mini_batch_prompts=1,
+                micro_batch=2, max_response=5, max_prompt=1024, steps=steps, val_every=2, n_val=2, n_train=8,
+                n_test=3, save_every=2, progress=False, actor_lr=1e-3, critic_lr=1e-3, seed=3)
+    base.update(kw)
+    return ppo.PPOConfig(**base)
+
+
+def _weights(run, step):
+    model, _ = M.load(run / "checkpoints" / f"step_{step}" / "policy")
+    state = torch.load(run / "checkpoints" / f"step_{step}" / "state.pt", weights_only=True)
+    return model.state_dict(), state
+
+
+def test_resume_gives_the_weights_of_a_straight_run(tmp_path):
+    ck = make_checkpoint(tmp_path / "ck")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    ppo.train(_run_cfg(ck, straight, steps=4))
+    ppo.train(_run_cfg(ck, split, steps=2))
+    assert (split / "checkpoints" / "step_2" / "state.pt").is_file()
+    ppo.train(_run_cfg(ck, split, steps=4))                       # a rerun with more steps resumes at 2
+    (w1, s1), (w2, s2) = _weights(straight, 4), _weights(split, 4)
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert all(torch.equal(s1["critic"][k], s2["critic"][k]) for k in s1["critic"])
+    assert not torch.equal(w1["embed_tokens.weight"], M.load(ck)[0].state_dict()["embed_tokens.weight"])
+    rows1 = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows2 = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows2] == [0, 1, 2, 3, 4]
+    assert all(set(r) == set(ppo.METRIC_KEYS) for r in rows1 + rows2)
+    for a, b in zip(rows1, rows2):
+        assert a["reward_mean"] == b["reward_mean"] and a["kl"] == b["kl"] and a["value_loss"] == b["value_loss"]
+    assert not (straight / "checkpoints" / "step_2" / "state.pt").exists()   # --state-checkpoints last
+    assert (straight / "checkpoints" / "step_2" / "policy" / "config.json").is_file()
+    comp = [json.loads(x) for x in (straight / "completions" / "step_4.jsonl").read_text().splitlines()]
+    assert len(comp) == 2 and {"step", "nums", "target", "prompt", "completion", "score"} <= set(comp[0])
+
+
+def test_bfloat16_run_keeps_fp32_master_weights(tmp_path):
+    ck = make_checkpoint(tmp_path / "ck")
+    out = tmp_path / "bf16"
+    ppo.train(_run_cfg(ck, out, steps=1, val_every=0, dtype="bfloat16", actor_lr=1e-6))
+    policy, state = _weights(out, 1)
+    init = M.load(ck)[0].state_dict()
+    assert policy["embed_tokens.weight"].dtype == torch.bfloat16
+    master = dict(zip([n for n, _ in M.load(ck)[0].named_parameters()], state["actor_opt"]["master"]))
+    assert master["embed_tokens.weight"].dtype == torch.float32
+    start = init["embed_tokens.weight"].to(torch.bfloat16).float()    # the bf16 weights training began from
+    moved = (master["embed_tokens.weight"] - start).abs()
+    assert 0 < moved.max() < 1e-5                     # the fp32 copy moved by ~lr per Adam step (2 steps)
+
+
+def test_run_folder_refuses_other_settings_and_cli_errors(tmp_path, capsys):
+    ck = make_checkpoint(tmp_path / "ck")
+    out = tmp_path / "run"
+    ppo.train(_run_cfg(ck, out, steps=1, val_every=0))
+    with pytest.raises(ValueError, match="different settings"):
+        ppo.train(_run_cfg(ck, out, steps=2, val_every=0, actor_lr=5e-3))
+    assert ppo.main(["--model", str(ck), "--out", str(tmp_path / "r2"), "--device", "cpu", "--batch-prompts", "3",
+                     "--mini-batch-prompts", "2"]) == 2
+    assert "multiple of" in capsys.readouterr().err
+    assert ppo.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "r3")]) == 2
+    assert ppo.main(["--model", str(ck), "--out", str(tmp_path / "r4"), "--resume", "--device", "cpu"]) == 2
+    assert "no run to resume" in capsys.readouterr().err
+
+
+def test_print_budget_for_a_3b_config(tmp_path, capsys):
+    cfg = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+           "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert ppo.main(["--print-budget", "--model", str(tmp_path / "config.json"), "--device", "cuda",
+                     "--gpu-memory-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "3.09B-parameter policy" in out and "optimizer on cpu" in out
+    b = ppo.memory_budget(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, optim_device="cpu",
+                                                     rollout_batch=64)), M.ModelConfig.from_hf(cfg))
+    items = {name: n for name, n, _ in b["items"]}
+    assert items["policy weights"] == 2 * b["params_policy"]
+    assert items["rollout KV cache (256 rows x 1280 tokens)"] == 256 * 1280 * 36 * 2 * 2 * 128 * 2
