@@ -1013,10 +1013,11 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def run_judged_command(command, args) -> int:
+    """Run a CLI command that talks to a judge: a known error is one line and exit 2; Ctrl-C says
+    how to resume (every finished request is already in the cache). curate.py uses it too."""
     try:
-        return run(args)
+        return command(args)
     except (ValueError, FileNotFoundError, FileExistsError, JudgeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1024,6 +1025,10 @@ def main(argv=None):
         print("interrupted: finished requests are cached; rerun the same command to resume",
               file=sys.stderr)
         return 130
+
+
+def main(argv=None):
+    return run_judged_command(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

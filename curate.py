@@ -38,7 +38,8 @@ from pathlib import Path
 
 import classify
 import countdown
-from classify import BEHAVIORS, JudgeClient, JudgeError, add_judge_args, judge_config_from_args
+from classify import (BEHAVIORS, JudgeClient, add_judge_args, judge_config_from_args,
+                      run_judged_command)
 
 
 @dataclass
@@ -713,16 +714,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        return {"priming": _cmd_priming, "controls": _cmd_controls,
-                "pretrain": _cmd_pretrain}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, JudgeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished requests are cached; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    commands = {"priming": _cmd_priming, "controls": _cmd_controls, "pretrain": _cmd_pretrain}
+    return run_judged_command(commands[args.command], args)
 
 
 if __name__ == "__main__":

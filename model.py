@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -52,7 +53,7 @@ class ModelConfig:
     num_key_value_heads: int = 8
     head_dim: Optional[int] = None          # None: hidden_size // num_attention_heads
     max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-6            # transformers' default for both families
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None     # None or {"rope_type": "llama3", "factor": ..., ...}
     tie_word_embeddings: bool = False
@@ -626,6 +627,22 @@ def save(model: Transformer, tokenizer: Tokenizer, out_dir, *, max_shard_size: i
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
     return out
+
+
+def rng_state() -> dict:
+    """Every random generator a training run draws from (python, torch CPU, CUDA), for resuming
+    exactly: sft.py and ppo.py store it beside their checkpoints."""
+    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 # -----------------------------------------------------------------------------

@@ -180,6 +180,8 @@ class PPOConfig:
     ref_offload: bool = _flag(True, "keep the reference model in host memory between uses (cuda only)")
     grad_checkpointing: bool = _flag(True, "recompute each layer in backward (much less activation memory)")
     rollout_batch: int = _flag(0, "prompts per generation call; bounds the KV cache (0 = auto from the budget)")
+    compile_rollout: bool = _flag(False, "generate with model.py's fast path: static shapes + torch.compile of the "
+                                  "decode step (CUDA graphs; for cuda, unverified here)")
     val_batch: int = _flag(0, "prompts per validation generation call (0 = auto)")
     logprob_chunk: int = _flag(1024, "tokens per chunk of the LM head in log-prob/entropy computation")
     gpu_memory_gb: float = _flag(0.0, "GPU memory for the automatic choices (0 = the device's; 80 without one)")
@@ -192,7 +194,7 @@ class PPOConfig:
 # come out of the generator, so a resume with a different one is valid but not bit-identical.
 _RESUMABLE_CHANGES = {"steps", "resume", "progress", "device", "threads", "max_bad_updates", "print_budget",
                       "val_every", "save_every", "state_checkpoints", "rollout_batch", "val_batch", "infer_batch",
-                      "logprob_chunk", "gpu_memory_gb", "optim_device", "ref_offload"}
+                      "logprob_chunk", "gpu_memory_gb", "optim_device", "ref_offload", "compile_rollout"}
 
 
 # -----------------------------------------------------------------------------
@@ -588,7 +590,8 @@ def rollout(policy, prompts, cfg: PPOConfig, *, eos_id, pad_id: int, generator, 
     T = cfg.temperature if temperature is None else temperature
     size = batch_prompts or len(prompts)
     parts = [M.generate(policy, prompts[i:i + size], max_new_tokens=cfg.max_response, n_samples=n, temperature=T,
-                        top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id, generator=generator)
+                        top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id, generator=generator,
+                        compile=cfg.compile_rollout)
              for i in range(0, len(prompts), size)]
     if policy.embed_tokens.weight.is_cuda:
         torch.cuda.empty_cache()   # the KV caches are garbage now; hand their memory back before training
@@ -1103,20 +1106,6 @@ def _resolve_memory(cfg: PPOConfig, mc: M.ModelConfig) -> PPOConfig:
 # Checkpoints and the run folder
 
 
-def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def _set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def _step_dirs(run: Path) -> dict:
     out = {}
     for d in (run / "checkpoints").glob("step_*"):
@@ -1139,7 +1128,7 @@ def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOCon
     shutil.rmtree(tmp, ignore_errors=True)
     M.save(models.policy, tokenizer, tmp / "policy")
     if cfg.state_checkpoints != "none":
-        state = {"step": step, "config": asdict(cfg), "counters": dict(counters), "rng": _rng_state(),
+        state = {"step": step, "config": asdict(cfg), "counters": dict(counters), "rng": M.rng_state(),
                  "actor_opt": models.actor_opt.state_dict(),
                  "critic": models.critic.state_dict() if models.critic is not None else None,
                  "critic_opt": models.critic_opt.state_dict() if models.critic_opt is not None else None}
@@ -1298,7 +1287,7 @@ def train(cfg: PPOConfig) -> dict:
         if models.critic is not None:
             models.critic.load_state_dict(state["critic"])
             models.critic_opt.load_state_dict(state["critic_opt"])
-        _set_rng_state(state["rng"])
+        M.set_rng_state(state["rng"])
 
     stop = {"requested": False}
     previous_handler = None

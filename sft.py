@@ -55,7 +55,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -411,19 +410,6 @@ def _publish_final(src: Path, dst: Path):
     os.replace(tmp, dst)
 
 
-def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def _set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
 
 # -----------------------------------------------------------------------------
 # Training
@@ -560,7 +546,7 @@ def train(cfg: SFTConfig) -> Optional[Path]:
     metrics_file = run / "metrics.jsonl"
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        M.set_rng_state(state["rng"])
         step, elapsed, tokens_seen = state["step"], state["elapsed_s"], state["tokens"]
     if metrics_file.exists():  # forget lines written after the checkpoint we resume from
         C.write_jsonl(metrics_file, [m for m in C.read_jsonl(metrics_file) if m["step"] <= step])
@@ -570,7 +556,7 @@ def train(cfg: SFTConfig) -> Optional[Path]:
 
     def make_state():
         return {"step": step, "epoch": step // steps_per_epoch, "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(), "elapsed_s": elapsed, "tokens": tokens_seen, "total_steps": total_steps}
+                "rng": M.rng_state(), "elapsed_s": elapsed, "tokens": tokens_seen, "total_steps": total_steps}
 
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=step, desc="sft", file=sys.stderr, dynamic_ncols=True)
