@@ -163,6 +163,9 @@ class PPOConfig:
     # schedule, checkpoints, logging
     val_every: int = _flag(10, "validate every N steps (0 = never); also at step 0 with --val-before-train")
     val_before_train: bool = _flag(True, "validate the initial model (step 0)")
+    val_temperature: float = _flag(0.0, "validation decoding: 0 = greedy (veRL's validation during training); "
+                                   "1.0 = one seeded sample per problem, the accuracy the paper's result tables "
+                                   "and behavior counts use")
     save_every: int = _flag(10, "checkpoint every N steps; the last step is always checkpointed")
     state_checkpoints: str = _flag("last", "which checkpoints keep the training state needed to resume (policy "
                                    "folders are always kept): last (older state.pt files are deleted), all, none",
@@ -862,11 +865,15 @@ def countdown_reward(tokenizer: M.Tokenizer, problems, cfg: PPOConfig) -> Callab
 
 
 def validate(policy, tokenizer: M.Tokenizer, problems, cfg: PPOConfig, step: int, run: Optional[Path]) -> dict:
-    """Greedy decoding on the test problems; pure accuracy and mean score (with its format credit)
-    separately (D-R4). Writes completions/step_<N>.jsonl for behavior classification."""
+    """Decode the test problems (greedy, or one sample each at --val-temperature); pure accuracy and
+    mean score (with its format credit) separately (D-R4). Writes completions/step_<N>.jsonl for
+    behavior classification."""
     prompts = encode_prompts(tokenizer, problems, cfg)
-    gen = rollout(policy, prompts, cfg, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=None,
-                  temperature=0.0, n_samples=1, batch_prompts=cfg.val_batch or len(prompts))
+    device = policy.embed_tokens.weight.device
+    # a stream of its own per step, apart from the rollouts', so validating never shifts training samples
+    generator = _step_generator(cfg.seed + 1, step, device) if cfg.val_temperature > 0 else None
+    gen = rollout(policy, prompts, cfg, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator,
+                  temperature=cfg.val_temperature, n_samples=1, batch_prompts=cfg.val_batch or len(prompts))
     rows, ended = [], []
     for p, toks, n in zip(problems, gen.tokens.cpu(), gen.lengths.tolist()):
         ids = toks[:n].tolist()
@@ -1057,14 +1064,14 @@ def _resolve(cfg: PPOConfig) -> PPOConfig:
         if getattr(c, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
     for name in ("n_train", "n_test", "n_val", "val_every", "rollout_batch", "val_batch", "threads", "kl_coef",
-                 "entropy_coef", "weight_decay", "gpu_memory_gb"):
+                 "entropy_coef", "weight_decay", "gpu_memory_gb", "val_temperature"):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
     if c.batch_prompts % c.mini_batch_prompts:
         raise ValueError(f"--batch-prompts {c.batch_prompts} is not a multiple of --mini-batch-prompts "
                          f"{c.mini_batch_prompts}")
     if c.temperature <= 0:
-        raise ValueError("--temperature must be > 0 for rollouts (validation is always greedy)")
+        raise ValueError("--temperature must be > 0 for rollouts (greedy validation: --val-temperature 0)")
     if not 0 < c.top_p <= 1:
         raise ValueError("--top-p must be in (0, 1]")
     if c.adv == "grpo" and c.samples < 2:

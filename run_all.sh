@@ -37,11 +37,12 @@ tiny)
     [ -e $D/sft/final/config.json ] || \
         $PY sft.py --init tiny --data $D/data/negative_control.jsonl --eval-problems $D/data/test.jsonl \
             --out $D/sft --epochs 2 --batch-size 32 --num-threads 1
-    # 4. PPO (a tiny model needs far larger learning rates than the paper's 1e-6 / 1e-5)
+    # 4. PPO (a tiny model needs far larger learning rates than the paper's 1e-6 / 1e-5); validation
+    #    samples at T = 1, the accuracy the paper reports (greedy: --val-temperature 0)
     $PY ppo.py --model $D/sft/final --out $D/ppo --device cpu --threads 1 \
         --train-data $D/data/train.jsonl --test-data $D/data/test.jsonl \
         --batch-prompts 64 --samples 4 --mini-batch-prompts 32 --micro-batch 64 --max-response 96 \
-        --steps 150 --actor-lr 2e-4 --critic-lr 1e-3 --no-grad-checkpointing
+        --steps 150 --actor-lr 2e-4 --critic-lr 1e-3 --no-grad-checkpointing --val-temperature 1.0
     # 5. behavior counts of every validation's completions, offline rules judge
     $PY classify.py --input $D/ppo/completions --judge rules --out $D/labels
     echo "[run_all] done: accuracy per step in $D/ppo/metrics.jsonl, behaviors in $D/labels/summary.csv"
@@ -72,11 +73,13 @@ paper)
             $PY sft.py --model llama-3.2-3b --data $DATA/$c.jsonl --val-fraction 0.1667 \
                 --out runs/sft/$c --grad-checkpointing
     done
-    # 3. PPO with the paper's settings: both base models, then every primed Llama
-    $PY ppo.py --model qwen2.5-3b --out runs/ppo/qwen_base
-    $PY ppo.py --model llama-3.2-3b --out runs/ppo/llama_base
+    # 3. PPO with the paper's settings: both base models, then every primed Llama. Validation samples
+    #    at T = 1: the paper's accuracy curves and behavior counts come from T = 1 samples.
+    VAL="--val-temperature 1.0"
+    $PY ppo.py --model qwen2.5-3b --out runs/ppo/qwen_base $VAL
+    $PY ppo.py --model llama-3.2-3b --out runs/ppo/llama_base $VAL
     for c in $CONDITIONS $CONTROLS; do
-        $PY ppo.py --model runs/sft/$c/final --out runs/ppo/llama_$c
+        $PY ppo.py --model runs/sft/$c/final --out runs/ppo/llama_$c $VAL
     done
     # 4. behavior counts per validation step (200 completions per step, seeded)
     for run in runs/ppo/*/; do

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import countdown
 import model as M
 import ppo
 from conftest import make_checkpoint, make_config
@@ -380,6 +381,26 @@ def test_old_logprobs_recomputed_at_step_0_equal_the_rollout(tmp_path):
     assert torch.allclose(exp.old_logp, exp.rollout_logp, atol=1e-4)
     assert ((exp.old_logp - exp.rollout_logp).abs() * m).max() < 1e-4
     assert torch.allclose(exp.kl, torch.zeros_like(exp.kl), atol=1e-5)        # reference = policy at step 0
+
+
+def test_validation_is_greedy_by_default_and_seeded_when_sampled(tmp_path):
+    model, tok = M.load(make_checkpoint(tmp_path / "ck"), dtype="float32")
+    problems = [{"nums": [3, 17, 8], "target": 12}, {"nums": [25, 30, 3, 4], "target": 32},
+                {"nums": [1, 2, 3], "target": 6}, {"nums": [9, 4, 7], "target": 20}]
+
+    def completions(step, **kw):
+        cfg = ppo._resolve(ppo.PPOConfig(device="cpu", max_response=16, max_prompt=1024, seed=5, **kw))
+        ppo.validate(model, tok, problems, cfg, step, tmp_path)
+        return [r["completion"] for r in countdown.read_jsonl(tmp_path / "completions" / f"step_{step}.jsonl")]
+
+    prompts = [tok.encode(countdown.make_prompt(p["nums"], p["target"])) for p in problems]
+    greedy = M.generate(model, prompts, max_new_tokens=16, temperature=0.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    expect = [ppo.response_text(tok, t[:n].tolist()) for t, n in zip(greedy.tokens, greedy.lengths.tolist())]
+    assert completions(0) == expect                                   # default: greedy, like veRL's validation
+    sampled = completions(1, val_temperature=1.0)
+    assert sampled == completions(1, val_temperature=1.0)             # seeded: the same step samples the same
+    assert sampled != expect                                          # a random model's samples are not its argmax
+    assert completions(2, val_temperature=1.0) != sampled             # each step draws its own samples
 
 
 # -----------------------------------------------------------------------------
