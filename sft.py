@@ -410,7 +410,6 @@ def _publish_final(src: Path, dst: Path):
     os.replace(tmp, dst)
 
 
-
 # -----------------------------------------------------------------------------
 # Training
 

@@ -445,3 +445,12 @@ def test_cli_prints_only_the_greedy_completion(tiny, tmp_path):
     bad = run_cli("--model", str(tmp_path / "missing" / "x"), "--prompt", "hi")
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("error: ")
     assert "Traceback" not in bad.stderr
+
+
+def test_rng_state_round_trip_restores_torch_and_python_streams():
+    import random
+    saved = M.rng_state()
+    first = (torch.rand(3), random.random())
+    M.set_rng_state(saved)
+    again = (torch.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and first[1] == again[1]
