@@ -11,8 +11,9 @@ behavior, and answers with a count between <count> </count> tags. This file hold
 2. the four behavior prompts for Countdown (paper section 4.2) and for math web text (4.3), in our
    own wording, overridable from files (--prompts-dir) so the originals can be dropped in;
 3. count parsing, per-step aggregation (average counts, missing answers, accuracy) to CSV and JSON;
-4. `--judge rules`: an offline rule-based counter whose regexes are listed below, and
-5. `--score-against`: precision / recall / mean absolute error of any judge against ground truth.
+4. `--judge rules`: an offline rule-based counter whose regexes are listed below,
+5. `--score-against`: precision / recall / mean absolute error of any judge against ground truth, and
+6. `classify.py report`: PPO run folders gathered into results.json, a table and figures.
 
 Simplifications and fixes relative to the original code (paper_spec D-E1..D-E7):
 * synchronous requests with our own retries instead of the OpenAI Batch API (works with any server);
@@ -987,6 +988,199 @@ def run(args):
     return 0
 
 
+# -----------------------------------------------------------------------------------------------
+# 6. The study report: PPO run folders in, results.json and figures out
+#
+# The paper's Figures 1 and 4 plot, per condition, validation accuracy against the PPO step, and
+# Figure 5 the behavior counts of the validation completions. `classify.py report` rebuilds them
+# from run folders (runs/<mode>/ppo/<condition>_s<seed>/, or any ppo.py --out): accuracy, response
+# length and arithmetic from completions/step_<N>.jsonl, behaviors from labels/labels.jsonl when
+# classify.py has labelled the run (any judge), else counted with the rules. Accuracy intervals are
+# Wilson 95% intervals over the problems (and seeds, pooled), the binomial noise of a test set.
+
+
+def wilson_interval(k, n, z=1.96):
+    """95% Wilson score interval of a proportion k/n (None when n == 0)."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5 / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def _run_name(folder: Path):
+    """(condition, seed) from a folder named <condition>_s<seed>; else (folder name, 0)."""
+    m = re.fullmatch(r"(.+)_s(\d+)", folder.name)
+    return (m.group(1), int(m.group(2))) if m else (folder.name, 0)
+
+
+def summarize_run(folder) -> dict:
+    """Per validation step of one PPO run: n, correct, accuracy, mean behavior counts, mean
+    response length in tokens, and the fraction of stated arithmetic steps that are right."""
+    folder = Path(folder)
+    rows = load_completions(folder / "completions") if (folder / "completions").is_dir() else []
+    if not rows:
+        raise ValueError(f"{folder}: no completions/step_<N>.jsonl; is it a ppo.py run folder with "
+                         "at least one validation?")
+    labels = {}
+    if (folder / "labels" / "labels.jsonl").exists():  # a judge's counts win over the rules
+        for r in countdown.read_jsonl(folder / "labels" / "labels.jsonl"):
+            labels[(r["step"], json.dumps(r["nums"]), r["target"], r["completion"])] = r["behaviors"]
+    steps = {}
+    for r in rows:
+        steps.setdefault(r["step"], []).append(r)
+    out = dict(steps=[], n_eval=[], correct=[], accuracy=[], response_length=[], arithmetic_accuracy=[],
+               behaviors={b: [] for b in BEHAVIORS},
+               judge="rules" if not labels else "labels/labels.jsonl")
+    for step in sorted(steps):
+        rs = steps[step]
+        correct = sum(countdown.is_correct(r["completion"], r["nums"], r["target"]) for r in rs)
+        right = stated = 0
+        for r in rs:
+            a, s = countdown.check_arithmetic(r["completion"])
+            right, stated = right + a, stated + s
+        counts = [labels.get((step, json.dumps(r["nums"]), r["target"], r["completion"]))
+                  or count_behaviors_rules(r["completion"]) for r in rs]
+        out["steps"].append(step)
+        out["n_eval"].append(len(rs))
+        out["correct"].append(correct)
+        out["accuracy"].append(correct / len(rs))
+        out["response_length"].append(_mean([r.get("length", len(r["completion"].split())) for r in rs]))
+        out["arithmetic_accuracy"].append(right / stated if stated else None)
+        for b in BEHAVIORS:
+            out["behaviors"][b].append(_mean([c[b] for c in counts if c.get(b) is not None]))
+    return out
+
+
+def study_results(run_folders) -> dict:
+    """{"conditions": {name: {"final_accuracy", "n_eval", "initial_accuracy", intervals,
+    "seeds": {seed: summarize_run(...)}}}} over PPO run folders named <condition>_s<seed>."""
+    conds: dict = {}
+    for folder in sorted(Path(f) for f in run_folders):
+        name, seed = _run_name(folder)
+        conds.setdefault(name, {"seeds": {}})["seeds"][str(seed)] = summarize_run(folder)
+    for c in conds.values():
+        runs = list(c["seeds"].values())
+        last = min(len(r["steps"]) for r in runs) - 1  # the last step every seed reached
+        for key, i in (("initial", 0), ("final", last)):
+            k, n = sum(r["correct"][i] for r in runs), sum(r["n_eval"][i] for r in runs)
+            c[f"{key}_accuracy"], c[f"{key}_ci95"] = k / n, wilson_interval(k, n)
+            c[f"{key}_step"] = runs[0]["steps"][i]
+            c[f"{key}_behaviors"] = {b: _mean([r["behaviors"][b][i] for r in runs]) for b in BEHAVIORS}
+            c[f"{key}_arithmetic_accuracy"] = _mean([r["arithmetic_accuracy"][i] for r in runs
+                                                     if r["arithmetic_accuracy"][i] is not None])
+        c["n_eval"], c["n_seeds"] = runs[0]["n_eval"][last], len(runs)
+        c["best_accuracy"] = max(_mean([r["accuracy"][i] for r in runs]) for i in range(last + 1))
+    return {"conditions": conds}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def draw_figures(results, out_dir) -> list:
+    """accuracy.png, behaviors.png and response_length.png like the paper's Figures 4, 5 and the
+    length panel; returns the paths written ([] with a message when matplotlib is missing)."""
+    plt = _pyplot()
+    if plt is None:
+        print("figures skipped: matplotlib is not installed (pip install matplotlib); "
+              "results.json is written all the same", file=sys.stderr)
+        return []
+    out_dir, paths = Path(out_dir), []
+    conds = results["conditions"]
+    colors = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(conds)}
+
+    def lines(ax, get):
+        for c, v in conds.items():
+            for k, (seed, r) in enumerate(sorted(v["seeds"].items())):
+                ys = get(r)
+                ax.plot(r["steps"], [y if y is not None else float("nan") for y in ys], color=colors[c],
+                        alpha=0.9 if k == 0 else 0.5, ls="-" if k == 0 else "--",
+                        label=c if k == 0 else None)
+
+    panels = [("accuracy.png", "validation accuracy (T = 1)", [lambda r: r["accuracy"]], [""]),
+              ("response_length.png", "response length (tokens)", [lambda r: r["response_length"]], [""]),
+              ("behaviors.png", "behavior count per completion",
+               [lambda r, b=b: r["behaviors"][b] for b in BEHAVIORS], list(BEHAVIORS))]
+    for name, ylabel, getters, titles in panels:
+        fig, axes = plt.subplots(1, len(getters), figsize=(4.2 * len(getters), 3.4), squeeze=False)
+        for ax, get, title in zip(axes[0], getters, titles):
+            lines(ax, get)
+            ax.set_xlabel("PPO step")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(ylabel)
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle("solid: first seed, dashed: other seeds", fontsize=8)
+        fig.tight_layout()
+        tmp = out_dir / f".{name}.{os.getpid()}.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, out_dir / name)
+        paths.append(str(out_dir / name))
+    return paths
+
+
+def format_results_table(results) -> str:
+    """A markdown table: per condition and seed, step-0 and final accuracy with 95% intervals."""
+    def acc(k, n):
+        lo, hi = wilson_interval(k, n)
+        return f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    lines = ["| condition | seed | n | step 0 accuracy [95% CI] | final step | final accuracy [95% CI] | "
+             "verif | backtr | subgoal | backward | arith. steps right |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c, v in results["conditions"].items():
+        for seed, r in sorted(v["seeds"].items()):
+            i = len(r["steps"]) - 1
+            b = " | ".join(f"{r['behaviors'][x][i]:.2f}" for x in BEHAVIORS)
+            ar = r["arithmetic_accuracy"][i]
+            lines.append(f"| {c} | {seed} | {r['n_eval'][i]} | {acc(r['correct'][0], r['n_eval'][0])} | "
+                         f"{r['steps'][i]} | {acc(r['correct'][i], r['n_eval'][i])} | {b} | "
+                         f"{'-' if ar is None else f'{ar:.3f}'} |")
+        if len(v["seeds"]) > 1:
+            lo, hi = v["final_ci95"]
+            lines.append(f"| {c} | pooled | {v['n_eval']}x{v['n_seeds']} | {v['initial_accuracy']:.3f} | "
+                         f"{v['final_step']} | {v['final_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | | | | | |")
+    return "\n".join(lines)
+
+
+def report(args) -> int:
+    folders = [Path(p) for p in args.runs]
+    missing = [str(p) for p in folders if not p.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"not a run folder: {', '.join(missing)}; pass ppo.py --out folders")
+    results = study_results(folders)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["figures"] = draw_figures(results, out)
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
+    table = format_results_table(results)
+    write_text_atomic(out / "results.md", table + "\n")
+    print(table)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + "".join(f", {p}" for p in results["figures"]))
+    return 0
+
+
+def build_report_parser():
+    p = argparse.ArgumentParser(
+        prog="classify.py report",
+        description="Gather PPO run folders into results.json, a markdown table and figures "
+                    "(accuracy, behaviors and response length against the PPO step).",
+        epilog="example: python classify.py report runs/mini/ppo/*_s* --out runs/mini",
+        formatter_class=HelpFormatter)
+    p.add_argument("runs", nargs="+", help="ppo.py run folders; a name <condition>_s<seed> groups seeds")
+    p.add_argument("--out", required=True, help="folder for results.json, results.md and the PNG figures")
+    return p
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="Count verification / backtracking / subgoal / backward-chaining in "
@@ -1028,6 +1222,9 @@ def run_judged_command(command, args) -> int:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        return run_judged_command(report, build_report_parser().parse_args(argv[1:]))
     return run_judged_command(run, build_parser().parse_args(argv))
 
 

@@ -647,17 +647,23 @@ def _check_distribution(distribution):
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {sorted(DISTRIBUTIONS)}")
 
 
+def _problem_stream(distribution: str, seed):
+    """An endless seeded stream of solvable problems {"nums", "target", "id"} (ids 0, 1, ...)."""
+    rng = random.Random(f"countdown-problems:{distribution}:{seed}")
+    i = 0
+    while True:
+        nums, target = _sample_problem(rng, distribution)
+        yield {"nums": nums, "target": target, "id": i}
+        i += 1
+
+
 def generate_problems(n: int, distribution: str = "rl", seed: int = 0) -> list[dict]:
     """n solvable problems {"nums", "target", "id"} drawn i.i.d. (repeats possible) with a seeded RNG."""
     _check_distribution(distribution)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    rng = random.Random(f"countdown-problems:{distribution}:{seed}")
-    rows = []
-    for i in range(n):
-        nums, target = _sample_problem(rng, distribution)
-        rows.append({"nums": nums, "target": target, "id": i})
-    return rows
+    stream = _problem_stream(distribution, seed)
+    return [next(stream) for _ in range(n)]
 
 
 def make_splits(n_train: int, n_test: int, distribution: str = "rl", seed: int = 0,
@@ -708,27 +714,29 @@ def _progress_bar(total, desc):
 # Synthetic reasoning traces.
 #
 # The paper primed models with Claude-written traces under nine conditions (paper_spec 3.1-3.3).
-# We write them ourselves from a real search so every behavior is known exactly:
-#   forward attempts  walk the game's states (pick two numbers, combine them, repeat) choosing
-#                     plausible moves; a failed walk ends in a two-number state from which the
-#                     target is unreachable, so giving up there is what a depth-first search does;
-#   subgoals          come from factors and multiples of the target and numbers near it; a viable
-#                     one is made from some of the numbers and then combined with the rest;
-#   backward steps    invert one operation from the target ("24 / 2 = 12, so make 12 from the rest");
-#   backtracking      abandons a path for the start or for an intermediate state.
-# The success episode follows states the solver proves solvable, so the final answer is correct
-# (checked with score() before a trace is returned). Each behavior is counted once per instance
-# as it is written (the paper's classifier definitions, paper_spec 4.2): one verification per
-# explicit check of a result against the target, one backtracking per abandoned path followed by a
-# new attempt, one subgoal per stated subgoal, one backward per step worked back from the target.
-# Every phrasing of a behavior contains exactly one of its markers in BEHAVIOR_PHRASES and no other
-# text contains any marker, so counting markers (lowercased substrings) recovers the counts; each
-# trace is checked against that before it is returned. (The markers are exact for these traces
-# only; free text from a model needs a broader classifier, see classify.py.)
-# Conditions differ from the paper's data in two ways worth knowing: no_positive here is an
-# all_strategies-style search that never finds the answer and settles for its nearest wrong
-# expression (the paper kept the Claude traces whose answers were wrong), and empty_cot / dots
-# rewrite our all_strategies trace of the same problem, as the paper rewrote its all_strategies file.
+# We write them ourselves, and each one is the log of a search that really runs on its problem:
+#   forward search    depth-first over the game's states (combine two numbers, repeat), moves
+#                     ordered by a one-step look-ahead heuristic; a dead end is found by computing
+#                     it (two numbers left whose best combination misses the goal);
+#   backtracking      the search backs up to the nearest earlier state with an untried move (an
+#                     intermediate state: "go back to 12, 5 and 3"; or the start);
+#   subgoals          an intermediate value s one operation from the target with a given number
+#                     n (s * n = t, s + n = t, ...), made from the other numbers by search;
+#   backward steps    t = x op n, so the others must make x; repeated until two numbers are left;
+#   verification      the value a path reached, compared aloud with the value it aimed at.
+# The number of dead ends is whatever the search needed (easy problems need fewer), up to a budget;
+# a correct-answer condition skips a problem its search cannot solve within TRACE_BUDGET, and
+# no_positive is the log of searches that ran out of a smaller budget and then committed, plainly,
+# to their nearest wrong answer (the paper kept the Claude traces whose answers were wrong). The
+# condition decides which strategies the search may use and which behaviors it says; a plain
+# search still backs up, and says so only where backtracking is spoken. Each behavior is counted
+# once per instance as it is written (the paper's classifier definitions, paper_spec 4.2). Every
+# phrasing of a behavior contains exactly one of its markers in BEHAVIOR_PHRASES and no other text
+# contains any marker, so counting markers (lowercased substrings) recovers the counts; each trace
+# is checked against that before it is returned. (The markers are exact for these traces only;
+# free text from a model needs a broader classifier, see classify.py.) empty_cot and dots rewrite
+# our all_strategies trace of the same problem, as the paper rewrote its all_strategies file.
+# Every stated arithmetic step is exact (tests/test_countdown.py re-reads and checks them all).
 
 CONDITIONS = (
     "all_strategies", "only_backtracking", "backtracking_verification", "backtracking_subgoal",
@@ -764,63 +772,80 @@ def count_behavior_phrases(text: str) -> dict[str, int]:
     return {b: sum(low.count(p) for p in ps) for b, ps in BEHAVIOR_PHRASES.items()}
 
 
-# Phrasings. {a} {b} {c}: a step's operands and result; {t}: target; {v}: a result; {s}: subgoal;
-# {x}: the value a backward step asks for; {n}: the number it uses; {state}/{rest}/{nums}: lists.
+# Phrasings. Every template of a behavior holds exactly one of its markers in BEHAVIOR_PHRASES and
+# no other text holds any marker (tests/test_countdown.py checks both), so counting markers in a
+# trace recovers its behavior counts. {a} {b} {c}: a step's operands and result; {t}: the target;
+# {g}: the value being aimed at (the target, a subgoal or a backward goal); {v}: a result;
+# {s}: a subgoal; {x}: a value a backward step asks for; {n}: a given number; {state}/{rest}/{nums}:
+# lists of numbers.
 _OPENINGS = (
     "Let me find a way to combine {nums} to get {t}.",
     "I need to reach {t} using each of {nums} exactly once.",
     "We have {nums} and need to make {t}.",
     "Numbers: {nums}. Goal: {t}.",
     "Let me think about how {nums} can combine into {t}.",
+    "The numbers are {nums} and the target is {t}.",
+    "Okay, {nums}, and I want {t}.",
 )
 _STEPS = {
-    "+": ("{a} + {b} = {c}.", "{a} + {b} = {c}.", "Adding {a} and {b} gives {c}.", "{a} plus {b} is {c}."),
-    "-": ("{a} - {b} = {c}.", "{a} - {b} = {c}.", "Subtracting {b} from {a} leaves {c}.", "{a} minus {b} is {c}."),
-    "*": ("{a} * {b} = {c}.", "{a} * {b} = {c}.", "Multiplying {a} by {b} gives {c}.", "{a} times {b} is {c}."),
-    "/": ("{a} / {b} = {c}.", "{a} / {b} = {c}.", "Dividing {a} by {b} gives {c}.", "{a} divided by {b} is {c}."),
+    "+": ("{a} + {b} = {c}.", "{a} + {b} = {c}.", "{a} + {b} = {c}.", "Adding {a} and {b} gives {c}.",
+          "{a} plus {b} is {c}.", "{a} + {b} makes {c}."),
+    "-": ("{a} - {b} = {c}.", "{a} - {b} = {c}.", "{a} - {b} = {c}.", "Subtracting {b} from {a} leaves {c}.",
+          "{a} minus {b} is {c}.", "{a} - {b} makes {c}."),
+    "*": ("{a} * {b} = {c}.", "{a} * {b} = {c}.", "{a} * {b} = {c}.", "Multiplying {a} by {b} gives {c}.",
+          "{a} times {b} is {c}.", "{a} * {b} makes {c}."),
+    "/": ("{a} / {b} = {c}.", "{a} / {b} = {c}.", "{a} / {b} = {c}.", "Dividing {a} by {b} gives {c}.",
+          "{a} divided by {b} is {c}.", "{a} / {b} makes {c}."),
 }
 _FIRST_STEP = ("What about {a} {op} {b}? That gives {c}.", "Start with {a} {op} {b} = {c}.",
-               "Let's try {a} {op} {b} = {c}.")
-_THEN = ("Then ", "Next, ", "", "", "Now ")
-_LEFT = ("That leaves {state}.", "Now we have {state}.")
-_VERIFY_FAIL = ("{v} is not {t}.", "{v} is not {t}, so that path fails.",
-                "That gives {v}, which doesn't match {t}.", "{v} isn't {t}.")
+               "Let's try {a} {op} {b} = {c}.", "First, {a} {op} {b} = {c}.", "Try {a} {op} {b} = {c}.")
+_THEN = ("Then ", "Next, ", "", "", "", "Now ", "And ")
+_LEFT = ("That leaves {state}.", "Now we have {state}.", "Left: {state}.", "So now {state}.")
+_VERIFY_FAIL = ("{v} is not {g}.", "{v} is not {g}, so that path fails.", "That gives {v}, which doesn't match {g}.",
+                "{v} isn't {g}.", "But {v} is not {g}.", "Hmm, {v} isn't {g}.", "{v}, which doesn't match {g}.")
 _VERIFY_OK = ("{t} was the goal, so the goal has been reached.", "That is {t}, which matches the target.",
-              "And {t} equals the target.", "We got {t}; it matches the target.")
-_DOUBLE_CHECK = ("Let me double-check: {steps}.", "Let's double-check: {steps}.",
-                 "Let me verify: {steps}.")
-_RESTART = ("Trying something else.", "Let's try something else.",
-            "Let's try a different sequence of operations.", "Let me try a different combination.",
-            "Let me start over with {nums}.", "Scrap that and try another pair.",
-            "Let's take another approach.")
-_GO_BACK = ("Let me go back to {state} and try another operation.",
-            "Let me go back to {state} and try again.")
+              "And {t} equals the target.", "We got {t}; it matches the target.", "{t} equals the target.",
+              "Yes, {t} matches the target.")
+_VERIFY_SUB = ("Good, that is {s}, and {s} equals the target I set.", "That gives {s}; it matches the target I set.")
+_DOUBLE_CHECK = ("Let me double-check: {steps}.", "Let's double-check: {steps}.", "Let me verify: {steps}.",
+                 "To double-check: {steps}.", "Let me verify each step: {steps}.")
+_RESTART = ("Trying something else.", "Let's try something else.", "Let's try a different sequence of operations.",
+            "Let me try a different combination.", "Let me start over with {nums}.",
+            "Scrap that and try another pair.", "Let's take another approach.", "Start over from {nums}.",
+            "I'll try something else.", "Back to {nums} and a different pair.")
+_GO_BACK = ("Let me go back to {state} and try another operation.", "Let me go back to {state} and try again.",
+            "Go back to {state}.", "So I go back to {state}.", "Let me go back to {state} instead.")
 _SUBGOAL_FAIL = ("I can't get {s} from these numbers, so let's try a different approach.",
-                 "{s} seems out of reach, so let me try something else.")
+                 "{s} seems out of reach, so let me try something else.",
+                 "No way to get {s} yet; let me take another approach.")
 _BACKWARD_FAIL = ("I don't see how to make {x} from {rest}, so let's try something else.",
-                  "{rest} can't give {x}, so let me take another approach.")
-_SUBGOAL = {
-    "factor": ("Let's first try to reach {s}, since it is a factor of {t}.",
-               "{s} times {k} is {t}, so let me try to reach {s} first.",
-               "A useful intermediate goal is {s}, a factor of {t}.",
-               "Let me set {s} as a subgoal, because {s} * {k} = {t}."),
-    "multiple": ("Let's first try to reach {s}, since it is a multiple of {t}.",
-                 "A useful intermediate goal is {s}, which is {k} times {t}.",
-                 "Let me set {s} as a subgoal; it is a multiple of {t}."),
-    "near": ("Let's first try to reach {s}, since it is near {t}.",
-             "{s} is only {d} away from {t}, so let me try to reach {s} first.",
-             "Let me take {s} as a subgoal; it is just {d} off {t}."),
+                  "{rest} can't give {x}, so let me take another approach.",
+                  "That way needs {x} from {rest}, which I can't find; let me try a different way.")
+_SUBGOAL = {  # the plan: reach s, then s {op} n = t
+    "factor": ("Let's first try to reach {s}, since {s} * {n} = {t}.",
+               "{s} times {n} is {t}, so let me try to reach {s} first.",
+               "A useful intermediate goal is {s}, because {s} * {n} = {t}.",
+               "Let me set {s} as a subgoal, because {s} * {n} = {t}.",
+               "If I can make {s}, then {s} * {n} gives {t}; {s} is my subgoal."),
+    "multiple": ("Let's first try to reach {s}, since {s} / {n} = {t}.",
+                 "A useful intermediate goal is {s}, which divided by {n} is {t}.",
+                 "Let me set {s} as a subgoal; {s} / {n} = {t}."),
+    "below": ("Let's first try to reach {s}, since {s} + {n} = {t}.",
+              "{s} is just {n} short of {t}, so let me try to reach {s} first.",
+              "Let me take {s} as a subgoal; then adding {n} gives {t}."),
+    "above": ("Let's first try to reach {s}, since {s} - {n} = {t}.",
+              "{s} is {n} more than {t}, so a good intermediate goal is {s}.",
+              "Let me take {s} as a subgoal; then subtracting {n} gives {t}."),
 }
-_SUBGOAL_FROM_BACKWARD = ("So {x} becomes an intermediate goal.", "Let me take {x} as a subgoal.")
-_BACKWARD = ("Let's work backwards from the target: {inv}.", "Working backwards from {t}: {inv}.",
-             "Since the target is {t}, and {fwd}, I would need {x}.",
-             "Thinking about it in reverse, {inv}.")
-_NEED = ("So I need {x} from {rest}.", "Then {rest} would have to make {x}.", "Can {rest} make {x}?")
-_SO = ("So, {fwd}.", "Then {fwd}.", "Finally, {fwd}.")
-_CLOSE_OK = ("So the answer is {expr}.", "The expression is {expr}.", "Putting it together: {expr}.",
-             "So {expr} uses every number once.", "So the final expression is {expr}.")
-_GIVE_UP = ("I'm not finding an exact solution, so I'll go with {expr}, which gives {v}.",
-            "I'll settle for {expr} = {v}; I could not find an exact expression.")
+_SUBGOAL_REACHED = ("Now {s} and {n}: {fwd}.", "Then {fwd}.", "With {s} made, {fwd}.")
+_BACKWARD = ("Let's work backwards from {g}: {inv}.", "Working backwards from {g}: {inv}.",
+             "Since the target is {g}, and {fwd}, I would need {x}.", "Thinking about it in reverse, {inv}.",
+             "Work backwards: {fwd}, so {inv}.", "In reverse: {inv}.")
+_NEED = ("So I need {x} from {rest}.", "Then {rest} would have to make {x}.", "Can {rest} make {x}?",
+         "Now make {x} from {rest}.")
+_SO = ("So, {fwd}.", "Then {fwd}.", "Finally, {fwd}.", "And {fwd}.")
+_CONCLUDE = ("So the answer is {expr}.", "The expression is {expr}.", "Putting it together: {expr}.",
+          "So {expr} uses every number once.", "So the final expression is {expr}.", "The answer: {expr}.")
 
 
 def _join(vals) -> str:
@@ -828,69 +853,94 @@ def _join(vals) -> str:
     return vals[0] if len(vals) == 1 else ", ".join(vals[:-1]) + " and " + vals[-1]
 
 
-class _TraceWriter:
-    """Writes one trace: a randomized, budgeted depth-first search, narrated as it goes."""
+# How the search is bounded. A correct-answer trace comes from a search that found the answer
+# within TRACE_BUDGET dead ends; a problem it cannot solve in that budget is not used for them.
+# A no_positive trace is a search that ran out of a smaller budget. VALUE_CAP: moves whose result
+# exceeds it are passed over silently, as a person would not multiply 23 by 19 to reach 17.
+TRACE_BUDGET = 8
+NO_POSITIVE_BUDGETS = (2, 3, 4)
+VALUE_CAP = 100
+_WIDTH = 2  # moves tried from an intermediate state before the search backs up further
 
-    def __init__(self, nums, target, allowed, rng, succeed=True):
-        self.nums, self.t, self.allowed, self.rng, self.succeed = nums, target, allowed, rng, succeed
+
+class _Budget(Exception):
+    """The search hit its budget of dead ends."""
+
+
+class _Narrator:
+    """A budgeted depth-first search over the game's states, written down as it runs.
+
+    States are lists of (value, tree) items; a move combines two items under the natural rules.
+    The search orders moves by a one-step look-ahead heuristic and discovers dead ends by computing
+    them: a state of two numbers whose best combination misses the goal. It backs up to the nearest
+    state with an untried move (saying so when backtracking is spoken), and strategies the condition
+    allows (subgoals, backward steps) are tried before plain forward search. Behaviors the condition
+    does not allow are still done silently where they are search moves (a plain search also backs
+    up), but only allowed ones are written.
+    """
+
+    def __init__(self, nums, target, condition, rng, budget):
+        self.nums, self.t, self.rng, self.budget = list(nums), target, rng, budget
+        self.allowed = ALLOWED_BEHAVIORS[condition]
         self.lines: list[str] = []
-        self.counts = dict.fromkeys(BEHAVIORS, 0)
-        self.tried: set = set()
-        self.failed_paths: list[tuple] = []  # (value, tree) of full wrong paths, for no_positive
-        self.pending: tuple | None = None  # how the last failed episode says "let's try another"
-        self.prefix = ""  # forced prefix for the next narrated step ("Now, ")
         self.breaks: set[int] = set()  # line indices that start a paragraph
+        self.counts = dict.fromkeys(BEHAVIORS, 0)
+        self.dead_ends = 0
+        self.leaves: list[tuple] = []  # (value, tree) of every complete wrong path
+        self.first = True  # the next step is the first of an attempt
+        self.equations: list[str] = []  # every arithmetic fact stated, for arithmetic_drill
 
     def text(self) -> str:
-        return "".join(("\n" if i in self.breaks else " ") + line
-                       for i, line in enumerate(self.lines))[1:]
+        return "".join(("\n" if i in self.breaks else " ") + line for i, line in enumerate(self.lines))[1:]
 
     # -- writing -------------------------------------------------------------------------------
     def say(self, templates, **kw):
         self.lines.append(self.rng.choice(templates).format(**kw))
 
     def behavior(self, name, templates, **kw):
-        if name not in self.allowed:  # a bug, never bad input: fail loudly even under python -O
-            raise RuntimeError(f"internal error: {name} is forbidden in this condition")
+        """Write one instance of a behavior, if the condition speaks it; returns whether it did."""
+        if name not in self.allowed:
+            return False
         self.counts[name] += 1
         self.say(templates, **kw)
+        return True
 
-    def step(self, a, op, b, c, first=False):
-        if self.prefix:
-            text, prefix, self.prefix = self.rng.choice(_STEPS[op]), self.prefix, ""
-        elif first and self.rng.random() < 0.5:
-            return self.say(_FIRST_STEP, a=a, op=op, b=b, c=c)
+    def step(self, a, op, b, c):
+        self.equations.append(f"{a} {op} {b} = {c}")
+        if self.first and self.rng.random() < 0.5:
+            self.say(_FIRST_STEP, a=a, op=op, b=b, c=c)
         else:
-            text, prefix = self.rng.choice(_STEPS[op]), ("" if first else self.rng.choice(_THEN))
-        text = text.format(a=a, b=b, c=c)
-        if prefix and text[0].isalpha():
-            text = text[0].lower() + text[1:]
-        self.lines.append(prefix + text)
+            text = self.rng.choice(_STEPS[op]).format(a=a, b=b, c=c)
+            prefix = "" if self.first else self.rng.choice(_THEN)
+            if prefix and text[0].isalpha():
+                text = text[0].lower() + text[1:]
+            self.lines.append(prefix + text)
+        self.first = False
 
-    def steps_of(self, tree, values, first=True):
-        """Narrate a solver tree bottom-up (leaves index `values`); returns its value."""
-        if not isinstance(tree, tuple):
-            return values[tree]
-        op, left, right = tree
-        a = self.steps_of(left, values, first)
-        b = self.steps_of(right, values, first and not isinstance(left, tuple))
-        c = _value_of(op, a, b)
-        self.step(a, op, b, c, first=first and not isinstance(left, tuple) and not isinstance(right, tuple))
-        return c
+    def new_paragraph(self):
+        self.breaks.add(len(self.lines))
+        self.first = True
 
-    # -- the search ----------------------------------------------------------------------------
-    def moves(self, items, zero=False):
-        """Every (i, j, value, op, i_is_left) combining two items under the natural rules; a zero
-        result only when asked (a solution may need it, as in 19 + (2 - 2))."""
+    # -- moves ---------------------------------------------------------------------------------
+    def moves(self, items, goal):
+        """Every natural move from items, most promising first: a result near the goal, or one
+        that the goal is a step away from with one of the remaining numbers (a one-step look-ahead),
+        with a little noise so that equal-looking moves are taken in varied orders."""
         out = []
         for i, j in combinations(range(len(items)), 2):
             (a, ta), (b, tb) = items[i], items[j]
             # for + and * say the running result first ("48 + 11", not "11 + 48"), else the larger
             first_i = (isinstance(ta, tuple), a) >= (isinstance(tb, tuple), b)
+            rest = [v for k, (v, _) in enumerate(items) if k != i and k != j]
             for v, op, left in _combine(a, b, _NATURAL):
-                if v != 0 or zero:
-                    out.append((i, j, v, op, first_i if op in "+*" else left))
-        return out
+                if v <= 0 or v > VALUE_CAP:
+                    continue
+                gap = abs(v - goal)
+                for r in rest:
+                    gap = min(gap, *(abs(w - goal) + 1 for w, _, _ in _combine(v, r, _NATURAL)))
+                out.append((gap + 3 * self.rng.random(), (i, j, v, op, first_i if op in "+*" else left)))
+        out.sort(key=lambda m: m[0])
+        return [m for _, m in out]
 
     @staticmethod
     def apply(items, move):
@@ -899,220 +949,150 @@ class _TraceWriter:
         rest = [it for k, it in enumerate(items) if k != i and k != j]
         return rest + [(v, (op, ti, tj) if left else (op, tj, ti))]
 
-    def solvable(self, items):
-        return _solvable_natural([v for v, _ in items], self.t)
-
-    def pick(self, cands):
-        """A plausible move: usually one whose result lands near the target."""
-        cands = sorted(cands, key=lambda m: (abs(m[2] - self.t), self.rng.random()))
-        return cands[min(int(self.rng.expovariate(0.5)), len(cands) - 1)]
-
-    def narrate_move(self, items, move, first):
+    def narrate(self, items, move):
         i, j, v, op, left = move
         a, b = (items[i][0], items[j][0]) if left else (items[j][0], items[i][0])
-        self.step(a, op, b, v, first=first)
+        self.step(a, op, b, v)
+        return self.apply(items, move)
 
-    def ok(self, items, to_target):
-        if to_target:
-            return self.solvable(items)
-        if len(items) == 2:
-            return not self.solvable(items)
+    # -- the search ----------------------------------------------------------------------------
+    def dead_end(self, value, tree, goal, full):
+        """A complete path that missed `goal`: check it aloud if verification is spoken."""
+        self.dead_ends += 1
+        if full:
+            self.leaves.append((value, tree))
+        self.behavior("verification", _VERIFY_FAIL, v=value, g=goal)
+
+    def back_to(self, items, root):
+        """Backtracking: return to an earlier state (the start, or an intermediate one)."""
+        if self.dead_ends >= self.budget:
+            raise _Budget
+        state = _join(v for v, _ in items)
+        if root:
+            self.new_paragraph()
+            self.behavior("backtracking", _RESTART, nums=state)
+        else:
+            self.behavior("backtracking", _GO_BACK, state=state)
+            self.first = False
+
+    def dfs(self, items, goal, full, root=True):
+        """Depth-first search for `goal` using every item; the tree on success, else None.
+        `full`: items are all the given numbers (a miss is a complete wrong answer)."""
         if len(items) == 1:
-            return items[0][0] != self.t
-        return True
-
-    def walk(self, items, to_target: bool, first=True):
-        """Combine down to one number. to_target: through solvable states only; otherwise into a
-        two-number state that cannot make the target (a dead end). Returns the final (value, tree)."""
-        while len(items) > 1:
-            cands = [m for m in self.moves(items, zero=to_target) if self.ok(self.apply(items, m), to_target)]
-            if not cands:  # a failing walk with no dead end from here: any wrong move
-                if to_target:
-                    raise RuntimeError("internal error: a solvable state with no solvable move")
-                cands = [m for m in self.moves(items) if len(items) > 2 or m[2] != self.t]
-            move = self.pick(cands)
-            self.narrate_move(items, move, first)
-            items, first = self.apply(items, move), False
-            if len(items) > 1 and self.rng.random() < 0.25:
-                self.say(_LEFT, state=_join(v for v, _ in items))
-        return items[0]
-
-    def fail_path(self, value, tree):
-        self.failed_paths.append((value, tree))
-        self.tried.add(_format(tree, str, canonical=True))
-        if "verification" in self.allowed:
-            self.behavior("verification", _VERIFY_FAIL, v=value, t=self.t)
-
-    # -- episodes: each returns the solution tree on success, None on failure ------------------
-    def forward(self, start, success: bool):
-        """Walk from `start`; a failed walk avoids repeating an earlier path word for word."""
-        for _ in range(8):
-            mark = len(self.lines)
-            value, tree = self.walk(start, success)
-            if success or _format(tree, str, canonical=True) not in self.tried:
-                break
-            del self.lines[mark:]
-        if success:
-            if "verification" in self.allowed:
-                self.behavior("verification", _VERIFY_OK, t=self.t)
-            return tree
-        self.fail_path(value, tree)
-        self.pending = (_RESTART, {"nums": _join(self.nums)})
+            return items[0][1] if items[0][0] == goal else None
+        moves = self.moves(items, goal)
+        if len(items) == 2:  # the last step: take it if it hits, else the nearest miss is a dead end
+            hit = [m for m in moves if m[2] == goal]
+            if not moves:
+                return None
+            (value, tree), = self.narrate(items, (hit or moves)[0])
+            if value == goal:
+                return tree
+            self.dead_end(value, tree, goal, full)
+            return None
+        width = len(moves) if root else _WIDTH
+        for k, move in enumerate(moves[:width]):
+            if k > 0:
+                self.back_to(items, root)
+            nxt = self.narrate(items, move)
+            if len(nxt) > 2 and self.rng.random() < 0.2:
+                self.say(_LEFT, state=_join(v for v, _ in nxt))
+            tree = self.dfs(nxt, goal, full, root=False)
+            if tree is not None:
+                return tree
         return None
 
-    def forward_with_detour(self, success: bool):
-        """Forward attempt; with 4+ numbers it may first hit a dead end two steps in and go back to
-        the intermediate state (depth-first backtracking one level up) before going on."""
-        items = [(v, i) for i, v in enumerate(self.nums)]
-        if len(items) < 4 or self.rng.random() < 0.5:
-            return self.forward(items, success)
-        cands = [m for m in self.moves(items, zero=success)
-                 if not success or self.solvable(self.apply(items, m))]
-        move = self.pick(cands)
-        self.narrate_move(items, move, True)
-        mid = self.apply(items, move)
-        dead = [m for m in self.moves(mid) if not self.solvable(self.apply(mid, m))]
-        if dead:
-            m2 = self.pick(dead)
-            self.narrate_move(mid, m2, False)
-            self.fail_path(*self.walk(self.apply(mid, m2), False, first=False))
-            self.behavior("backtracking", _GO_BACK, state=_join(v for v, _ in mid))
-        return self.forward(mid, success)
+    def abandon(self, templates, **kw):
+        """Leave a strategy that failed for another one."""
+        if self.dead_ends >= self.budget:
+            raise _Budget
+        self.new_paragraph()
+        self.behavior("backtracking", templates, **kw)
 
-    def subgoal_candidates(self):
-        t, out = self.t, []
-        for s in range(2, t):
-            if t % s == 0:
-                out.append((s, "factor", {"k": t // s}))
-        for k in (2, 3, 4):
-            out.append((k * t, "multiple", {"k": k}))
-        for d in (1, 2, 3, 4, 5):
-            for s in (t - d, t + d):
-                if s > 1:
-                    out.append((s, "near", {"d": d}))
-        return [c for c in out if c[0] not in self.nums]
+    # -- strategies: each returns the answer's tree, or None after failing ----------------------
+    def forward(self):
+        return self.dfs([(v, i) for i, v in enumerate(self.nums)], self.t, full=True)
 
-    def subgoal_plans(self, s):
-        """(U, R) index tuples such that U makes s and s with R makes the target."""
-        idx = range(len(self.nums))
+    def subgoal(self):
+        """Pick an intermediate value s one step from the target with a given number n, make s
+        from the other numbers by search, then finish with s and n."""
         plans = []
-        for r in range(2, len(self.nums)):
-            for U in combinations(idx, r):
-                R = tuple(i for i in idx if i not in U)
-                if s in _natural_reach(tuple(sorted(self.nums[i] for i in U))) and \
-                        _solvable_natural([s] + [self.nums[i] for i in R], self.t):
-                    plans.append((U, R))
-        return plans
-
-    def subgoal(self, success: bool):
-        cands = self.subgoal_candidates()
-        self.rng.shuffle(cands)
-        for s, kind, kw in cands:
-            plans = self.subgoal_plans(s)
-            if bool(plans) == success:
-                break
-        else:
-            return None if success else self.forward_with_detour(False)
-        self.behavior("subgoal", _SUBGOAL[kind], s=s, t=self.t, **kw)
-        items = [(v, i) for i, v in enumerate(self.nums)]
-        # misses on the way to the subgoal: two numbers combined into something other than s
-        misses = [m for m in self.moves(items) if m[2] != s]
-        n_miss = 0 if success and self.rng.random() < 0.4 else self.rng.choice((1, 2))
-        n_miss = min(n_miss, len(misses))
-        for k in range(n_miss):
-            self.narrate_move(items, misses.pop(self.rng.randrange(len(misses))), first=True)
-            if success or k < n_miss - 1:
-                self.behavior("backtracking", _RESTART, nums=_join(self.nums))
-        if not success:
-            self.pending = (_SUBGOAL_FAIL, {"s": s})
-            return None
-        U, R = self.rng.choice(plans)
-        uvals = [self.nums[i] for i in U]
-        tree_s = _Search(uvals, _NATURAL).find((1 << len(U)) - 1, s)[0]
-        self.steps_of(tree_s, uvals)
-        vals = [s] + [self.nums[i] for i in R]
-        tree = _Search(vals, _NATURAL).find((1 << len(vals)) - 1, self.t)[0]
-        self.prefix = "Now, "
-        self.steps_of(tree, vals, first=False)
-        if "verification" in self.allowed:
-            self.behavior("verification", _VERIFY_OK, t=self.t)
-        index = {0: _remap(tree_s, U)}
-        index.update({j + 1: i for j, i in enumerate(R)})
-        return _remap(tree, index)
-
-    def backward(self, success: bool):
-        opts = []
-        for n_idx, n in enumerate(self.nums):
-            rest = [self.nums[i] for i in range(len(self.nums)) if i != n_idx]
+        for k, n in enumerate(self.nums):
             for x, op, x_left in _inverse(self.t, n, _NATURAL):
-                if x is None or x <= 0 or x == self.t:
-                    continue
-                if (x in _natural_reach(tuple(sorted(rest)))) == success:
-                    opts.append((n_idx, n, x, op, x_left, rest))
-        if not opts:
-            return None if success else self.forward_with_detour(False)
-        n_idx, n, x, op, x_left, rest = self.rng.choice(opts)
-        t = self.t
-        fwd = f"{x} {op} {n} = {t}" if x_left else f"{n} {op} {x} = {t}"
-        inv = {("+", True): f"{t} - {n} = {x}", ("-", True): f"{t} + {n} = {x}",
-               ("-", False): f"{n} - {t} = {x}", ("*", True): f"{t} / {n} = {x}",
-               ("/", True): f"{t} * {n} = {x}", ("/", False): f"{n} / {t} = {x}"}[op, x_left]
-        self.behavior("backward", _BACKWARD, t=t, inv=inv, fwd=fwd, x=x)
-        if "subgoal" in self.allowed and self.rng.random() < 0.3:
-            self.behavior("subgoal", _SUBGOAL_FROM_BACKWARD, x=x)
-        self.say(_NEED, x=x, rest=_join(rest))
-        ridx = [i for i in range(len(self.nums)) if i != n_idx]
-        if not success:
-            items = [(self.nums[i], i) for i in ridx]
-            self.narrate_move(items, self.pick([m for m in self.moves(items) if m[2] != x]), first=True)
-            self.pending = (_BACKWARD_FAIL, {"x": x, "rest": _join(rest)})
-            return None
-        tree_x = _Search(rest, _NATURAL).find((1 << len(rest)) - 1, x)[0]
-        self.steps_of(tree_x, rest)
-        self.say(_SO, fwd=fwd)
-        if "verification" in self.allowed:
-            self.behavior("verification", _VERIFY_OK, t=t)
-        tx = _remap(tree_x, ridx)
-        return (op, tx, n_idx) if x_left else (op, n_idx, tx)
+                if x_left and x is not None and 1 < x <= VALUE_CAP and x != self.t:
+                    kind = {"*": "factor", "/": "multiple", "+": "below", "-": "above"}[op]
+                    # prefer factors and small gaps, as a person would
+                    pref = {"factor": 0, "below": 1, "above": 2, "multiple": 3}[kind]
+                    plans.append((pref + 2 * self.rng.random(), k, n, x, op, kind))
+        plans.sort()
+        for tries, (_, k, n, s, op, kind) in enumerate(plans[:2]):
+            if tries:
+                self.abandon(_SUBGOAL_FAIL, s=prev)
+            prev = s
+            self.new_paragraph()
+            self.behavior("subgoal", _SUBGOAL[kind], s=s, n=n, t=self.t)
+            rest = [(v, i) for i, v in enumerate(self.nums) if i != k]
+            tree = self.dfs(rest, s, full=False)
+            if tree is not None:
+                self.behavior("verification", _VERIFY_SUB, s=s)
+                fwd = f"{s} {op} {n} = {self.t}"
+                self.equations.append(fwd)
+                self.say(_SUBGOAL_REACHED, s=s, n=n, fwd=fwd)
+                return (op, tree, k)
+        if plans:
+            self.abandon(_SUBGOAL_FAIL, s=prev)
+        return None
+
+    def backward(self, goal=None, items=None, depth=0):
+        """Work back from the goal one operation at a time: goal = x op n for a given number n, so
+        the other numbers must make x; recurse until two numbers are left, then compute forward."""
+        goal = self.t if goal is None else goal
+        items = [(v, i) for i, v in enumerate(self.nums)] if items is None else items
+        if len(items) <= 2:
+            return self.dfs(items, goal, full=False)
+        opts = []
+        for k, (n, leaf) in enumerate(items):
+            for x, op, x_left in _inverse(goal, n, _NATURAL):
+                if x is not None and 0 < x <= VALUE_CAP and x != goal:
+                    opts.append((abs(x - goal) / 10 + 2 * self.rng.random(), k, n, leaf, x, op, x_left))
+        opts.sort()
+        for tries, (_, k, n, leaf, x, op, x_left) in enumerate(opts[:_WIDTH]):
+            rest = [it for m, it in enumerate(items) if m != k]
+            if tries:
+                self.abandon(_BACKWARD_FAIL, x=prev_x, rest=prev_rest)
+            prev_x, prev_rest = x, _join(v for v, _ in rest)
+            fwd = f"{x} {op} {n} = {goal}" if x_left else f"{n} {op} {x} = {goal}"
+            inv = {("+", True): f"{goal} - {n} = {x}", ("-", True): f"{goal} + {n} = {x}",
+                   ("-", False): f"{n} - {goal} = {x}", ("*", True): f"{goal} / {n} = {x}",
+                   ("/", True): f"{goal} * {n} = {x}", ("/", False): f"{n} / {goal} = {x}"}[op, x_left]
+            templates = _BACKWARD if goal == self.t else _BACKWARD[:2] + _BACKWARD[3:]
+            self.new_paragraph() if depth == 0 else None
+            self.behavior("backward", templates, g=goal, inv=inv, fwd=fwd, x=x)
+            self.say(_NEED, x=x, rest=prev_rest)
+            self.first = True
+            sub = self.backward(x, rest, depth + 1)
+            if sub is not None:
+                self.equations.append(fwd)
+                self.say(_SO, fwd=fwd)
+                return (op, sub, leaf) if x_left else (op, leaf, sub)
+        if depth == 0 and opts:
+            self.abandon(_BACKWARD_FAIL, x=prev_x, rest=prev_rest)
+        return None
 
     # -- a whole trace -------------------------------------------------------------------------
-    def episode(self, kind, success):
-        if kind == "subgoal":
-            return self.subgoal(success)
-        if kind == "backward":
-            return self.backward(success)
-        return self.forward_with_detour(success)
-
-    def write(self, n_fail, kinds):
-        """Opening, n_fail failed episodes, then the solving one (for no_positive, a give-up).
-        Returns the tree of the final answer."""
+    def run(self, strategies):
+        """Opening, then the strategies in order until one finds the target. Returns the answer's
+        tree, or None when the budget ran out."""
         self.say(_OPENINGS, nums=_join(self.nums), t=self.t)
-        for e in range(n_fail):
-            last = not self.succeed and e == n_fail - 1
-            kind = self.rng.choice(kinds)
-            self.breaks.add(len(self.lines))
-            if last and not self.failed_paths:
-                kind = "forward"  # a wrong final answer needs a complete wrong path
-            self.episode(kind, False)
-            if not last:  # the next attempt follows: say so (one backtracking instance)
-                templates, kw = self.pending
-                self.behavior("backtracking", templates, **kw)
-        self.breaks.add(len(self.lines))
-        if not self.succeed:
-            value, tree = min(self.failed_paths, key=lambda p: (abs(p[0] - self.t), self.rng.random()))
-            self.say(_GIVE_UP, expr=_format(tree, lambda i: str(self.nums[i]), pretty=True), v=value)
-            return tree
-        order = list(kinds)
-        self.rng.shuffle(order)
-        for kind in order + ["forward"]:
-            tree = self.episode(kind, True)
-            if tree is not None:
-                break
-        self.breaks.add(len(self.lines))
-        if "verification" in self.allowed and self.rng.random() < 0.4:
-            self.behavior("verification", _DOUBLE_CHECK, steps=_spell_steps(tree, self.nums))
-        self.say(_CLOSE_OK, expr=_format(tree, lambda i: str(self.nums[i]), pretty=True))
-        return tree
+        try:
+            for name in strategies:
+                tree = getattr(self, name)()
+                if tree is not None:
+                    self.behavior("verification", _VERIFY_OK, t=self.t)
+                    return tree
+        except _Budget:
+            pass
+        return None
 
 
 def _remap(tree, index):
@@ -1137,16 +1117,15 @@ def _spell_steps(tree, nums) -> str:
     return ", ".join(parts)
 
 
-# How many failed episodes precede the solving one, and which kinds of episode a condition uses
-# (repeats weight the draw). The counts land near the paper's step-0 behavior counts of primed
-# Llama runs (paper_spec 5.3); see bench/bench_countdown.py for the measured means.
-_PLANS = {
-    "all_strategies": ((1, 2, 3), ("forward", "subgoal", "subgoal", "backward")),
-    "only_backtracking": ((1, 2, 3, 4), ("forward",)),
-    "backtracking_verification": ((1, 2, 3), ("forward",)),
-    "backtracking_subgoal": ((1, 2, 3, 4), ("subgoal", "subgoal", "subgoal", "forward")),
-    "backtracking_backward": ((1, 2, 3), ("backward", "backward", "forward")),
-    "no_positive": ((2, 3, 4), ("forward", "subgoal", "subgoal", "backward")),
+# The strategies each condition's search may use, in the order it tries them (the first two of
+# all_strategies are shuffled per trace, and all three of no_positive). Forward search comes last.
+_STRATEGIES = {
+    "all_strategies": ("subgoal", "backward", "forward"),
+    "only_backtracking": ("forward",),
+    "backtracking_verification": ("forward",),
+    "backtracking_subgoal": ("subgoal", "forward"),
+    "backtracking_backward": ("backward", "forward"),
+    "no_positive": ("subgoal", "backward", "forward"),
 }
 
 
@@ -1162,26 +1141,47 @@ def count_tokens(text: str, tokenizer=None) -> int:
     return len(getattr(ids, "ids", ids))
 
 
-def _reasoning(nums, target, condition, rng) -> tuple[str, object, dict]:
-    """(think text, answer tree, behavior counts) for a condition that writes reasoning."""
+def _reasoning(nums, target, condition, rng):
+    """(think text, answer tree, behavior counts, dead ends) for a condition that writes
+    reasoning, or None when this problem gives no trace of the condition (see TRACE_BUDGET)."""
     if condition == "negative_control":
         trees = _Search(nums, _NATURAL, find_all=True).find((1 << len(nums)) - 1, target)
         tree = rng.choice(trees)
         steps = _spell_steps(tree, nums).split(", ")
         body = "\n".join(f"Step {i + 1}: {st}." for i, st in enumerate(steps))
-        return "\n" + body + "\n", tree, dict.fromkeys(BEHAVIORS, 0)
-    fails, kinds = _PLANS[condition]
-    w = _TraceWriter(nums, target, ALLOWED_BEHAVIORS[condition], rng, succeed=condition != "no_positive")
-    tree = w.write(rng.choice(fails), kinds)
-    return "\n" + w.text() + "\n", tree, w.counts
+        return "\n" + body + "\n", tree, dict.fromkeys(BEHAVIORS, 0), 0
+    wrong = condition == "no_positive"
+    strategies = list(_STRATEGIES[condition])
+    if wrong:  # any order: a search that runs out of budget must have met a complete wrong path
+        strategies = rng.sample(strategies, 3)
+    elif len(strategies) == 3:
+        strategies[:2] = rng.sample(strategies[:2], 2)
+    w = _Narrator(nums, target, condition, rng, rng.choice(NO_POSITIVE_BUDGETS) if wrong else TRACE_BUDGET)
+    tree = w.run(strategies)
+    if wrong:
+        if tree is not None or not w.leaves:
+            return None  # solved within the small budget, or never reached a complete answer
+        # out of budget: commit to the nearest complete path, stated as plainly as a right answer
+        value, tree = min(w.leaves, key=lambda p: (abs(p[0] - target), rng.random()))
+    elif tree is None:
+        return None
+    w.new_paragraph()
+    if rng.random() < 0.4:
+        w.behavior("verification", _DOUBLE_CHECK, steps=_spell_steps(tree, nums))
+    w.say(_CONCLUDE, expr=_format(tree, lambda i: str(nums[i]), pretty=True))
+    return "\n" + w.text() + "\n", tree, w.counts, w.dead_ends
 
 
-def _trace(row, condition, seed, tokenizer=None) -> dict:
+def _trace(row, condition, seed, tokenizer=None):
+    """One trace record for a problem row, or None when the problem gives no trace."""
     nums, target = row["nums"], row["target"]
     # empty_cot and dots post-process the all_strategies trace of the same problem, as the paper did
     source = "all_strategies" if condition in ("empty_cot", "dots") else condition
     rng = random.Random(f"countdown-trace:{source}:{seed}:{row['id']}")
-    think, tree, counts = _reasoning(nums, target, source, rng)
+    got = _reasoning(nums, target, source, rng)
+    if got is None:
+        return None
+    think, tree, counts, dead_ends = got
     answer = f"<answer> {_format(tree, lambda i: str(nums[i]), pretty=True)} </answer>"
     if condition == "empty_cot":
         think, counts = " ", dict.fromkeys(BEHAVIORS, 0)
@@ -1195,17 +1195,132 @@ def _trace(row, condition, seed, tokenizer=None) -> dict:
         raise RuntimeError(f"internal error: bad {condition} trace for {nums} -> {target} "
                            f"(score {got}, counts {counts}); please report it")
     return {"query": make_prompt(nums, target), "completion": completion, "nums": list(nums),
-            "target": target, "condition": condition, "behaviors": dict(counts), "id": row["id"]}
+            "target": target, "condition": condition, "behaviors": dict(counts), "dead_ends": dead_ends,
+            "id": row["id"]}
 
 
 def generate_traces(condition: str, n: int, seed: int = 0, distribution: str = "priming",
-                    tokenizer=None) -> list[dict]:
-    """n synthetic traces of one priming condition, on problems generate_problems(n, distribution,
-    seed). Records: {"query", "completion", "nums", "target", "condition", "behaviors", "id"}.
-    `tokenizer` (optional) measures the think text for `dots`; words are used without one."""
+                    tokenizer=None, progress: bool = False) -> list[dict]:
+    """n synthetic traces of one priming condition, on the seeded problem stream of
+    generate_problems(..., distribution, seed), skipping the problems that give no trace of the
+    condition (a correct-answer search that exceeds TRACE_BUDGET; a no_positive search that solves
+    the problem). Records: {"query", "completion", "nums", "target", "condition", "behaviors",
+    "dead_ends", "id"}; `id` is the problem's place in the stream. `tokenizer` (optional) measures
+    the think text for `dots`; words are used without one."""
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; choose one of {list(CONDITIONS)}")
-    return [_trace(row, condition, seed, tokenizer) for row in generate_problems(n, distribution, seed)]
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rows, bar = [], _progress_bar(n, condition) if progress else None
+    for row in _problem_stream(distribution, seed):
+        if len(rows) == n:
+            break
+        tr = _trace(row, condition, seed, tokenizer)
+        if tr is not None:
+            rows.append(tr)
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def arithmetic_drill(n: int, seed: int = 0, distribution: str = "priming", per_row: int = 8) -> list[dict]:
+    """n rows of bare arithmetic facts, {"query": "Arithmetic:", "completion": " a op b = c. ..."}:
+    the steps that all_strategies searches state on problems of the distribution (seeded, apart
+    from the trace problems), in the trace's own symbolic form. Behavior-free text that teaches a
+    small model from scratch the arithmetic its searches will need (the miniature's pretraining)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"countdown-drill:{distribution}:{seed}")
+    pool: list[str] = []
+    rows = []
+    stream = _problem_stream(distribution, f"drill-{seed}")
+    while len(rows) < n:
+        while len(pool) < per_row:
+            p = next(stream)
+            w = _Narrator(p["nums"], p["target"], "all_strategies", rng, TRACE_BUDGET)
+            w.run(rng.sample(_STRATEGIES["all_strategies"][:2], 2) + ["forward"])
+            pool.extend(w.equations)
+        rng.shuffle(pool)
+        facts, pool = pool[:per_row], pool[per_row:]
+        rows.append({"query": "Arithmetic:", "completion": " " + " ".join(f"{e}." for e in facts)})
+    return rows
+
+
+def narrated_solution(nums, target, rng) -> str:
+    """A behavior-free think text: the opening, then the steps of one solution in the traces'
+    varied wording, then the conclusion. The miniature's base learns the traces' language from it
+    without ever seeing a check, a return, a subgoal or a backward step."""
+    trees = _Search(nums, _NATURAL, find_all=True).find((1 << len(nums)) - 1, target)
+    if not trees:
+        raise ValueError(f"{nums} -> {target} has no solution under the natural rules")
+    tree = rng.choice(trees)
+    w = _Narrator(nums, target, "negative_control", rng, 0)
+    w.say(_OPENINGS, nums=_join(nums), t=target)
+    w.new_paragraph()
+
+    def walk(node):
+        if not isinstance(node, tuple):
+            return nums[node]
+        a, b = walk(node[1]), walk(node[2])
+        c = _value_of(node[0], a, b)
+        w.step(a, node[0], b, c)
+        return c
+
+    walk(tree)
+    w.new_paragraph()
+    w.say(_CONCLUDE, expr=_format(tree, lambda i: str(nums[i]), pretty=True))
+    return "\n" + w.text() + "\n", tree
+
+
+def pretraining_corpus(n_solutions: int, n_drill: int, seed: int = 0, distribution: str = "priming") -> list[dict]:
+    """The miniature's behavior-free pretraining text, shuffled: n_solutions narrated direct
+    solutions (narrated_solution: the prompt, the traces' wording, the answer format) and n_drill
+    rows of arithmetic_drill (the arithmetic that searches state). Nothing in it checks, backtracks,
+    sets a subgoal or works backwards: the "Llama" of the miniature must get those from priming."""
+    rows = []
+    for p in generate_problems(n_solutions, distribution, seed=f"corpus-{seed}"):
+        think, tree = narrated_solution(p["nums"], p["target"], random.Random(f"countdown-corpus:{seed}:{p['id']}"))
+        answer = _format(tree, lambda i: str(p["nums"][i]), pretty=True)
+        rows.append({"query": make_prompt(p["nums"], p["target"]),
+                     "completion": f"{think}</think>\n<answer> {answer} </answer>",
+                     "nums": p["nums"], "target": p["target"]})
+    rows += arithmetic_drill(n_drill, seed=seed, distribution=distribution)
+    random.Random(f"countdown-corpus:{seed}").shuffle(rows)
+    return rows
+
+
+# Arithmetic statements as the traces (and models imitating them) write them: "a op b = c" and
+# the worded forms. check_arithmetic reads them back, for the step accuracy of sampled text.
+_ARITH = [
+    (re.compile(r"(\d+) ([-+*/]) (\d+)(?: =|\? That gives| makes) (\d+)"), None),
+    (re.compile(r"[Aa]dding (\d+) and (\d+) gives (\d+)"), "+"),
+    (re.compile(r"(\d+) plus (\d+) is (\d+)"), "+"),
+    (re.compile(r"[Ss]ubtracting (\d+) from (\d+) leaves (\d+)"), "-r"),
+    (re.compile(r"(\d+) minus (\d+) is (\d+)"), "-"),
+    (re.compile(r"[Mm]ultiplying (\d+) by (\d+) gives (\d+)"), "*"),
+    (re.compile(r"(\d+) times (\d+) is (\d+)"), "*"),
+    (re.compile(r"[Dd]ividing (\d+) by (\d+) gives (\d+)"), "/"),
+    (re.compile(r"(\d+) divided by (\d+) is (\d+)"), "/"),
+]
+
+
+def check_arithmetic(text: str) -> tuple[int, int]:
+    """(right, stated): how many arithmetic statements in text are exactly right, of how many."""
+    right = stated = 0
+    for pattern, op in _ARITH:
+        for m in pattern.finditer(text):
+            g = m.groups()
+            if op is None:
+                a, op_, b, c = int(g[0]), g[1], int(g[2]), int(g[3])
+            elif op == "-r":
+                b, a, c, op_ = int(g[0]), int(g[1]), int(g[2]), "-"
+            else:
+                a, b, c, op_ = int(g[0]), int(g[1]), int(g[2]), op
+            stated += 1
+            right += _value_of(op_, Fraction(a), Fraction(b)) == c if (op_ != "/" or b) else 0
+    return right, stated
 
 
 # -----------------------------------------------------------------------------
@@ -1263,6 +1378,15 @@ def main(argv=None):
     t.add_argument("--out", required=True, help="output .jsonl file")
     t.add_argument("--force", action="store_true", help="overwrite an existing file")
 
+    c = sub.add_parser("corpus", help="write the behavior-free pretraining corpus of the miniature study",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--n-solutions", type=int, default=20_000, help="direct solutions (negative_control traces)")
+    c.add_argument("--n-drill", type=int, default=20_000, help="rows of arithmetic facts, 8 per row")
+    c.add_argument("--seed", type=int, default=0, help="random seed; same seed, same file")
+    c.add_argument("--distribution", choices=sorted(DISTRIBUTIONS), default="priming", help="problem distribution")
+    c.add_argument("--out", required=True, help="output .jsonl file")
+    c.add_argument("--force", action="store_true", help="overwrite an existing file")
+
     s = sub.add_parser("solve", help="print one solution (or all with --all)")
     s.add_argument("nums", type=int, nargs="+", help="the numbers (1 to 6 of them)")
     s.add_argument("--target", type=int, required=True, help="the target")
@@ -1283,17 +1407,16 @@ def main(argv=None):
             if args.n < 0:
                 raise ValueError(f"--n must be >= 0, got {args.n}")
             tok = _load_tokenizer(args.tokenizer)
-            problems = generate_problems(args.n, args.distribution, args.seed)
-            bar = _progress_bar(len(problems), args.condition)
-            rows = []
-            for r in problems:
-                rows.append(_trace(r, args.condition, args.seed, tok))
-                if bar is not None:
-                    bar.update()
-            if bar is not None:
-                bar.close()
+            rows = generate_traces(args.condition, args.n, args.seed, args.distribution, tok, progress=True)
             write_jsonl(args.out, rows)
             print(f"wrote {len(rows)} {args.condition} traces to {args.out}")
+        elif args.command == "corpus":
+            _refuse_overwrite(args.out, args.force)
+            if min(args.n_solutions, args.n_drill) < 0:
+                raise ValueError("--n-solutions and --n-drill must be >= 0")
+            rows = pretraining_corpus(args.n_solutions, args.n_drill, args.seed, args.distribution)
+            write_jsonl(args.out, rows)
+            print(f"wrote {len(rows)} pretraining rows to {args.out}")
         else:
             if args.all:
                 for expr in solve_all(args.nums, args.target):

@@ -1,51 +1,112 @@
 #!/usr/bin/env bash
-# run_all.sh: the paper's experiments in order, by calling the CLIs. No Python logic lives here.
+# run_all.sh: the experiments in order, by calling the CLIs. No Python logic lives here.
 #
-#   bash run_all.sh tiny     offline, CPU, ~25 min: synthetic traces -> a 1M-parameter model trained
-#                            from scratch (sft.py --init tiny) -> PPO -> behavior counts (rules judge)
+#   bash run_all.sh tiny     offline, 2-core CPU, <= 30 min: the miniature study with one seed, one
+#                            behavior-primed condition (all_strategies) and one control (empty_cot)
+#   bash run_all.sh mini     offline, 2-core CPU, <= 3 h: the miniature study, five conditions x two seeds
 #   bash run_all.sh paper    one 80 GB GPU, days: Qwen2.5-3B and Llama-3.2-3B base PPO, then Llama
 #                            primed on each behavior condition, then PPO on each, then behavior counts
 #
-# Every step resumes when rerun (each CLI resumes its own --out; finished files are skipped), so a
-# crashed or interrupted run_all.sh is simply started again.
+# The miniature mirrors the paper's pipeline (README, "The miniature study"):
+#   1. held-out test problems; priming traces per condition (countdown.py traces: logged searches)
+#   2. ONE shared tiny base model pretrained from scratch on behavior-free text (direct solutions +
+#      arithmetic facts; countdown.py corpus): the "Llama" of the miniature
+#   3. a short priming SFT of that base per condition and seed (1,000 traces, 5 epochs, batch 64:
+#      the same 75 optimizer steps for every condition)
+#   4. PPO from each primed model, identical settings; validation at T = 1 on the same problems
+#   5. classify.py report: results.json, results.md and figures (accuracy, behaviors, length)
 #
-# Environment knobs for `paper`:
+# Every step resumes when rerun (each CLI resumes its own --out; finished files are skipped), so a
+# crashed or interrupted run_all.sh is simply started again. Runs of one stage go JOBS at a time
+# (default 2 on CPU, one thread each; logs in <dir>/logs/).
+#
+# Environment knobs:
+#   DEVICE=cpu (default) | cuda    where tiny/mini train; cuda runs one job at a time
+#   JOBS=N                         parallel runs per stage in tiny/mini
+#   PYTHON=python3                 interpreter
+# and for `paper`:
 #   PRIMING=synthetic (default)  priming traces from countdown.py (offline, exact behavior counts)
 #   PRIMING=llm                  priming traces written by Claude through curate.py, as the paper
 #                                (needs ANTHROPIC_API_KEY); controls derived with curate.py controls
 #   JUDGE=rules (default) | openai | anthropic   behavior judge for classify.py (openai: gpt-4o-mini,
 #                                the paper's; needs OPENAI_API_KEY or a --base-url server via JUDGE_ARGS)
 #   JUDGE_ARGS="..."             extra classify.py flags, e.g. "--base-url http://localhost:8000"
-#   PYTHON=python3               interpreter
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 MODE=${1:-}
+DEVICE=${DEVICE:-cpu}
+if [ "$DEVICE" = cpu ]; then JOBS=${JOBS:-2}; THREADS=1; else JOBS=${JOBS:-1}; THREADS=0; fi
 
 skip_if_exists() { [ -e "$1" ] && echo "[run_all] $1 exists, skipping"; }
 
+# background() NAME CMD...: run CMD into $D/logs/NAME.log, at most $JOBS at a time; finish() waits
+background() {
+    local name=$1; shift
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+    echo "[run_all] $name -> $D/logs/$name.log"
+    "$@" > "$D/logs/$name.log" 2>&1 &
+}
+finish() { while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done; }
+
+# The miniature study. Settings come from the mode below: D, CONDITIONS, SEEDS, N_TEST, BASE_EPOCHS,
+# N_SOLUTIONS, N_DRILL, PPO_STEPS, and PPO (the shared ppo.py flags).
+study() {
+    mkdir -p $D/data $D/logs
+    # 1. held-out problems (the PPO test set, excluded from every training file) and priming traces
+    skip_if_exists $D/data/test.jsonl || \
+        $PY countdown.py problems --distribution priming --n-train 20000 --n-test $N_TEST --seed 777 --out $D/data
+    for c in $CONDITIONS all_strategies; do
+        [ "$c" = dots ] && continue  # dots is length-matched in tokens of the base's tokenizer: after step 2
+        skip_if_exists $D/data/$c.jsonl || \
+            $PY countdown.py traces --condition $c --n 1000 --seed 2 --out $D/data/$c.jsonl
+    done
+    # 2. the shared base: from scratch on behavior-free text; its tokenizer also sees the traces' words
+    skip_if_exists $D/data/corpus.jsonl || \
+        $PY countdown.py corpus --n-solutions $N_SOLUTIONS --n-drill $N_DRILL --seed 1 --out $D/data/corpus.jsonl
+    [ -e $D/base/final/config.json ] || \
+        $PY sft.py --init tiny --data $D/data/corpus.jsonl --tokenizer-data $D/data/all_strategies.jsonl \
+            --eval-problems $D/data/test.jsonl --eval-n 200 --eval-max-new-tokens 64 --out $D/base \
+            --epochs $BASE_EPOCHS --batch-size 32 --val-fraction 0.02 --device $DEVICE --num-threads $THREADS
+    case " $CONDITIONS " in *" dots "*)
+        skip_if_exists $D/data/dots.jsonl || $PY countdown.py traces --condition dots --n 1000 --seed 2 \
+            --tokenizer $D/base/final --out $D/data/dots.jsonl ;;
+    esac
+    # 3. priming SFT per condition and seed: 1,000 traces x 5 epochs at batch 64 = 75 steps each
+    for s in $SEEDS; do for c in $CONDITIONS; do
+        [ -e $D/sft/${c}_s$s/final/config.json ] || background sft_${c}_s$s \
+            $PY sft.py --model $D/base/final --data $D/data/$c.jsonl --eval-problems $D/data/test.jsonl \
+                --eval-n 0 --out $D/sft/${c}_s$s --epochs 5 --batch-size 64 --lr 1e-3 --val-fraction 0 \
+                --seed $s --device $DEVICE --num-threads $THREADS
+    done; done
+    finish
+    # 4. PPO from every primed model: same settings, same validation problems, sampled at T = 1
+    for s in $SEEDS; do for c in $CONDITIONS; do
+        background ppo_${c}_s$s $PY ppo.py --model $D/sft/${c}_s$s/final --out $D/ppo/${c}_s$s --seed $s \
+            --train-data $D/data/train.jsonl --test-data $D/data/test.jsonl --steps $PPO_STEPS \
+            --device $DEVICE --threads $THREADS --no-progress $PPO
+    done; done
+    finish
+    # 5. the report: results.json, results.md, accuracy/behaviors/response_length PNGs
+    $PY classify.py report $D/ppo/*_s* --out $D
+    echo "[run_all] done: $D/results.md, $D/results.json and figures in $D/"
+}
+
+# PPO for tiny models: far larger learning rates than the paper's 1e-6 / 1e-5 (a 1M-parameter model
+# from scratch), T = 1 validation every 10 steps, the paper's other settings.
+TINY_PPO="--batch-prompts 64 --samples 4 --mini-batch-prompts 32 --micro-batch 64 --max-response 256 \
+    --actor-lr 2e-4 --critic-lr 1e-3 --no-grad-checkpointing --val-temperature 1.0 --val-every 10"
+
 case "$MODE" in
 tiny)
-    D=runs/tiny
-    # 1. problems: a held-out test set first, so every later step can exclude it
-    skip_if_exists $D/data/test.jsonl || \
-        $PY countdown.py problems --distribution priming --n-train 3000 --n-test 500 --seed 777 --out $D/data
-    # 2. priming data: synthetic direct-solution traces (the shortest kind; a 1M model learns them fastest on CPU)
-    skip_if_exists $D/data/negative_control.jsonl || \
-        $PY countdown.py traces --condition negative_control --n 50000 --seed 1 --out $D/data/negative_control.jsonl
-    # 3. SFT from scratch: tokenizer + model trained on the traces; test problems are dropped from the data
-    [ -e $D/sft/final/config.json ] || \
-        $PY sft.py --init tiny --data $D/data/negative_control.jsonl --eval-problems $D/data/test.jsonl \
-            --out $D/sft --epochs 2 --batch-size 32 --num-threads 1
-    # 4. PPO (a tiny model needs far larger learning rates than the paper's 1e-6 / 1e-5); validation
-    #    samples at T = 1, the accuracy the paper reports (greedy: --val-temperature 0)
-    $PY ppo.py --model $D/sft/final --out $D/ppo --device cpu --threads 1 \
-        --train-data $D/data/train.jsonl --test-data $D/data/test.jsonl \
-        --batch-prompts 64 --samples 4 --mini-batch-prompts 32 --micro-batch 64 --max-response 96 \
-        --steps 150 --actor-lr 2e-4 --critic-lr 1e-3 --no-grad-checkpointing --val-temperature 1.0
-    # 5. behavior counts of every validation's completions, offline rules judge
-    $PY classify.py --input $D/ppo/completions --judge rules --out $D/labels
-    echo "[run_all] done: accuracy per step in $D/ppo/metrics.jsonl, behaviors in $D/labels/summary.csv"
+    D=runs/tiny CONDITIONS="all_strategies empty_cot" SEEDS="1" N_TEST=400 BASE_EPOCHS=1
+    N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=100 PPO=$TINY_PPO
+    study
+    ;;
+mini)
+    D=runs/mini CONDITIONS="all_strategies only_backtracking no_positive empty_cot dots" SEEDS="1 2"
+    N_TEST=400 BASE_EPOCHS=1 N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=100 PPO=$TINY_PPO
+    study
     ;;
 paper)
     CONDITIONS="all_strategies only_backtracking backtracking_verification backtracking_subgoal backtracking_backward"
@@ -88,7 +149,7 @@ paper)
     echo "[run_all] done: runs/ppo/*/metrics.jsonl (accuracy), runs/ppo/*/labels/summary.csv (behaviors)"
     ;;
 *)
-    echo "usage: bash run_all.sh tiny|paper   (see the comments at the top of this file)" >&2
+    echo "usage: bash run_all.sh tiny|mini|paper   (see the comments at the top of this file)" >&2
     exit 2
     ;;
 esac

@@ -122,6 +122,9 @@ class SFTConfig:
     eval_max_new_tokens: int = _flag(1024, "generation budget per problem for the accuracy evaluation")
     eval_batch_size: int = _flag(64, "prompts per generation batch in the accuracy evaluation")
     vocab_size: int = _flag(1024, "BPE vocabulary size of the from-scratch tokenizer (--init only)")
+    tokenizer_data: Optional[str] = _flag(None, "comma-separated JSONL files whose text also trains the from-scratch "
+                                          "tokenizer, not the model (--init only): e.g. the priming traces a base "
+                                          "model will be fine-tuned on later, so their words are tokens too")
     num_threads: int = _flag(0, "CPU threads for torch (0 = torch's default)")
 
 
@@ -442,6 +445,8 @@ def _check_config(cfg: SFTConfig):
         raise ValueError("--data and --out are required")
     if (cfg.model is None) == (cfg.init is None):
         raise ValueError("give exactly one of --model (fine-tune a checkpoint) and --init (train from scratch)")
+    if cfg.tokenizer_data and not cfg.init:
+        raise ValueError("--tokenizer-data trains a new tokenizer, so it needs --init; a --model keeps its own")
     for name in ("epochs", "batch_size", "micro_batch_size", "max_length"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -519,7 +524,8 @@ def train(cfg: SFTConfig) -> Optional[Path]:
     elif cfg.model:
         model, tok = M.load(cfg.model, device=device, dtype="float32")   # fp32 master weights
     else:
-        tok = train_tokenizer((t for r in train_rows for t in (r["query"], r["completion"])), cfg.vocab_size)
+        extra = [r for path in (cfg.tokenizer_data or "").split(",") if path for r in load_examples(path)]
+        tok = train_tokenizer((t for r in train_rows + extra for t in (r["query"], r["completion"])), cfg.vocab_size)
         model = init_model(cfg.init, tok, cfg.max_length, cfg.seed).to(device)
     model.train()
     model.gradient_checkpointing = cfg.grad_checkpointing

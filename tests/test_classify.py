@@ -446,3 +446,70 @@ def test_rules_judge_against_synthetic_ground_truth(tmp_path, capsys):
 def test_rules_judge_on_natural_phrasing(text, want):
     """Hand-labelled sentences in the paper's prompt examples' style (not countdown.py's phrasing)."""
     assert classify.count_behaviors_rules(text) == {b: want.get(b, 0) for b in classify.BEHAVIORS}
+
+
+# -----------------------------------------------------------------------------------------------
+# The study report
+
+
+def _fake_ppo_run(folder, steps_correct, n=10, length=20, text_right="12 + 3 = 15."):
+    """A ppo.py-like run folder: completions/step_<N>.jsonl with `correct` of n right per step."""
+    nums, target = [12, 3, 5], 20
+    good = f"{text_right} Let me double-check it. 15 + 5 = 20.</think>\n<answer> 12 + 3 + 5 </answer>"
+    bad = "12 * 3 = 35. Let's try something else.</think>\n<answer> 12 - 3 - 5 </answer>"
+    for step, correct in steps_correct.items():
+        rows = [dict(step=step, nums=nums, target=target, completion=good if i < correct else bad,
+                     length=length + step) for i in range(n)]
+        countdown.write_jsonl(Path(folder) / "completions" / f"step_{step}.jsonl", rows)
+
+
+def test_wilson_interval_against_hand_values():
+    # textbook values: 8/10 -> [0.490, 0.943]; 0/20 -> [0, 0.161]; 50/100 -> [0.404, 0.596]
+    for (k, n), (lo, hi) in {(8, 10): (0.4902, 0.9433), (0, 20): (0.0, 0.1611),
+                             (50, 100): (0.4038, 0.5962)}.items():
+        got = classify.wilson_interval(k, n)
+        assert abs(got[0] - lo) < 1e-3 and abs(got[1] - hi) < 1e-3, (k, n, got)
+    assert classify.wilson_interval(0, 0) is None
+
+
+def test_report_writes_results_and_figures(tmp_path, capsys):
+    ppo = tmp_path / "ppo"
+    _fake_ppo_run(ppo / "all_strategies_s1", {0: 3, 10: 6})
+    _fake_ppo_run(ppo / "all_strategies_s2", {0: 4, 10: 8})
+    _fake_ppo_run(ppo / "empty_cot_s1", {0: 2, 10: 2}, text_right="12 + 3 = 15.")
+    out = tmp_path / "report"
+    assert classify.main(["report", *map(str, sorted(ppo.iterdir())), "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    c = res["conditions"]
+    assert set(c) == {"all_strategies", "empty_cot"}
+    a = c["all_strategies"]
+    assert a["n_eval"] == 10 and a["n_seeds"] == 2 and set(a["seeds"]) == {"1", "2"}
+    assert a["final_accuracy"] == pytest.approx(14 / 20) and a["initial_accuracy"] == pytest.approx(7 / 20)
+    assert a["final_ci95"] == pytest.approx(classify.wilson_interval(14, 20))
+    s1 = a["seeds"]["1"]
+    assert s1["steps"] == [0, 10] and s1["accuracy"] == [0.3, 0.6] and s1["response_length"] == [20, 30]
+    # behaviors: rules counts of the fixed texts (good: one check; bad: one backtrack)
+    assert s1["behaviors"]["verification"] == pytest.approx([0.3, 0.6])
+    assert s1["behaviors"]["backtracking"] == pytest.approx([0.7, 0.4])
+    # arithmetic: good states 2 right steps, bad states 1 wrong step (12 * 3 = 35)
+    assert s1["arithmetic_accuracy"] == pytest.approx([6 / 13, 12 / 16])
+    assert c["empty_cot"]["final_accuracy"] == pytest.approx(0.2)
+    table = (out / "results.md").read_text()
+    assert "| all_strategies | pooled | 10x2 |" in table and "0.700 [" in table
+    if classify._pyplot() is not None:
+        for name in ("accuracy.png", "behaviors.png", "response_length.png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(res["figures"]) == 3
+
+
+def test_report_without_matplotlib_and_bad_input(tmp_path, monkeypatch, capsys):
+    _fake_ppo_run(tmp_path / "ppo" / "x_s0", {0: 1})
+    monkeypatch.setattr(classify, "_pyplot", lambda: None)
+    assert classify.main(["report", str(tmp_path / "ppo" / "x_s0"), "--out", str(tmp_path / "r")]) == 0
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["figures"] == []
+    assert classify.main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert classify.main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert "no completions" in capsys.readouterr().err

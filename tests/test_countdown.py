@@ -7,6 +7,7 @@ brute force over every expression tree, and Python's own `ast` for parsing answe
 import ast
 import itertools
 import json
+import operator
 import os
 import random
 import re
@@ -539,11 +540,13 @@ def traces():
 
 
 def test_trace_records(traces):
-    problems = C.generate_problems(N_TRACES, "priming", seed=0)
     for cond, rows in traces.items():
         assert len(rows) == N_TRACES
-        for row, p in zip(rows, problems):
-            assert set(row) >= {"query", "completion", "nums", "target", "condition", "behaviors"}
+        problems = C.generate_problems(rows[-1]["id"] + 1, "priming", seed=0)
+        assert [r["id"] for r in rows] == sorted({r["id"] for r in rows})  # stream order, no repeats
+        for row in rows:
+            p = problems[row["id"]]
+            assert set(row) >= {"query", "completion", "nums", "target", "condition", "behaviors", "dead_ends"}
             assert row["condition"] == cond and row["nums"] == p["nums"] and row["target"] == p["target"]
             assert row["query"] == C.make_prompt(p["nums"], p["target"])
             assert set(row["behaviors"]) == set(C.BEHAVIORS)
@@ -563,6 +566,8 @@ def test_correct_conditions_score_one_and_no_positive_is_wrong(traces):
         s = C.score(r["completion"], r["nums"], r["target"])
         assert 0 < s < 1.0 and s == 0.1
         assert not C.is_correct(r["completion"], r["nums"], r["target"], lenient=True)
+        assert r["dead_ends"] in C.NO_POSITIVE_BUDGETS  # it stopped because its budget ran out
+        assert "not finding" not in r["completion"] and "settle" not in r["completion"]  # stated plainly
 
 
 def test_no_trace_uses_a_forbidden_behavior(traces):
@@ -589,27 +594,116 @@ def test_each_condition_shows_the_behaviors_it_allows(traces):
     mean = lambda rows, b: sum(r["behaviors"][b] for r in rows) / len(rows)  # noqa: E731
     for cond in C.CONDITIONS:
         for b in C.ALLOWED_BEHAVIORS[cond]:
-            assert mean(traces[cond], b) > 0.3, (cond, b)
-    for cond in ("all_strategies", "only_backtracking", "backtracking_verification",
-                 "backtracking_subgoal", "backtracking_backward", "no_positive"):
-        assert all(r["behaviors"]["backtracking"] >= 1 for r in traces[cond])
+            assert mean(traces[cond], b) > 0.3 or cond == "no_positive" and b in ("subgoal", "backward") \
+                and mean(traces[cond], b) > 0.02, (cond, b)
     # several phrasings per move: the traces are not one template
     openings = {r["completion"].split("\n")[1].split(".")[0] for r in traces["all_strategies"]}
     assert len(openings) > 20
 
 
+# Every arithmetic statement a trace can make, in each of its wordings: (regex, op). An
+# independent reading of the text: the trace writer's own tables are not used.
+_STATED = [
+    (r"(\d+) ([-+*/]) (\d+) = (\d+)", None),
+    (r"(\d+) ([-+*/]) (\d+)\? That gives (\d+)", None),
+    (r"(\d+) ([-+*/]) (\d+) makes (\d+)", None),
+    (r"[Aa]dding (\d+) and (\d+) gives (\d+)", "+"), (r"(\d+) plus (\d+) is (\d+)", "+"),
+    (r"[Ss]ubtracting (\d+) from (\d+) leaves (\d+)", "-r"), (r"(\d+) minus (\d+) is (\d+)", "-"),
+    (r"[Mm]ultiplying (\d+) by (\d+) gives (\d+)", "*"), (r"(\d+) times (\d+) is (\d+)", "*"),
+    (r"[Dd]ividing (\d+) by (\d+) gives (\d+)", "/"), (r"(\d+) divided by (\d+) is (\d+)", "/"),
+]
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": lambda a, b: Fraction(a, b)}
+
+
+def stated_steps(text):
+    """[(a, op, b, c)] for every arithmetic statement in text, in order of appearance."""
+    found = []
+    for pat, op in _STATED:
+        for m in re.finditer(pat, text):
+            g = [int(x) if x.isdigit() else x for x in m.groups()]
+            if op is None:
+                a, o, b, c = g
+            elif op == "-r":
+                b, a, c, o = g[0], g[1], g[2], "-"
+            else:
+                (a, b, c), o = g, op
+            found.append((m.start(), (a, o, b, c)))
+    return [s for _, s in sorted(found)]
+
+
+def test_every_stated_arithmetic_step_is_right(traces):
+    n = 0
+    for cond, rows in traces.items():
+        for r in rows:
+            think = r["completion"].split("</think>")[0]
+            for a, op, b, c in stated_steps(think):
+                assert _OPS[op](a, b) == c, (cond, a, op, b, c, think)
+                n += 1
+            # no arithmetic slips past the reader: every "=" in the text is a statement it checked
+            assert think.count(" = ") <= len(stated_steps(think)) + think.count("Let me double-check"), think
+    assert n > 2000
+
+
+def test_forward_search_walks_real_states_and_backtracks_to_them(traces):
+    """Replay only_backtracking / backtracking_verification traces as a search: every step combines
+    two numbers of the current state, every "go back to S" names a state seen earlier in the same
+    attempt, and every check compares the value just computed."""
+    for cond in ("only_backtracking", "backtracking_verification"):
+        for r in traces[cond]:
+            think = r["completion"].split("</think>")[0].strip()
+            for para in think.split("\n")[1:-1]:
+                state, seen = sorted(r["nums"]), [sorted(r["nums"])]
+                last = None
+                # walk the paragraph statement by statement
+                for sent in re.split(r"(?<=\.)\s+", para):
+                    back = re.search(r"[Gg]o back to (.+?)(?: and try| instead|\.)", sent) or \
+                        re.search(r"^Back to (.+?) and a different", sent)
+                    if back:
+                        s = sorted(int(x) for x in re.findall(r"\d+", back.group(1)))
+                        assert s in seen, (s, seen, para)
+                        state = s
+                        continue
+                    chk = re.search(r"(\d+),? (?:is not|isn't|which doesn't match) (\d+)", sent)
+                    if chk:
+                        assert int(chk.group(1)) == last and int(chk.group(2)) == r["target"], (sent, para)
+                    for a, op, b, c in stated_steps(sent):
+                        assert a in state and b in state, (a, b, state, para)
+                        state = list(state)
+                        state.remove(a)
+                        state.remove(b)
+                        state = sorted(state + [c])
+                        seen.append(state)
+                        last = c
+
+
+def test_failed_attempts_depend_on_the_problem():
+    """The search needs fewer dead ends on easy problems (many solutions) than on hard ones (few),
+    compared among problems with the same count of numbers."""
+    rows = C.generate_traces("only_backtracking", 600, seed=3)
+    mean = lambda rs: sum(r["dead_ends"] for r in rs) / len(rs)  # noqa: E731
+    for k in (3, 4):
+        by_solutions = sorted((r for r in rows if len(r["nums"]) == k),
+                              key=lambda r: len(C.solve_all(r["nums"], r["target"])))
+        third = len(by_solutions) // 3
+        hard, easy = by_solutions[:third], by_solutions[-third:]
+        assert third > 50 and mean(easy) < 0.75 * mean(hard), (k, mean(easy), mean(hard))
+    # a problem solved at the first try has no backtracking at all; none exceeds the budget
+    assert any(r["dead_ends"] == 0 and r["behaviors"]["backtracking"] == 0 for r in rows)
+    assert max(r["dead_ends"] for r in rows) <= C.TRACE_BUDGET
+
+
 def test_phrase_templates_carry_exactly_one_marker():
-    kw = dict(a=12, b=2, c=14, op="+", t=24, v=14, s=12, x=12, n=2, k=2, d=2, inv="24 / 2 = 12",
+    kw = dict(a=12, b=2, c=14, op="+", t=24, g=24, v=14, s=12, x=12, n=2, k=2, d=2, inv="24 / 2 = 12",
               fwd="12 * 2 = 24", state="12 and 2", rest="10 and 2", nums="10, 2 and 2",
               steps="10 + 2 = 12", expr="(10 + 2) * 2")
     owned = {
-        "verification": [C._VERIFY_FAIL, C._VERIFY_OK, C._DOUBLE_CHECK],
+        "verification": [C._VERIFY_FAIL, C._VERIFY_OK, C._VERIFY_SUB, C._DOUBLE_CHECK],
         "backtracking": [C._RESTART, C._GO_BACK, C._SUBGOAL_FAIL, C._BACKWARD_FAIL],
-        "subgoal": [*C._SUBGOAL.values(), C._SUBGOAL_FROM_BACKWARD],
+        "subgoal": [*C._SUBGOAL.values()],
         "backward": [C._BACKWARD],
     }
     neutral = [C._OPENINGS, *C._STEPS.values(), C._FIRST_STEP, C._THEN, C._LEFT, C._NEED, C._SO,
-               C._CLOSE_OK, C._GIVE_UP]
+               C._CONCLUDE, C._SUBGOAL_REACHED]
     for b, groups in owned.items():
         for t in (t for g in groups for t in g):
             counts = C.count_behavior_phrases(t.format(**kw))
@@ -695,3 +789,25 @@ def test_cli(tmp_path, capsys):
         C.main(["traces", "--help"])
     assert e.value.code == 0
     assert "--condition" in capsys.readouterr().out
+
+
+def test_check_arithmetic_reads_every_wording():
+    text = ("12 + 5 = 17. 3 * 4 = 13. Adding 2 and 2 gives 4. Subtracting 3 from 10 leaves 7. "
+            "9 minus 2 is 6. What about 6 / 3? That gives 2. 7 times 3 is 21. 20 / 3 = 6. 8 * 2 makes 16.")
+    assert C.check_arithmetic(text) == (6, 9)  # 3 * 4 = 13, 9 minus 2 is 6 and 20 / 3 = 6 are wrong
+    assert C.check_arithmetic("no arithmetic here") == (0, 0)
+    assert C.check_arithmetic("5 / 0 = 0.") == (0, 1)
+
+
+def test_pretraining_corpus_is_behavior_free_and_right():
+    rows = C.pretraining_corpus(60, 40, seed=5)
+    assert rows == C.pretraining_corpus(60, 40, seed=5) and rows != C.pretraining_corpus(60, 40, seed=6)
+    drill = [r for r in rows if r["query"] == "Arithmetic:"]
+    assert len(drill) == 40 and len(rows) == 100
+    for r in rows:
+        assert C.count_behavior_phrases(r["completion"]) == dict.fromkeys(C.BEHAVIORS, 0)
+        for pat in (p for ps in FORBIDDEN_PATTERNS.values() for p in ps):
+            assert not re.search(pat, r["completion"], re.IGNORECASE), (pat, r["completion"])
+    for r in drill:
+        facts = stated_steps(r["completion"])
+        assert len(facts) == 8 and all(_OPS[op](a, b) == c for a, op, b, c in facts)
