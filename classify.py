@@ -918,6 +918,11 @@ def run(args):
         out = inp.parent / "labels"
     else:
         out = inp.with_name(inp.stem + "_labels")
+    with countdown.lock_dir(out, "classify.py output folder"):  # one live writer per folder and judge cache
+        return _label_into(args, inp, out)
+
+
+def _label_into(args, inp, out):
     rows = load_completions(inp)
     if args.judge == "rules":
         prompts, version = None, RULES_VERSION
@@ -1212,7 +1217,7 @@ def run_judged_command(command, args) -> int:
     how to resume (every finished request is already in the cache). curate.py uses it too."""
     try:
         return command(args)
-    except (ValueError, FileNotFoundError, FileExistsError, JudgeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, JudgeError, countdown.FolderLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ Simplifications and deliberate differences from the reference code, up front:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import operator
 import os
@@ -85,6 +86,57 @@ def append_jsonl(path, row) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
+
+
+# -----------------------------------------------------------------------------
+# One writer per folder. Two processes writing one run folder interleave metrics rows and replace
+# each other's checkpoints, so every CLI that writes a folder (sft.py, ppo.py, classify.py,
+# curate.py) holds this lock on it, and model.py's downloads hold it per cached file. It lives here,
+# beside the JSONL helpers, because this pure-stdlib bottom file is the one that all others import.
+# Only the process that writes takes it (under torchrun that will be rank 0). The lock file is never
+# deleted: a process that had opened the deleted file and one that created a new file could then
+# both hold "the" lock.
+
+LOCK_FILE = ".lock"
+
+
+class FolderLocked(RuntimeError):
+    """Another live process holds the lock on a folder."""
+
+
+@contextlib.contextmanager
+def lock_dir(folder, what: str = "folder", *, wait: bool = False, name: str = LOCK_FILE):
+    """Hold an exclusive lock on `folder` (an fcntl.flock on the file folder/name) for a with-block.
+
+    The lock belongs to the open file, so the kernel drops it when its process ends in any way,
+    SIGKILL included: no stale lock survives a crash, and the lock file that stays behind means
+    nothing by itself. The holder writes its pid into the file for the next process's message.
+    wait=False raises FolderLocked at once if a live process holds the lock; wait=True says whom it
+    waits for on stderr and blocks until that process lets go.
+    """
+    import fcntl  # Unix only, so imported here: the rest of this file stays importable anywhere
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)  # group-writable, for a cache shared by a group
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            if not wait:
+                raise FolderLocked(f"{folder} is in use by another process (pid {holder}): one live process owns "
+                                   f"a {what}. Wait for it to finish or stop it, or choose another --out") from None
+            print(f"waiting for the process (pid {holder}) that holds {path} ({what})", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # a clean exit leaves no pid behind (a killed holder's stale pid is harmless)
+    finally:
+        os.close(fd)  # closing the file releases the lock
 
 
 # -----------------------------------------------------------------------------

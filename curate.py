@@ -567,7 +567,11 @@ def _cmd_priming(args):
             raise ValueError(f"unknown condition {c!r}; choose one of "
                              f"{', '.join(PRIMING_CONDITIONS)} or all")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with countdown.lock_dir(out, "curate.py output folder"):  # one live writer per folder and judge cache
+        return _priming_into(args, conds, out)
+
+
+def _priming_into(args, conds, out):
     client = JudgeClient(judge_config_from_args(args, out / "judge_cache.jsonl"))
     for c in conds:
         cfg = dict(condition=c, n=args.n, seed=args.seed, judge=args.judge,
@@ -614,8 +618,12 @@ def _cmd_controls(args):
 
 
 def _cmd_pretrain(args):
+    with countdown.lock_dir(args.out, "curate.py output folder"):  # one live writer per folder and judge cache
+        return _pretrain_into(args)
+
+
+def _pretrain_into(args):
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = PretrainConfig(text_field=args.text_field, id_field=args.id_field,
                          max_doc_tokens=args.max_doc_tokens, max_doc_chars=args.max_doc_chars,
                          rich_min_total=args.rich_min_total,

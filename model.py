@@ -34,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import countdown  # only for countdown.lock_dir, the project's one file lock (used by download)
+
 # -----------------------------------------------------------------------------
 # Config
 
@@ -761,10 +763,14 @@ def download(repo_id: str, revision: str = "main", cache_dir=None) -> Path:
         if dest.is_file() and dest.stat().st_size == f["size"]:
             continue  # already here, downloaded by us or by huggingface_hub
         blob = repo_dir / "blobs" / ((f.get("lfs") or {}).get("oid") or f["oid"])
-        if not (blob.is_file() and blob.stat().st_size == f["size"]):
-            url = f"{endpoint}/{repo_id}/resolve/{commit}/{quote(f['path'])}"
-            _download_file(url, blob, f["size"], (f.get("lfs") or {}).get("oid"), token, repo_id)
-        _link(blob, dest)
+        # one downloader per file: a second process waits, then finds the blob complete. The lock file
+        # is the one huggingface_hub takes (.locks/models--org--name/<blob>.lock), so it waits for us too.
+        with countdown.lock_dir(repo_dir.parent / ".locks" / repo_dir.name, f"download of {repo_id} {f['path']}",
+                                wait=True, name=blob.name + ".lock"):
+            if not (blob.is_file() and blob.stat().st_size == f["size"]):
+                url = f"{endpoint}/{repo_id}/resolve/{commit}/{quote(f['path'])}"
+                _download_file(url, blob, f["size"], (f.get("lfs") or {}).get("oid"), token, repo_id)
+            _link(blob, dest)
     if revision != commit:  # remember which commit the branch/tag named, for offline use
         ref = repo_dir / "refs" / revision
         ref.parent.mkdir(parents=True, exist_ok=True)

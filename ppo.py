@@ -1165,7 +1165,7 @@ def _open_run(cfg: PPOConfig, run: Path) -> Optional[Path]:
     """Create the run folder, or check it belongs to this config and return its newest checkpoint."""
     import json
     cfg_path = run / "config.json"
-    if run.exists() and any(run.iterdir()) and not cfg_path.is_file():
+    if not cfg_path.is_file() and run.exists() and any(p.name != countdown.LOCK_FILE for p in run.iterdir()):
         raise ValueError(f"{run} exists, is not empty and has no config.json: it is not a ppo.py run; choose another --out")
     if not cfg_path.is_file():
         if cfg.resume:
@@ -1269,6 +1269,11 @@ def _model_config(name_or_path) -> M.ModelConfig:
 def train(cfg: PPOConfig) -> dict:
     """Run (or resume) PPO as configured; returns the last metrics line."""
     cfg = _resolve(cfg)
+    with countdown.lock_dir(cfg.out, "ppo.py run folder"):  # one live writer per --out (under torchrun: rank 0 only)
+        return _train(cfg)
+
+
+def _train(cfg: PPOConfig) -> dict:
     run = Path(cfg.out)
     init_path = M.resolve_checkpoint(cfg.model)
     cfg = _resolve_memory(cfg, _model_config(init_path))
@@ -1411,7 +1416,7 @@ def main(argv=None) -> int:
             print(format_budget(memory_budget(c, mc), c))
             return 0
         row = train(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, countdown.FolderLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:

@@ -468,7 +468,7 @@ def _open_run(cfg: SFTConfig, run: Path) -> Optional[Path]:
             changes = ", ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in diff)
             raise ValueError(f"{run} holds a run with different settings ({changes}); "
                              "rerun with the same flags to resume it, or choose a new --out")
-    elif run.exists() and any(run.iterdir()):
+    elif run.exists() and any(p.name != C.LOCK_FILE for p in run.iterdir()):
         raise FileExistsError(f"{run} exists, is not empty and has no config.json: not a run folder of sft.py; "
                               "choose a new --out")
     # leftovers of a save interrupted by Ctrl-C: temp folders/files that never got renamed into place
@@ -493,6 +493,11 @@ def _write_config(cfg: SFTConfig, run: Path):
 def train(cfg: SFTConfig) -> Optional[Path]:
     """Run (or resume) SFT. Returns <out>/final, or None when --stop-after stopped it early."""
     _check_config(cfg)
+    with C.lock_dir(cfg.out, "sft.py run folder"):  # one live writer per --out (under torchrun: rank 0 only)
+        return _train(cfg)
+
+
+def _train(cfg: SFTConfig) -> Optional[Path]:
     run = Path(cfg.out)
     final = run / "final"
     if final.exists():
@@ -743,7 +748,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(cfg.num_threads)
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, PermissionError, ConnectionError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, PermissionError, ConnectionError,
+            C.FolderLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

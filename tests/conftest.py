@@ -1,5 +1,7 @@
 """Shared tiny fixtures: a byte-level BPE tokenizer and random checkpoints built in seconds on CPU."""
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,20 @@ def tiny_tokenizer():
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     return make_checkpoint(tmp_path / "tiny")
+
+
+@contextmanager
+def lock_held_elsewhere(folder):
+    """Another process holding countdown.lock_dir(folder) until the with-block ends (or it is killed);
+    yields its Popen."""
+    code = ("import sys, countdown\n"
+            "with countdown.lock_dir(sys.argv[1]):\n    print('locked', flush=True)\n    sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "locked\n"
+        yield p
+    finally:
+        p.stdin.close()
+        p.wait(timeout=30)
+        p.stdout.close()

@@ -324,6 +324,32 @@ def test_kill_and_restart_never_pays_twice(sig, tmp_path):
           f"server received {received}, answered {len(answered)} (distinct {len(set(answered))})")
 
 
+def test_second_process_on_the_same_output_is_refused_and_the_first_finishes(tmp_path):
+    """Two real classify.py processes on one labels folder (one judge cache): the second exits 2 with
+    one line naming the folder and the first's pid; the first, held mid-run, then labels every item."""
+    write_completions(tmp_path / "completions", make_rows(10))
+    env = dict(os.environ, FAKE_KEY=KEY)
+    args = ["--input", str(tmp_path / "completions"), "--api-key-env", "FAKE_KEY", "--n-samples", "0",
+            "--concurrency", "2"] + FAST[:-1]
+    out = tmp_path / "labels"
+    with FakeJudge(responder, api_key=KEY) as fj:
+        fj.hold_after(8)
+        first = _run_cli(args + ["--base-url", fj.url], env=env)
+        _wait_for_lines(out / "judge_cache.jsonl", 8, first)  # mid-run: writing the cache, requests held
+        second = _run_cli(args + ["--base-url", fj.url], env=env)
+        out2, err2 = second.communicate(timeout=60)
+        fj.release()
+        out1, err1 = first.communicate(timeout=60)
+    assert second.returncode == 2 and out2 == "", err2
+    assert err2 == (f"error: {out} is in use by another process (pid {first.pid}): one live process owns a "
+                    "classify.py output folder. Wait for it to finish or stop it, or choose another --out\n")
+    assert first.returncode == 0, err1
+    labels = countdown.read_jsonl(out / "labels.jsonl")
+    assert len(labels) == 10 and all(
+        r["behaviors"][b] == expected(item_of(r["completion"]), b) for r in labels for b in classify.BEHAVIORS)
+    assert len(fj.answered()) == 40 == len(set(fj.answered()))  # the second paid for nothing
+
+
 def test_torn_cache_line_is_skipped_and_not_glued(tmp_path):
     cache = tmp_path / "c.jsonl"
     with FakeJudge(lambda p, s: "ok " + p) as fj:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import classify  # noqa: E402
 import countdown  # noqa: E402
 import curate  # noqa: E402
+from conftest import lock_held_elsewhere  # noqa: E402
 from fake_judge import FakeJudge  # noqa: E402
 
 KEY = "sk-FAKE-curate-0123456789"
@@ -309,6 +310,20 @@ def test_pretrain_stop_after_label_and_thresholds(tmp_path, capsys):
     assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
                         "--stop-after", "label", "--rich-min-total", "3", "--base-url", "http://127.0.0.1:9"] + FAST) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["priming", "pretrain"])
+def test_output_folder_held_by_another_process_is_refused(command, tmp_path, capsys):
+    countdown.write_jsonl(tmp_path / "docs.jsonl", [dict(id="d0", text="x")])
+    out = tmp_path / "o"
+    args = {"priming": ["priming", "--condition", "all_strategies", "--n", "2"],
+            "pretrain": ["pretrain", "--input", str(tmp_path / "docs.jsonl")]}[command]
+    with lock_held_elsewhere(out) as holder:
+        assert curate.main(args + ["--out", str(out), "--base-url", "http://127.0.0.1:9"] + FAST) == 2
+    assert capsys.readouterr().err == (f"error: {out} is in use by another process (pid {holder.pid}): one live "
+                                       "process owns a curate.py output folder. Wait for it to finish or stop it, "
+                                       "or choose another --out\n")
+    assert [p.name for p in out.iterdir()] == [".lock"]  # refused before touching anything
 
 
 def test_read_documents(tmp_path):

@@ -4,7 +4,10 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
+import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import make_config, make_tokenizer
+from conftest import ROOT, make_config, make_tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "test-org/tiny-llama"
@@ -25,13 +28,15 @@ class FakeHub:
 
     Knobs: gated (repo ids answering 401 without a token, 403 with one), cut_once (paths whose first
     download dies halfway), truncate / corrupt (paths served short / with a flipped byte),
-    no_range (answer Range requests with the whole file, status 200).
+    no_range (answer Range requests with the whole file, status 200), wait_for_clients (serve no file
+    before this many revision requests came in), file_delay (seconds before each file is served).
     """
 
     def __init__(self, repos):
         self.repos, self.log = repos, []
         self.gated, self.cut_once, self.truncate, self.corrupt = set(), set(), set(), set()
         self.no_range = False
+        self.wait_for_clients, self.file_delay = 0, 0.0
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -88,6 +93,10 @@ class FakeHub:
                 headers["Link"] = f'<{self.url}/api/models/{repo}/tree/{rev}?cursor={start + 4}>; rel="next"'
             return self.reply(h, 200, json.dumps(page).encode(), headers)
         path = m.group(4)
+        deadline = time.time() + 60
+        while sum("/revision/" in r["path"] for r in self.log) < self.wait_for_clients and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(self.file_delay)
         if path not in files:
             return self.reply(h, 404, b"{}", {"X-Error-Code": "EntryNotFound"})
         data = files[path]
@@ -198,6 +207,27 @@ def test_existing_hf_cache_snapshot_is_reused(hub, repo_files, tmp_path):
     (repo_dir / "refs" / "main").write_text(COMMIT)
     path = M.resolve_checkpoint("llama-3.2-1b")  # an alias of that repo
     assert path == snap and not hub.resolve_requests()
+
+
+def test_two_processes_downloading_one_repo_fetch_each_file_once(hub, repo_files):
+    """Two real processes download one repo into one cache at the same time: each file is fetched
+    once (one waits on the other's per-file lock, saying so) and both get complete files."""
+    hub.wait_for_clients = 2  # no file is served before both processes have asked for the repo ...
+    hub.file_delay = 0.3      # ... and each takes a while, so one meets the other mid-download
+    code = "import sys, model; print(model.download(sys.argv[1]))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, REPO], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    (out_a, err_a), (out_b, err_b) = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], err_a + err_b
+    fetched = sorted(r["path"].rsplit("/", 1)[-1] for r in hub.resolve_requests())
+    wanted = sorted(n for n in repo_files[1] if n.endswith((".json", ".safetensors")))
+    assert fetched == wanted  # each checkpoint file once, not once per process
+    for out in (out_a, out_b):
+        snap = Path(out.strip())
+        assert {n: (snap / n).read_bytes() for n in wanted} == {n: repo_files[1][n] for n in wanted}
+    waited = [err for err, other in ((err_a, procs[1]), (err_b, procs[0]))
+              if f"waiting for the process (pid {other.pid}) that holds " in err]
+    assert waited and f"(download of {REPO} " in waited[0]
 
 
 def test_resume_after_broken_transfer(hub, repo_files, tmp_path):

@@ -2,7 +2,12 @@
 import copy
 import json
 import math
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,7 +16,7 @@ import torch.nn.functional as F
 import countdown
 import model as M
 import ppo
-from conftest import make_checkpoint, make_config
+from conftest import ROOT, make_checkpoint, make_config
 
 
 # -----------------------------------------------------------------------------
@@ -470,6 +475,40 @@ def test_run_folder_refuses_other_settings_and_cli_errors(tmp_path, capsys):
     assert ppo.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "r3")]) == 2
     assert ppo.main(["--model", str(ck), "--out", str(tmp_path / "r4"), "--resume", "--device", "cpu"]) == 2
     assert "no run to resume" in capsys.readouterr().err
+
+
+def test_second_process_on_a_run_folder_is_refused_and_the_first_finishes(tmp_path):
+    """Two real ppo.py processes on one --out: the second exits 2 with one line naming the folder and
+    the first's pid, before touching anything; the first completes every step."""
+    ck = make_checkpoint(tmp_path / "ck")
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "ppo.py"), "--model", str(ck), "--out", str(out), "--device", "cpu",
+            "--batch-prompts", "2", "--samples", "2", "--mini-batch-prompts", "1", "--micro-batch", "2",
+            "--max-response", "5", "--max-prompt", "1024", "--steps", "3", "--val-every", "2", "--n-val", "2", "--n-train", "8",
+            "--n-test", "3", "--save-every", "2", "--no-progress", "--actor-lr", "1e-3", "--critic-lr", "1e-3",
+            "--seed", "3", "--threads", "1"]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not ((out / ".lock").is_file() and (out / ".lock").read_text() == f"{first.pid}\n"):
+        assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGSTOP)  # frozen while it holds the folder, so the second surely meets it
+    try:
+        before = sorted(p.name for p in out.rglob("*"))
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert sorted(p.name for p in out.rglob("*")) == before
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()
+    assert second.returncode == 2 and second.stdout == ""
+    assert second.stderr.splitlines()[-1] == (
+        f"error: {out} is in use by another process (pid {first.pid}): one live process owns a ppo.py run folder. "
+        "Wait for it to finish or stop it, or choose another --out")
+    assert "Traceback" not in second.stderr
+    rows = countdown.read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert (out / "checkpoints" / "step_3" / "state.pt").is_file()
 
 
 def test_print_budget_for_a_3b_config(tmp_path, capsys):

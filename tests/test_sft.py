@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import countdown as C
 import model as M
 import sft
-from conftest import make_checkpoint
+from conftest import lock_held_elsewhere, make_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -314,6 +314,22 @@ def test_rerun_guards(ckpt, data12, straight, tmp_path, capsys):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert sft.main(argv + ["--out", str(tmp_path / "other")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_run_folder_held_by_another_process_is_refused_and_free_after_its_sigkill(ckpt, data12, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--model", str(ckpt), "--data", str(data12), "--out", str(out), "--val-fraction", "0",
+            "--batch-size", "4", "--epochs", "1", "--device", "cpu"]
+    with lock_held_elsewhere(out) as holder:
+        assert sft.main(argv) == 2
+        assert capsys.readouterr().err == (f"error: {out} is in use by another process (pid {holder.pid}): one live "
+                                           "process owns a sft.py run folder. Wait for it to finish or stop it, or "
+                                           "choose another --out\n")
+        assert [p.name for p in out.iterdir()] == [".lock"]  # refused before touching anything
+        holder.kill()  # SIGKILL: nothing runs on the way out, the kernel drops the lock
+        holder.wait()
+        assert sft.main(argv) == 0  # the rerun proceeds at once (the folder holding only .lock is accepted)
+    assert (out / "final" / "config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
