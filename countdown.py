@@ -1047,8 +1047,9 @@ class _Narrator:
             if k > 0:
                 self.back_to(items, root)
             nxt = self.narrate(items, move)
-            if len(nxt) > 2 and self.rng.random() < 0.2:
-                self.say(_LEFT, state=_join(v for v, _ in nxt))
+            # the state is restated after every step: a small model keeps track of the numbers by
+            # copying the last statement, not by replaying the whole attempt
+            self.say(_LEFT, state=_join(v for v, _ in nxt))
             tree = self.dfs(nxt, goal, full, root=False)
             if tree is not None:
                 return tree
@@ -1312,12 +1313,19 @@ def narrated_solution(nums, target, rng) -> str:
     w.say(_OPENINGS, nums=_join(nums), t=target)
     w.new_paragraph()
 
+    state = list(nums)
+
     def walk(node):
         if not isinstance(node, tuple):
             return nums[node]
         a, b = walk(node[1]), walk(node[2])
         c = _value_of(node[0], a, b)
         w.step(a, node[0], b, c)
+        state.remove(a)
+        state.remove(b)
+        state.append(c)
+        if len(state) > 1:  # the state after each step, as the search traces restate it
+            w.say(_LEFT, state=_join(state))
         return c
 
     walk(tree)

@@ -11,8 +11,8 @@
 #   1. held-out test problems; priming traces per condition (countdown.py traces: logged searches)
 #   2. ONE shared tiny base model pretrained from scratch on behavior-free text (direct solutions +
 #      arithmetic facts; countdown.py corpus): the "Llama" of the miniature
-#   3. a short priming SFT of that base per condition and seed (1,000 traces, 5 epochs, batch 64:
-#      the same 75 optimizer steps for every condition)
+#   3. a short priming SFT of that base per condition and seed (4,000 traces, 2 epochs, batch 32:
+#      the same 250 optimizer steps for every condition)
 #   4. PPO from each primed model, identical settings; validation at T = 1 on the same problems
 #   5. classify.py report: results.json, results.md and figures (accuracy, behaviors, length)
 #
@@ -50,7 +50,7 @@ background() {
 finish() { while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done; }
 
 # The miniature study. Settings come from the mode below: D, CONDITIONS, SEEDS, N_TEST, BASE_EPOCHS,
-# N_SOLUTIONS, N_DRILL, PPO_STEPS, and PPO (the shared ppo.py flags).
+# N_TRACES, N_SOLUTIONS, N_DRILL, PPO_STEPS, and PPO (the shared ppo.py flags).
 study() {
     mkdir -p $D/data $D/logs
     # 1. held-out problems (the PPO test set, excluded from every training file) and priming traces
@@ -59,7 +59,7 @@ study() {
     for c in $CONDITIONS all_strategies; do
         [ "$c" = dots ] && continue  # dots is length-matched in tokens of the base's tokenizer: after step 2
         skip_if_exists $D/data/$c.jsonl || \
-            $PY countdown.py traces --condition $c --n 1000 --seed 2 --out $D/data/$c.jsonl
+            $PY countdown.py traces --condition $c --n $N_TRACES --seed 2 --out $D/data/$c.jsonl
     done
     # 2. the shared base: from scratch on behavior-free text; its tokenizer also sees the traces' words
     skip_if_exists $D/data/corpus.jsonl || \
@@ -69,14 +69,16 @@ study() {
             --eval-problems $D/data/test.jsonl --eval-n 200 --eval-max-new-tokens 64 --out $D/base \
             --epochs $BASE_EPOCHS --batch-size 32 --val-fraction 0.02 --device $DEVICE --num-threads $THREADS
     case " $CONDITIONS " in *" dots "*)
-        skip_if_exists $D/data/dots.jsonl || $PY countdown.py traces --condition dots --n 1000 --seed 2 \
+        skip_if_exists $D/data/dots.jsonl || $PY countdown.py traces --condition dots --n $N_TRACES --seed 2 \
             --tokenizer $D/base/final --out $D/data/dots.jsonl ;;
     esac
-    # 3. priming SFT per condition and seed: 1,000 traces x 5 epochs at batch 64 = 75 steps each
+    # 3. priming SFT per condition and seed: N_TRACES traces x 2 epochs at batch 32, the same number of
+    #    optimizer steps for every condition (the paper: 1,000 x 5 epochs at batch 64 = 75 steps; a
+    #    model from scratch knows none of the traces' words and needs more: README, "variants tried")
     for s in $SEEDS; do for c in $CONDITIONS; do
         [ -e $D/sft/${c}_s$s/final/config.json ] || background sft_${c}_s$s \
             $PY sft.py --model $D/base/final --data $D/data/$c.jsonl --eval-problems $D/data/test.jsonl \
-                --eval-n 0 --out $D/sft/${c}_s$s --epochs 5 --batch-size 64 --lr 1e-3 --val-fraction 0 \
+                --eval-n 0 --out $D/sft/${c}_s$s --epochs 2 --batch-size 32 --lr 2e-3 --val-fraction 0 \
                 --seed $s --device $DEVICE --num-threads $THREADS
     done; done
     finish
@@ -99,13 +101,13 @@ TINY_PPO="--batch-prompts 64 --samples 4 --mini-batch-prompts 32 --micro-batch 6
 
 case "$MODE" in
 tiny)
-    D=runs/tiny CONDITIONS="all_strategies empty_cot" SEEDS="1" N_TEST=400 BASE_EPOCHS=1
+    D=runs/tiny CONDITIONS="all_strategies empty_cot" SEEDS="1" N_TEST=400 BASE_EPOCHS=1 N_TRACES=4000
     N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=100 PPO=$TINY_PPO
     study
     ;;
 mini)
     D=runs/mini CONDITIONS="all_strategies only_backtracking no_positive empty_cot dots" SEEDS="1 2"
-    N_TEST=400 BASE_EPOCHS=1 N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=100 PPO=$TINY_PPO
+    N_TEST=400 BASE_EPOCHS=1 N_TRACES=4000 N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=100 PPO=$TINY_PPO
     study
     ;;
 paper)
