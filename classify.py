@@ -41,6 +41,7 @@ from pathlib import Path
 
 import requests
 from tqdm import tqdm
+from urllib3.exceptions import HTTPError as _TransportError  # requests' transport (a dependency)
 
 import countdown
 
@@ -63,7 +64,7 @@ class JudgeConfig:
     max_retries: int = 6         # retries after the first attempt, then the item is "failed"
     backoff_base: float = 1.0    # seconds; attempt k waits base * 2**k * U(0.5, 1], at most max
     backoff_max: float = 60.0
-    timeout: float = 120.0       # seconds per HTTP request (connect and read)
+    timeout: float = 120.0       # seconds for one whole HTTP attempt (connect, wait, full body)
     cache: str = ""              # JSONL cache path ("" = no cache)
     seed: int = 0                # for the backoff jitter only; it never changes a result
     progress: bool = True
@@ -119,6 +120,31 @@ class _Stopped(Exception):
     pass
 
 
+class _DeadlineExceeded(Exception):
+    pass
+
+
+def read_body_within(r, deadline):
+    """Read a streamed response's body, giving up at time.monotonic() > deadline.
+
+    requests' own timeout bounds each socket wait, not the whole answer: a server that trickles
+    a byte every few seconds would keep an attempt alive for ever. read1 returns whatever has
+    arrived, so the deadline is checked between arrivals. A connection closed before
+    Content-Length bytes arrived raises (urllib3's IncompleteRead), which the caller retries.
+    The body is then stored where requests keeps it, so r.json() and r.text work as usual.
+    """
+    chunks = []
+    while True:
+        if time.monotonic() > deadline:
+            raise _DeadlineExceeded
+        chunk = r.raw.read1(1 << 16, decode_content=True)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    r._content, r._content_consumed = b"".join(chunks), True
+    return r._content
+
+
 class JudgeClient:
     """Send many (system, user) prompts; return one Reply per prompt, in order.
 
@@ -147,7 +173,7 @@ class JudgeClient:
         self._next_slot = 0.0
         self._stop = threading.Event()
         self._rng = random.Random(cfg.seed)
-        self.stats = dict(sent=0, cached=0, failed=0, tokens=0)
+        self.stats = dict(sent=0, cached=0, failed=0, refused=0, truncated=0, tokens=0)
         self._cache = {}
         self._cache_path = Path(cfg.cache) if cfg.cache else None
         if self._cache_path is not None:
@@ -218,17 +244,37 @@ class JudgeClient:
                     max_tokens=self.cfg.max_tokens)
 
     def _parse(self, data):
-        """(text, tokens) from a 200 response; KeyError/TypeError/IndexError if it is malformed."""
+        """(text, tokens, problem) from a 200 response; problem is None, or ("refused", why) or
+        ("truncated", why) when the answer is a refusal or was cut at max_tokens: neither is an
+        answer to keep. KeyError/TypeError/IndexError/AttributeError if the body is malformed."""
+        limit = (f"hit max_tokens={self.cfg.max_tokens} (raise --max-tokens; a cut answer "
+                 "is not kept)")
         if self.cfg.api == "anthropic":
             text = "".join(b["text"] for b in data["content"] if b.get("type") == "text")
             u = data.get("usage") or {}
-            return text, int(u.get("input_tokens", 0)) + int(u.get("output_tokens", 0))
-        text = data["choices"][0]["message"]["content"]
+            tokens = int(u.get("input_tokens", 0)) + int(u.get("output_tokens", 0))
+            stop = data.get("stop_reason")
+            if stop == "refusal":
+                return None, tokens, ("refused", f"stop_reason refusal: {text[:200]!r}")
+            if stop == "max_tokens":
+                return None, tokens, ("truncated", f"stop_reason max_tokens: {limit}")
+            return text, tokens, None
+        choice = data["choices"][0]
+        msg, finish = choice["message"], choice.get("finish_reason")
+        u = data.get("usage") or {}
+        tokens = int(u.get("total_tokens") or (u.get("prompt_tokens", 0)
+                                               + u.get("completion_tokens", 0)))
+        # a refusal comes as content null plus a "refusal" text, or as finish_reason
+        # content_filter; both are the server's decision about this prompt, not an answer
+        if msg.get("refusal") or finish == "content_filter":
+            why = msg.get("refusal") or "finish_reason content_filter"
+            return None, tokens, ("refused", self.scrub(str(why))[:200])
+        text = msg["content"]
         if not isinstance(text, str):
             raise TypeError("message content is not a string")
-        u = data.get("usage") or {}
-        tokens = u.get("total_tokens") or (u.get("prompt_tokens", 0) + u.get("completion_tokens", 0))
-        return text, int(tokens)
+        if finish == "length":
+            return None, tokens, ("truncated", f"finish_reason length: {limit}")
+        return text, tokens, None
 
     def _server_message(self, r):
         try:
@@ -255,38 +301,61 @@ class JudgeClient:
         return min(self.cfg.backoff_max, self.cfg.backoff_base * 2 ** attempt) * jitter
 
     def _call(self, system, user):
-        """One prompt with retries -> (text, tokens) or (None, reason). Raises JudgeError."""
+        """One prompt with retries -> (text, tokens) or (None, reason). Raises JudgeError.
+
+        Retried: 429, 408, 5xx (Anthropic's 529 "overloaded" included; Retry-After, when sent,
+        sets the wait), timeouts, broken connections (also mid-body), malformed JSON. Not
+        retried: other 4xx. A refusal or an answer cut at max_tokens is retried only when the
+        temperature is above 0: at temperature 0 the same request gets the same answer again.
+        Each attempt must finish, body included, within cfg.timeout seconds.
+        """
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
         body, reason = self._body(system, user), "no attempt made"
-        for attempt in range(self.cfg.max_retries + 1):
+        tries = self.cfg.max_retries + 1
+        for attempt in range(tries):
             if self._stop.is_set():
                 raise _Stopped
             self._wait_for_slot()
             wait = None
             with self._lock:
                 self.stats["sent"] += 1
+            t0 = time.monotonic()
             try:
                 r = session.post(self.endpoint, headers=self._headers(), json=body,
-                                 timeout=self.cfg.timeout)
-            except requests.Timeout:
-                reason = f"timeout after {self.cfg.timeout:g}s"
-            except requests.ConnectionError as e:
+                                 timeout=self.cfg.timeout, stream=True)
+                try:
+                    read_body_within(r, t0 + self.cfg.timeout)
+                finally:
+                    r.close()
+            except (requests.Timeout, _DeadlineExceeded, TimeoutError):
+                reason = f"timeout: no complete answer within {self.cfg.timeout:g}s"
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                    _TransportError, OSError) as e:
+                # urllib3's IncompleteRead / ProtocolError: the connection broke mid-body
                 reason = self.scrub(f"connection error: {type(e).__name__}")
             except requests.RequestException as e:
                 return None, self.scrub(f"request error: {e}")
             else:
                 if r.status_code == 200:
                     try:
-                        return self._parse(r.json())
+                        text, tokens, problem = self._parse(r.json())
                     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
                         reason = f"malformed response ({type(e).__name__}): {self.scrub(r.text[:200])!r}"
-                elif r.status_code == 429:
+                    else:
+                        if problem is None:
+                            return text, tokens
+                        kind, why = problem
+                        with self._lock:
+                            self.stats[kind] += 1
+                        reason = f"{kind}: {why}"
+                        if self.cfg.temperature <= 0:
+                            return None, reason
+                elif r.status_code == 429 or r.status_code >= 500 or r.status_code == 408:
                     wait = _retry_after_seconds(r.headers.get("retry-after"))
-                    reason = f"HTTP 429 rate limited: {self._server_message(r)}"
-                elif r.status_code >= 500 or r.status_code == 408:
-                    reason = f"HTTP {r.status_code}: {self._server_message(r)}"
+                    what = {429: "rate limited", 529: "overloaded"}.get(r.status_code, "")
+                    reason = f"HTTP {r.status_code}{' ' + what if what else ''}: {self._server_message(r)}"
                 elif r.status_code in (401, 403, 404):
                     hint = {401: f"check the key in ${self.key_env} (--api-key-env)",
                             403: f"the key in ${self.key_env} may lack access to this model",
@@ -297,12 +366,12 @@ class JudgeClient:
                     raise self._fatal
                 else:  # 400, 413, 422 ...: this one request is bad; retrying will not help
                     return None, f"HTTP {r.status_code}: {self._server_message(r)}"
-            if attempt == self.cfg.max_retries:
+            if attempt == tries - 1:
                 break
             delay = wait if wait is not None else self._backoff(attempt)
             if self._stop.wait(delay):
                 raise _Stopped
-        return None, f"{reason} (gave up after {self.cfg.max_retries + 1} attempts)"
+        return None, f"{reason} (gave up after {tries} attempts)"
 
     def _work(self, key, system, user):
         text, extra = self._call(system, user)
@@ -403,15 +472,17 @@ def add_judge_args(p, api_choices=("openai", "anthropic"), default_api="openai",
     g.add_argument("--rpm", type=float, default=0.0,
                    help="requests per minute, retries included; 0 = no limit")
     g.add_argument("--max-retries", type=int, default=6,
-                   help="retries on 429 / 5xx / timeout / connection error / malformed JSON "
-                        "before the item is reported failed")
+                   help="retries on 429 / 5xx / timeout / connection error (also mid-answer) / "
+                        "malformed JSON before the item is reported failed; refusals and answers "
+                        "cut at --max-tokens are retried only at a temperature above 0")
     g.add_argument("--backoff-base", type=float, default=1.0,
                    help="first backoff in seconds; doubles per retry, with jitter; a 429's "
                         "Retry-After wins")
     g.add_argument("--backoff-max", type=float, default=60.0,
                    help="longest backoff in seconds")
     g.add_argument("--timeout", type=float, default=120.0,
-                   help="seconds per HTTP request")
+                   help="deadline in seconds for one whole HTTP attempt (connect, wait and the "
+                        "full answer); a late attempt is retried")
     g.add_argument("--cache", default="",
                    help="JSONL request cache; empty = judge_cache.jsonl in the output folder. "
                         "Reruns skip every cached request")

@@ -336,6 +336,83 @@ def test_torn_cache_line_is_skipped_and_not_glued(tmp_path):
         assert [r.cached for r in classify.JudgeClient(cfg).complete([(None, "c")])] == [True]
 
 
+# --- faults of real servers: cut answers, refusals, broken and slow bodies, 529 ------------------
+
+def echo(prompt, system):
+    return f"## Thoughts\nsome reasoning about {prompt}\n<count>1</count>"
+
+
+def fault_client(fj, api, cache, **kw):
+    cfg = dict(api=api, base_url=fj.url, cache=str(cache), progress=False, backoff_base=0.01,
+               backoff_max=0.05, timeout=1.0, max_retries=3)
+    cfg.update(kw)
+    return classify.JudgeClient(classify.JudgeConfig(**cfg))
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_fault_cases_request_counts_and_nothing_cut_is_cached(api, tmp_path):
+    prompts = ["LEN", "REF", "INC", "SLOW", "BUSY", "OK"]
+    cache = tmp_path / "cache.jsonl"
+    with FakeJudge(echo) as fj:
+        fj.add_fault("length", match="LEN")                       # cut at max_tokens
+        fj.add_fault("refusal", match="REF")                      # content null + refusal
+        fj.add_fault("incomplete", match="INC")                   # connection dies mid-body
+        fj.add_fault("trickle", match="SLOW", seconds=0.1)        # ~30 s of bytes, no slow read
+        fj.add_fault("status", match="BUSY", status=529, retry_after=1)
+        client = fault_client(fj, api, cache)
+        replies = dict(zip(prompts, client.complete([(None, p) for p in prompts])))
+        log = list(fj.log)
+        counts = {p: fj.count(p) for p in prompts}
+        cached_lines = cache.read_text().count("\n")
+        fj.log.clear()
+        again = dict(zip(prompts, fault_client(fj, api, cache).complete([(None, p) for p in prompts])))
+        rerun = [e["prompt"] for e in fj.log]
+    # T = 0: a cut answer and a refusal are final for this run (the same request would get the
+    # same answer), recorded with their reason, and not cached as answers
+    assert counts == dict(LEN=1, REF=1, INC=2, SLOW=2, BUSY=2, OK=1), counts
+    assert replies["LEN"].text is None and replies["LEN"].error.startswith("truncated: ")
+    assert "max_tokens=512" in replies["LEN"].error
+    assert replies["REF"].text is None and replies["REF"].error.startswith("refused: ")
+    for p in ("INC", "SLOW", "BUSY", "OK"):
+        assert replies[p].text == echo(p, None) and replies[p].error is None, (p, replies[p])
+    assert client.stats["refused"] == 1 and client.stats["truncated"] == 1
+    assert cached_lines == 4
+    # the slow body was cut at the 1 s deadline (not after the ~30 s it would take), then retried
+    t_slow = [e["t"] for e in log if e["prompt"] == "SLOW"]
+    assert 0.9 <= t_slow[1] - t_slow[0] < 2.5, t_slow
+    # the 529's Retry-After: 1 was honoured (the backoff alone would wait <= 0.05 s)
+    t_busy = [e["t"] for e in log if e["prompt"] == "BUSY"]
+    assert t_busy[1] - t_busy[0] >= 1.0
+    # a rerun asks again exactly for what was not kept
+    assert sorted(rerun) == ["LEN", "REF"]
+    assert again["LEN"].text == echo("LEN", None) and again["REF"].text == echo("REF", None)
+    assert all(again[p].cached for p in ("INC", "SLOW", "BUSY", "OK"))
+
+
+def test_refusal_and_cut_answer_are_retried_above_temperature_zero(tmp_path):
+    with FakeJudge(echo) as fj:
+        fj.add_fault("refusal", match="REF", times=2)
+        fj.add_fault("length", match="LEN", times=10)
+        client = fault_client(fj, "openai", tmp_path / "c.jsonl", temperature=0.7)
+        ref, cut = client.complete([(None, "REF"), (None, "LEN")])
+        assert fj.count("REF") == 3 and ref.text == echo("REF", None)
+        assert fj.count("LEN") == 4 and cut.text is None        # 1 + 3 retries, all cut
+        assert cut.error.startswith("truncated: ") and "gave up after 4 attempts" in cut.error
+
+
+def test_refusal_reason_reaches_the_labels(tmp_path, monkeypatch):
+    """Through the CLI: a refused judge request is a failed count with its reason, not a 0."""
+    write_completions(tmp_path / "completions", make_rows(3))
+    with FakeJudge(responder) as fj:
+        fj.add_fault("refusal", match="<<ITEM-1>>")
+        assert classify.main(["--input", str(tmp_path / "completions"), "--base-url", fj.url,
+                              "--n-samples", "0"] + FAST) == 0
+    labels = {item_of(r["completion"]): r for r in countdown.read_jsonl(tmp_path / "labels" / "labels.jsonl")}
+    failed = labels[1]["failed"]
+    assert len(failed) == 1 and next(iter(failed.values())).startswith("refused: ")
+    assert None in labels[1]["behaviors"].values() and not labels[0].get("failed")
+
+
 # --- sampling, aggregation, overwrite protection -------------------------------------------------
 
 def test_seeded_sampling_per_step():
