@@ -728,68 +728,205 @@ def judge_behaviors(field_dicts, client, prompts, system=None, desc="judge"):
 # -----------------------------------------------------------------------------------------------
 # 4. The rule-based judge: transparent regexes, no server.
 #
-# The text is cut into sentences (at . ! ? followed by a space, and at line breaks). A sentence
-# counts once for a behavior if any of that behavior's patterns matches it; the count is the number
-# of such sentences. The patterns target both countdown.py's synthetic traces and common natural
-# phrasing. They favour precision: a new attempt written without any marker ("25 - 3 = 22.") is
-# not counted as backtracking, which a judge following the paper's broad definition would count.
+# Scope, honestly: these rules are a cheap, offline, deterministic counter. They are exact on
+# countdown.py's synthetic traces (every behavior there carries one of the marker phrases of
+# countdown.BEHAVIOR_PHRASES, which the patterns below include), and on hand-written natural
+# Countdown reasoning they find most but not all instances (precision and recall per behavior on
+# tests/behavior_snippets.jsonl are in the README). They read Countdown arithmetic, not general
+# math text. Different models word the same behavior differently, so counts from the rules are
+# biased when two models are compared: use an LLM judge for that (run_all.sh paper does).
+#
+# How a completion is counted. The text is cut into sentences (at . ! ? followed by a space, and
+# at line breaks); a sentence counts at most once per behavior:
+#   verification  a sentence with an explicit or implicit check of a result against the target
+#                 ("is not 22", "too high", "one short", "that's it", "matches", "let me verify");
+#   backtracking  a sentence that abandons a path ("scratch that", "let me reconsider", "back to
+#                 the start"; "what about / how about / alternatively" only once an attempt has
+#                 been made), OR, per the paper's judge prompt, a bare new attempt: an equation
+#                 "a op b = c" whose two operands are both given numbers and reuses one that the
+#                 current attempt already consumed (so it cannot continue that attempt), when no
+#                 backtracking sentence announced it since the previous equation. Steps whose
+#                 operands are neither given nor computed ("because 5 * 2 = 10") are not attempts;
+#   subgoal       a sentence that sets an intermediate number to reach ("get 12 first", "aim for",
+#                 "a stepping stone", "if I can make 12"); a number equal to the target is not a
+#                 subgoal, and a plain plan ("First, multiply 6 by 2 to get 12") is not one;
+#   backward      a sentence that reasons from the target ("work backwards", "the last step must
+#                 be ... so I need", "to end at 35"), or an equation that starts from the target
+#                 ("22 + 3 = 25", "35 = 5 * 7"), unless an earlier step already produced the target
+#                 (then "25 * 4 = 100" continues forward from it).
+# The equation-based and target-based parts need the problem's nums and target; without them
+# only the phrase patterns run.
 
-RULES_VERSION = "rules-v1"
+RULES_VERSION = "rules-v2"
 _N = r"-?\d+(?:\.\d+)?"
 RULES = {
     "verification": [
         rf"\b(?:is|was|are)\s*(?:not|n't)\s+(?:equal\s+to\s+|quite\s+)?(?:the\s+)?(?:target|goal|{_N})",
+        rf"'s\s+not\s+(?:the\s+target|{_N})", rf"^\W*not\s+(?:the\s+target|{_N})\b",
         r"\bnot\s+equal\s+to\b", r"\bdoes\s*(?:not|n't)\s+(?:equal|match|reach)\b", r"≠|!=",
-        r"\btoo\s+(?:high|low|big|small|large|much|little)\b",
-        r"\b(?:this|that|it)\s+works\b",
-        r"\b(?:equals?|reach(?:es|ed)?|hits?|match(?:es)?|gives(?:\s+us)?)\s+the\s+(?:target|goal)\b",
+        r"\btoo\s+(?:high|low|big|small|large|much|little|many|few)\b",
+        r"\b(?:over|under|short|off|out)\s+by\s+(?:\d+|one|two|three|a\s+(?:little|bit))\b",
+        r"\b(?:one|two|three|\d+)\s+(?:short|too\s+many|too\s+few)\b",
+        r"\b(?:more|less|fewer)\s+than\s+(?:we|I)\s+need", r"\bexceeds?\b",
+        r"\b(?:more|less|bigger|smaller|larger|higher|lower|greater)\s+than\s+(?:the\s+target|"
+        r"our\s+target|the\s+goal|needed|\d+)",
+        r"\b(?:overshoot|overshot|undershoot|undershot)\b",
+        r"\b(?:this|that|it)\s+works\b", r"\bmatch(?:es|ed)?\b",
+        r"\b(?:equals?|reach(?:es|ed)?|hits?|match(?:es)?|gives(?:\s+us)?)\s+(?:the|our)\s+(?:target|goal)\b",
         r"\b(?:which|that|it)\s+is\s+(?:exactly\s+)?(?:the\s+|our\s+)?(?:target|goal)\b",
+        r"\b(?:hits?|reach(?:es)?|gives?|makes?)\s+\d+\s+exactly\b",
+        r"\b(?:exactly\s+)?what\s+(?:we|I)\s+(?:want|need)(?:ed)?\b",
+        r"\b(?:that'?s|this\s+is|it'?s)\s+(?:it|the\s+target|our\s+(?:target|number|goal))\b",
+        r"\bour\s+number\b", r"\bas\s+(?:required|needed|desired)\b",
         r"\bgoal\s+(?:has\s+been|is)\s+reached\b", r"\bverif(?:y|ies|ied|ying|ication)\b",
-        r"\b(?:let'?s|let\s+me|I'?ll|we)\s+check\b", r"\bdouble[- ]check",
+        r"\b(?:let'?s|let\s+me|I'?ll|we)\s+check\s+(?:if|whether|that|it|this|the\s+(?:result|"
+        r"answer|math|arithmetic|sum|product))\b", r"\bcheck(?:ing)?\s*:",
+        r"\bdouble[- ]check", r"\bmake\s+sure\b", r"\bis\s+indeed\b", r"✓|✔",
+        r"\bgo(?:ing)?\s+back\s+(?:over|through)\b", r"\ball\s+(?:the\s+)?steps\s+are\s+(?:right|correct)",
         r"\b\d+\s+is\s+(?:very\s+|quite\s+)?close\s+to\s+(?:the\s+)?(?:target|goal|\d+)",
-        r"\bmiss(?:es|ed)?\s+the\s+(?:target|goal)\b",
+        r"\bmiss(?:es|ed)?\s+the\s+(?:target|goal)\b", r"\bbingo\b", r"\bperfect\b", r"\bgot\s+it\b",
+        r"^\W*(?:correct|right|yes|yep|nope|no|no\s+good|close|still\s+no)\b",
     ],
     "backtracking": [
         r"\b(?:let'?s|let\s+me|I'?ll|we'?ll|I\s+will|we\s+should|I\s+should)\s+try\s+"
         r"(?:a\s+|an\s+)?(?:different|another|other|something|again|new)\b",
         r"\btry(?:ing)?\s+(?:something\s+else|another|a\s+different|a\s+new|again)\b",
-        r"\b(?:start|starting)\s+(?:over|again)\b", r"\bgo(?:ing)?\s+back\b", r"\bback\s*track",
-        r"\b(?:does|did|will|would)\s*(?:not|n't)\s+work\b", r"\bwon'?t\s+work\b",
+        r"\b(?:start|starting)\s+(?:over|again|fresh)\b", r"\bgo(?:ing)?\s+back\b(?!\s+(?:over|through))",
+        r"\bback\s+to\s+(?:the\s+)?(?:start|beginning|drawing\s+board|original|initial)",
+        r"\bback\s*track", r"\b(?:does|did|will|would)\s*(?:not|n't)\s+work\b", r"\bwon'?t\s+work\b",
         r"\bdead\s+end\b", r"\bno\s+luck\b", r"\b(?:that|this)\s+fails\b",
-        r"\bscrap\s+(?:that|this)\b", r"\bsomething\s+else\b",
-        r"\b(?:try|use|do)\b[^.!?]{0,40}\binstead\b",
-        r"\banother\s+(?:approach|way|combination|option|sequence)\b",
+        r"\b(?:scrap|scratch)\s+(?:that|this)\b", r"\bsomething\s+else\b",
+        r"\b(?:try|use|do)\b[^.!?]{0,40}\binstead\b(?!\s+of)", r"\breconsider\b",
+        r"\bthink\s+again\b", r"\bwrong\s+(?:way|path|direction|track|approach)\b", r"\bdifferently\b",
+        r"\bredo\b", r"\bchange\s+of\s+plan\b", r"\bundo\s+the\s+last\b",
+        r"\banother\s+(?:approach|way(?!\s+to\s+(?:write|say|express|put))|combination|option|"
+        r"sequence|pair|idea|attempt|possibility)\b",
         r"\bdifferent\s+(?:approach|combination|sequence|way|order)\b",
     ],
     "subgoal": [
-        r"\bsub-?goals?\b", r"\bintermediate\s+(?:goal|target|value|result)\b",
-        r"\baim(?:ing)?\s+(?:for|at)\s+\d+", r"\bget\s+close\s+to\s+\d+",
+        r"\bsub-?goals?\b", r"\bintermediate\s+(?:goal|target|value|result|step)\b",
+        r"\baim(?:ing)?\s+(?:for|at)\s+\d+", r"\bget(?:ting)?\s+close\s+to\s+\d+",
         r"\b(?:try|trying|aim|want|need|going)\s+(?:to\s+)?(?:reach|get\s+to|get|make|obtain)\s+"
         r"\d+\s*(?:first|since|because|as|,\s*(?:since|because|as|which))",
-        r"\bfirst\b[^.]{0,30}?\b(?:reach|get\s+to|get|make|obtain)\s+\d+",
         r"\bto\s+reach\s+\d+\s+(?:since|because|as)\b",
-        r"\b(?:a\s+)?(?:factor|multiple|divisor)\s+of\s+(?:the\s+target|\d+)",
+        r"\b(?:reach|get\s+to|get|make|hit|obtain|build)\s+(?:a\s+number\s+)?(?:near|close\s+to|"
+        r"around)\s+\d+", r"\bstepping[- ]stone", r"\bbreak\s+(?:this|it|the\s+problem)\s+(?:down|into)\b",
+        r"\b(?:target|goal)\s+for\s+the\s+(?:first|second|other|left|right)\b",
+        r"\b(?:a\s+)?(?:factor|multiple|divisor)\s+of\s+the\s+target\b",
     ],
     "backward": [
-        r"\bwork(?:ing|s)?\s+backwards?\b", r"\bbackwards?\s+from\b",
-        r"\bstart(?:ing)?\s+from\s+the\s+(?:target|goal|end)\b", r"\bin\s+reverse\b",
+        r"\bwork(?:ing|s|ed)?\s+back(?:wards?)?\b", r"\bbackwards?\s+from\b",
+        r"\bfrom\s+the\s+(?:target|goal|end)\b", r"\bin\s+reverse\b",
         rf"\bsince\s+the\s+target\s+is\s+{_N}",
         r"\bto\s+(?:get|reach|make)\s+(?:the\s+target\s+)?\d+\s*,?\s*(?:I|we)\s+"
         r"(?:would\s+)?(?:need|could|can)\b",
         r"\b(?:the\s+)?target\s+\d+\s+(?:is|=|equals)\s+\d+\s*[-+*/x×]\s*\d+",
+        r"\blast\s+(?:step|operation)\s+(?:must|has\s+to|should|would|will|is|could)\b",
+        r"\bto\s+(?:finish|end)\s+(?:up\s+)?(?:at|with|on)\s+\d+", r"\bundo(?:ing)?\s+(?:the\s+)?operations\b",
     ],
 }
+# Patterns that name a number: the number must not be the target (reaching the target is the task,
+# not a subgoal). Used only when the target is known.
+_SUBGOAL_NUMBER = [re.compile(p, re.IGNORECASE) for p in (
+    r"\b(?:reach|get\s+to|get|make|hit|obtain|build)\s+(?:a\s+)?(\d+)\s+first\b",
+    r"\bfirst\s+(?:try\s+to\s+)?(?:reach|get\s+to|hit|make|obtain)\s+(?:a\s+)?(\d+)",
+    r"\b(?:want|like|try(?:ing)?|aim(?:ing)?|plan)\s+to\s+(?:reach|get\s+to|get|make|hit|obtain|"
+    r"build)\s+(?:a\s+)?(\d+)\b",
+    r"\bif\s+(?:I|we)\s+can\s+(?:make|get|reach|build|obtain)\s+(?:a\s+)?(\d+)",
+)]
+# "12, a factor of 24": a number chosen for its relation to the target (the paper's example)
+_FACTOR_OF = re.compile(r"\b(?:factor|multiple|divisor)\s+of\s+(\d+)", re.IGNORECASE)
+# a re-computation inside a check ("Let me verify: 6 * 7 = 42") is not a new attempt
+_RECHECK = re.compile(r"\bverif|\bdouble[- ]check|\bcheck(?:ing)?\s*:|\bmake\s+sure\b|\bindeed\b|"
+                      r"\bgo(?:ing)?\s+back\s+(?:over|through)\b|✓|✔", re.IGNORECASE)
+# "What about / how about / alternatively": a new attempt only once there was an attempt, and only
+# if no backtracking sentence already announced it.
+_SOFT_RESTART = re.compile(r"^\W*(?:what|how)\s+about\b|\bwhat\s+if\b|\balternatively\b",
+                           re.IGNORECASE)
 _RULES_RE = {b: [re.compile(p, re.IGNORECASE) for p in pats] for b, pats in RULES.items()}
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+# one arithmetic step, symbolic ("12 * 4 = 48", not inside a longer expression) or in words
+_OP = r"[-+*/×x÷]"
+_STEP_RE = [re.compile(p, re.IGNORECASE) for p in (
+    rf"(?<![\d.)(*/+×÷-])(?<![\d.)(*/+×÷-]\s)(\d+)\s*({_OP})\s*(\d+)\s*(?:=|gives|is)\s*(-?\d+)",
+    rf"(?<![\d.)(*/+×÷-])(?<![\d.)(*/+×÷-]\s)(\d+)\s*({_OP})\s*(\d+)\s*\?\s*that\s+gives\s+(-?\d+)",
+    r"(\d+)\s+(plus|minus|times|divided\s+by)\s+(\d+)\s+(?:is|gives|equals|makes)\s+(-?\d+)",
+    r"(adding|multiplying|dividing)\s+(\d+)\s+(?:and|by)\s+(\d+)\s+gives\s+(-?\d+)",
+    r"(subtracting)\s+(\d+)\s+from\s+(\d+)\s+leaves\s+(-?\d+)",
+)]
+# an equation that starts from the target: "T op n = m" or "T = a op b"; and the target as the
+# result of a step ("= T", "gives T", "That is T"), after which "T op n" continues forward
+_FROM_TARGET = r"(?<![\d.)(*/+×÷-])(?<![\d.)(*/+×÷-]\s){t}\s*(?:{op}\s*\d+\s*=|=\s*\d+\s*{op}\s*\d+)"
+_AS_RESULT = r"(?:=|\bgives(?:\s+us)?|\bleaves|\bis|\bmakes|\bequals)\s*{t}\b(?!\s*(?:{op}|\.\d))"
 
 
-def count_behaviors_rules(text):
-    """{behavior: number of sentences that match one of its RULES patterns}."""
+def _steps(sentence):
+    """[(operands, result, start)] of the arithmetic steps in a sentence, in order."""
+    out = []
+    for k, rx in enumerate(_STEP_RE):
+        for m in rx.finditer(sentence):
+            g = m.groups()
+            if k == 3 or k == 4:          # words first: "adding 6 and 4", "subtracting 4 from 6"
+                a, b = g[1], g[2]
+            else:
+                a, b = g[0], g[2]
+            out.append(((int(a), int(b)), int(g[3]), m.start()))
+    return sorted(out, key=lambda s: s[2])
+
+
+def count_behaviors_rules(text, nums=None, target=None):
+    """{behavior: number of sentences that show it}, by the rules above. nums and target (the
+    problem) enable bare-restart backtracking and the target-aware subgoal/backward rules."""
     counts = dict.fromkeys(BEHAVIORS, 0)
+    given = {}
+    for n in nums or ():
+        given[int(n)] = given.get(int(n), 0) + 1
+    t = None if target is None else int(target)
+    from_target = as_result = None
+    if t is not None and t not in given:
+        from_target = re.compile(_FROM_TARGET.format(t=t, op=_OP))
+        as_result = re.compile(_AS_RESULT.format(t=t, op=_OP), re.IGNORECASE)
+    used, avail = {}, {}        # the current attempt: given numbers consumed, results available
+    seen_step = announced = reached = False  # reached: a step has produced the target
     for sentence in _SENTENCE_SPLIT.split(text or ""):
+        hit = {b: any(r.search(sentence) for r in _RULES_RE[b]) for b in BEHAVIORS}
+        if not hit["backtracking"] and seen_step and not announced and _SOFT_RESTART.search(sentence):
+            hit["backtracking"] = True
+        if t is not None and not hit["subgoal"]:
+            hit["subgoal"] = (any(int(m.group(1)) != t for r in _SUBGOAL_NUMBER
+                                  for m in r.finditer(sentence))
+                              or any(int(m.group(1)) == t for m in _FACTOR_OF.finditer(sentence)))
+        if from_target is not None and not hit["backward"] and not reached:
+            hit["backward"] = bool(from_target.search(sentence))
+        if as_result is not None and any(
+                not re.search(r"(?:target|goal)\W*\w*\W*$", sentence[:m.start()], re.IGNORECASE)
+                for m in as_result.finditer(sentence)):
+            reached = True  # "That gives 25." ("the target is 25" restates the task)
+        if hit["backtracking"]:
+            announced, used, avail = True, {}, {}   # the text says a new attempt starts
+        steps = _steps(sentence)
+        # Bare restarts: only with the given numbers known, never inside a re-check ("let me
+        # verify: 6 * 7 = 42" recomputes) or a step from the target.
+        if given and not _RECHECK.search(sentence) and not hit["backward"]:
+            for (a, b), c, _ in steps:
+                if not all(avail.get(x, 0) > 0 or x in given for x in (a, b)):
+                    continue  # a justification ("because 5 * 2 = 10"), not a step of an attempt
+                reached = reached or c == t
+                fresh = all(avail.get(x, 0) == 0 and x in given for x in (a, b))
+                reused = any(used.get(x, 0) >= given[x] for x in (a, b) if x in given)
+                if fresh and reused:
+                    if seen_step and not announced:
+                        hit["backtracking"] = True
+                    used, avail = {}, {}
+                for x in (a, b):
+                    if avail.get(x, 0) > 0:
+                        avail[x] -= 1
+                    elif x in given:
+                        used[x] = used.get(x, 0) + 1
+                avail[c] = avail.get(c, 0) + 1
+                seen_step, announced = True, False
         for b in BEHAVIORS:
-            if any(r.search(sentence) for r in _RULES_RE[b]):
-                counts[b] += 1
+            counts[b] += hit[b]
     return counts
 
 
@@ -874,7 +1011,8 @@ def label_completions(rows, judge="rules", prompts=None, prompt_version=RULES_VE
     row's own ground-truth "behaviors" (synthetic traces) is kept as "true_behaviors".
     """
     if judge == "rules":
-        results = [dict(behaviors=count_behaviors_rules(r["completion"]), failed={}, missing=[],
+        results = [dict(behaviors=count_behaviors_rules(r["completion"], r.get("nums"),
+                                                         r.get("target")), failed={}, missing=[],
                         raw={}) for r in rows]
         meta = dict(model="rules", prompt_version=RULES_VERSION)
     else:

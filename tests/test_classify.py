@@ -484,17 +484,18 @@ def test_every_flag_has_help():
 
 # --- the rule-based judge ------------------------------------------------------------------------
 
-def test_rules_judge_against_synthetic_ground_truth(tmp_path, capsys):
-    """countdown.generate_traces counts every behavior as it writes it; the rules must recover the
-    counts (they were written for that phrasing plus natural phrasing, so this is in-distribution)."""
-    rows = [t for c in countdown.CONDITIONS for t in countdown.generate_traces(c, 100, seed=3)]
+def test_rules_judge_is_exact_on_synthetic_traces(tmp_path, capsys):
+    """countdown.generate_traces counts every behavior as it writes it, each with a marker phrase
+    from countdown.BEHAVIOR_PHRASES; the rules (markers plus the broader natural-wording rules)
+    must recover every count exactly, so the natural rules never double count a marked instance."""
+    rows = [t for c in countdown.CONDITIONS for t in countdown.generate_traces(c, 150, seed=3)]
     countdown.write_jsonl(tmp_path / "traces.jsonl", rows)
     assert classify.main(["--input", str(tmp_path / "traces.jsonl"), "--judge", "rules", "--n-samples", "0",
                           "--score-against"]) == 0
     report = json.loads((tmp_path / "traces_labels" / "score.json").read_text())
     for b, s in report["overall"].items():
         assert s["n"] == len(rows)
-        assert s["precision"] >= 0.95 and s["recall"] >= 0.95 and s["mae"] <= 0.1, (b, s)
+        assert s["precision"] == 1.0 and s["recall"] == 1.0 and s["mae"] == 0.0, (b, s)
     # conditions that forbid a behavior: the rules find none of it
     for c, sc in report["by_condition"].items():
         for b in classify.BEHAVIORS:
@@ -503,23 +504,64 @@ def test_rules_judge_against_synthetic_ground_truth(tmp_path, capsys):
     assert "precision" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("text,want", [
-    ("This sequence results in 1, which is not equal to 22.", dict(verification=1)),
-    ("Too high! Let's try 25 - 3 instead.", dict(verification=1, backtracking=1)),
-    ("This works!", dict(verification=1)),
-    ("12+2 = 14. Trying something else. 12*2=24.", dict(backtracking=1)),
-    ("12+2 = 14. 14 is not 24, so let's try something else. 12*2=24 and 24 was the goal, so the "
-     "goal has been reached.", dict(verification=2, backtracking=1)),
-    ("Let's first try to reach 12 since it is a factor of 24; 10 * 2 = 20, let's try a different "
-     "sequence. 10 + 2 = 12. Now, 12 * 2 = 24.", dict(subgoal=1, backtracking=1)),
-    ("Let's try to reach 20 since it is a multiple of 10.", dict(subgoal=1)),
-    ("Let's work backwards from the target. 24/2 = 12. So, 12*2=24.", dict(backward=1)),
-    ("Since the target is 22, and 22 + 3 = 25, we need 25 from the rest.", dict(backward=1)),
-    ("I made a mistake. Wait, let me go back to the start.", dict(backtracking=1)),
-    ("First, I'll try to get close to 12, then multiply by 2.", dict(subgoal=1)),
-    ("3 + 5 = 8. 8 * 2 = 16.", dict()),
-    ("Step 1: 6 + 8 = 14.\nStep 2: 14 + 11 = 25.", dict()),
+SNIPPETS = Path(__file__).resolve().parent / "behavior_snippets.jsonl"
+HELDOUT = Path(__file__).resolve().parent / "behavior_snippets_heldout.jsonl"
+
+
+def rules_scores(path):
+    rows = classify.label_completions(countdown.read_jsonl(path), "rules")
+    return classify.score_against(rows)
+
+
+def test_snippet_fixtures_are_labelled_sets():
+    for path, n_min in ((SNIPPETS, 60), (HELDOUT, 30)):
+        rows = countdown.read_jsonl(path)
+        assert len(rows) >= n_min and len({r["completion"] for r in rows}) == len(rows)
+        for b in classify.BEHAVIORS:  # every behavior has positives and negatives
+            assert 3 <= sum(r["behaviors"][b] > 0 for r in rows) < len(rows) - 3, (path.name, b)
+
+
+def test_rules_judge_on_the_labelled_natural_set():
+    """tests/behavior_snippets.jsonl: 79 snippets in varied natural wording, labelled by hand per
+    the paper's judge definitions before the rules were extended (the rules were then developed
+    on them, so this is a regression floor, not an unbiased estimate: see the held-out test).
+    Measured at this commit: precision 1.000 for all four; recall 1.000 / 0.941 / 1.000 / 1.000."""
+    s = rules_scores(SNIPPETS)
+    for b in classify.BEHAVIORS:
+        assert s[b]["precision"] >= 0.95 and s[b]["recall"] >= 0.9, (b, s[b])
+
+
+def test_rules_judge_on_the_held_out_set():
+    """tests/behavior_snippets_heldout.jsonl was written after the rules and never used to tune
+    them; its numbers are the honest ones (README). The floor sits just under what was measured
+    (verification 0.833/0.385, backtracking 0.714/0.625, subgoal 1.000/0.400, backward
+    1.000/0.750) so a change that loses ground fails; the rules at 485e39c scored 0/0 recall on
+    backtracking and backward here."""
+    s = rules_scores(HELDOUT)
+    floor = {"verification": (0.8, 0.38), "backtracking": (0.7, 0.6), "subgoal": (1.0, 0.4),
+             "backward": (1.0, 0.75)}
+    for b, (p, r) in floor.items():
+        assert s[b]["precision"] >= p and s[b]["recall"] >= r, (b, s[b])
+
+
+@pytest.mark.parametrize("nums,target,text,want", [
+    # the issue's cases, by hand
+    ([6, 2, 3], 15, "First, multiply 6 by 2 to get 12. Then add 3 to get 15.", dict()),       # a plan, no subgoal
+    ([2, 3, 4, 5], 19, "I'll go back over the arithmetic: 2 * 3 = 6, 6 * 4 = 24, 24 - 5 = 19.",
+     dict(verification=1)),                                                                   # a re-check, no backtracking
+    ([55, 19, 7], 65, "55 + 19 = 74. That's too high.", dict(verification=1)),
+    ([25, 3], 22, "25 - 3 = 22. That's it!", dict(verification=1)),
+    ([6, 4, 9, 2], 15, "6 + 4 = 10, 10 + 9 = 19. 9 - 6 = 3, 3 * 4 = 12. 9 * 2 = 18.", dict(backtracking=2)),
+    ([6, 4, 2], 48, "The last step must be a multiplication, so I need 6 * 8. 4 * 2 = 8.", dict(backward=1)),
+    ([25, 3], 22, "22 + 3 = 25, so 25 - 3 = 22.", dict(backward=1)),                        # from the target
+    ([4, 9, 2], 26, "Let me first add 4 and 9 to get 13, then multiply by 2 to get 26.", dict()),
+    ([10, 2, 2], 24, "I'd like to get 12 first, because 12 times 2 is 24.", dict(subgoal=1)),
+    ([6, 4, 5], 15, "I need to reach 15 using each number once.", dict()),                  # the target is no subgoal
+    ([8, 6, 4, 2], 20, "8 + 2 = 10, 6 - 4 = 2, 10 * 2 = 20.", dict()),                      # a parallel branch
+    ([6, 4, 9], 19, "What about 6 + 4?", dict()),                                            # a first attempt
+    ([6, 4, 9], 19, "6 + 4 = 10. Scratch that. 6 + 9 = 15.", dict(backtracking=1)),          # announced: once
+    ([9, 3, 7], 34, "Use 9 * 3 instead of 3 * 9 for clarity: 9 * 3 = 27, 27 + 7 = 34.", dict()),
+    ([25, 4, 2], 25, "25 * 4 = 100. 100 / 2 = 50.", dict()),                                 # the target is a given number
 ])
-def test_rules_judge_on_natural_phrasing(text, want):
-    """Hand-labelled sentences in the paper's prompt examples' style (not countdown.py's phrasing)."""
-    assert classify.count_behaviors_rules(text) == {b: want.get(b, 0) for b in classify.BEHAVIORS}
+def test_rules_judge_cases_from_the_issue(nums, target, text, want):
+    assert classify.count_behaviors_rules(text, nums, target) == {b: want.get(b, 0) for b in classify.BEHAVIORS}
