@@ -151,7 +151,8 @@ class JudgeClient:
     Identical requests are sent once: the cache key is sha256 over (api, base url, model, system,
     messages, temperature, max_tokens). Each completed request is appended to the cache file
     (one flushed JSON line) by the worker thread that paid for it, so even a request that finishes
-    while the run is being interrupted is kept. Failed requests are not cached: a rerun retries them.
+    while the run is being interrupted is kept; memory holds only {key: line offset}. Failed
+    requests, refusals and answers cut at max_tokens are not cached: a rerun asks again.
     """
 
     def __init__(self, cfg: JudgeConfig):
@@ -192,25 +193,47 @@ class JudgeClient:
 
     # --- cache -----------------------------------------------------------------------------------
     def _load_cache(self):
+        """Index the cache file: {key: byte offset of its line}. The answers stay on disk (a paper-
+        sized run caches a million answers of up to 1,024 tokens each) and are read back when a
+        prompt asks for them. The file is streamed, never read whole."""
         p = self._cache_path
         if not p.exists():
             return
-        bad = 0
+        bad, offset, last = 0, 0, b"\n"
         with open(p, "rb") as f:
-            data = f.read()
-        for line in data.decode("utf-8", errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                self._cache[rec["key"]] = rec
-            except (ValueError, KeyError, TypeError):
-                bad += 1  # a line cut short by a kill: that request is simply asked again
-        if data and not data.endswith(b"\n"):
+            for line in f:
+                start, offset, last = offset, offset + len(line), line
+                if not line.strip():
+                    continue
+                try:
+                    self._cache[json.loads(line)["key"]] = start
+                except (ValueError, KeyError, TypeError):
+                    bad += 1  # a line cut short by a kill: that request is simply asked again
+        if not last.endswith(b"\n"):
             with open(p, "ab") as f:  # so the next appended line does not glue onto the stub
                 f.write(b"\n")
         if bad:
             print(f"[judge] skipped {bad} unreadable line(s) in the cache {p}", file=sys.stderr)
+
+    def _store(self, key, rec):
+        """Keep an answer: appended to the cache file (one flushed line; the index keeps its
+        offset), or in memory when there is no cache file. Call with self._lock held."""
+        if self._cache_path is None:
+            self._cache[key] = rec
+            return
+        self._cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._cache_path, "ab") as f:
+            offset = os.fstat(f.fileno()).st_size
+            f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+            f.flush()
+        self._cache[key] = offset
+
+    def _record(self, entry, f):
+        """The cached record behind an index entry (a dict in memory, or an offset in file f)."""
+        if isinstance(entry, dict):
+            return entry
+        f.seek(entry)
+        return json.loads(f.readline())
 
     def request_key(self, system, user):
         blob = json.dumps(dict(api=self.cfg.api, base_url=self.base_url, model=self.model,
@@ -380,10 +403,8 @@ class JudgeClient:
         rec = dict(key=key, api=self.cfg.api, model=self.model, text=text, tokens=extra,
                    time=round(time.time(), 3))
         with self._lock:
-            self._cache[key] = rec
+            self._store(key, rec)
             self.stats["tokens"] += extra
-            if self._cache_path is not None:
-                countdown.append_jsonl(self._cache_path, rec)
         return key, text, None, extra
 
     # --- the public entry point ------------------------------------------------------------------
@@ -425,12 +446,17 @@ class JudgeClient:
             bar.close()
             pool.shutdown(wait=True)
         out = []
-        for k in keys:
-            if k in self._cache:
-                rec = self._cache[k]
-                out.append(Reply(rec["text"], None, k not in todo, int(rec.get("tokens", 0))))
-            else:
-                out.append(Reply(None, errors.get(k, "not attempted")))
+        f = open(self._cache_path, "rb") if self._cache_path is not None and keys else None
+        try:
+            for k in keys:
+                if k in self._cache:
+                    rec = self._record(self._cache[k], f)
+                    out.append(Reply(rec["text"], None, k not in todo, int(rec.get("tokens", 0))))
+                else:
+                    out.append(Reply(None, errors.get(k, "not attempted")))
+        finally:
+            if f is not None:
+                f.close()
         return out
 
 

@@ -333,7 +333,10 @@ def test_torn_cache_line_is_skipped_and_not_glued(tmp_path):
             f.write('{"key": "torn')  # a kill in the middle of an append
         replies = classify.JudgeClient(cfg).complete([(None, "a"), (None, "c")])
         assert [r.text for r in replies] == ["ok a", "ok c"] and len(fj.log) == 3
-        assert [r.cached for r in classify.JudgeClient(cfg).complete([(None, "c")])] == [True]
+        client = classify.JudgeClient(cfg)
+        assert [(r.cached, r.text) for r in client.complete([(None, "c")])] == [(True, "ok c")]
+        # memory holds where each answer is in the file, not the answers
+        assert len(client._cache) == 3 and all(isinstance(v, int) for v in client._cache.values())
 
 
 # --- faults of real servers: cut answers, refusals, broken and slow bodies, 529 ------------------
