@@ -568,3 +568,31 @@ def test_rules_judge_on_the_held_out_set():
 ])
 def test_rules_judge_cases_from_the_issue(nums, target, text, want):
     assert classify.count_behaviors_rules(text, nums, target) == {b: want.get(b, 0) for b in classify.BEHAVIORS}
+
+
+# --- run_all.sh paper: an LLM judge unless rules are asked for -----------------------------------
+
+def _run_all_paper(folder, **env_extra):
+    """run_all.sh paper in a fresh folder with PYTHON=echo: every CLI call is printed, not run."""
+    import shutil
+    (folder / "runs" / "ppo" / "qwen_base").mkdir(parents=True)
+    shutil.copy(ROOT / "run_all.sh", folder / "run_all.sh")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "JUDGE", "JUDGE_ARGS")}
+    env.update(PYTHON="echo", **env_extra)
+    p = subprocess.run(["bash", str(folder / "run_all.sh"), "paper"], capture_output=True, text=True,
+                       env=env, cwd=folder, timeout=60)
+    return p, [line for line in p.stdout.splitlines() if line.startswith("classify.py")]
+
+
+def test_run_all_paper_uses_an_llm_judge_unless_rules_are_explicit(tmp_path):
+    p, judged = _run_all_paper(tmp_path / "a")
+    assert p.returncode == 2 and "needs $OPENAI_API_KEY" in p.stderr and p.stdout == ""  # fails before training
+    p, judged = _run_all_paper(tmp_path / "b", OPENAI_API_KEY="sk-x")
+    assert p.returncode == 0 and judged and all("--judge openai" in line for line in judged), p.stdout
+    assert "WARNING" not in p.stderr
+    p, judged = _run_all_paper(tmp_path / "c", JUDGE="rules")
+    assert p.returncode == 0 and judged and all("--judge rules" in line for line in judged)
+    assert "WARNING: JUDGE=rules" in p.stderr and "biased" in p.stderr
+    p, judged = _run_all_paper(tmp_path / "d", JUDGE_ARGS="--base-url http://localhost:8000")
+    assert p.returncode == 0 and judged and all("--base-url http://localhost:8000" in line for line in judged)
