@@ -7,11 +7,14 @@ behavior, and answers with a count between <count> </count> tags. This file hold
 1. a small judge client over raw HTTP (`requests`, no SDKs) for any OpenAI-compatible
    /v1/chat/completions server (OpenAI, vLLM, llama.cpp, Ollama) and Anthropic's /v1/messages,
    with a thread pool, a requests-per-minute limit, retries with exponential backoff and jitter,
-   and a persistent JSONL cache so a rerun after a crash or Ctrl-C never pays twice;
+   a deadline per whole attempt, and a persistent JSONL cache so a rerun after a crash or Ctrl-C
+   never pays twice; refusals and answers cut at max_tokens are failures with their reason,
+   never cached answers;
 2. the four behavior prompts for Countdown (paper section 4.2) and for math web text (4.3), in our
    own wording, overridable from files (--prompts-dir) so the originals can be dropped in;
 3. count parsing, per-step aggregation (average counts, missing answers, accuracy) to CSV and JSON;
-4. `--judge rules`: an offline rule-based counter whose regexes are listed below, and
+4. `--judge rules`: an offline rule-based counter whose rules are listed below (exact on
+   countdown.py's synthetic traces, approximate on natural wording: biased across models), and
 5. `--score-against`: precision / recall / mean absolute error of any judge against ground truth.
 
 Simplifications and fixes relative to the original code (paper_spec D-E1..D-E7):

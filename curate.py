@@ -10,11 +10,14 @@ Three subcommands, each resumable through the judge client's request cache (clas
   controls  Transform a generated set (section 3.3): empty_cot (the thoughts emptied), dots (the
             thoughts replaced by as many " ." as they had tokens), no_positive (every example the
             reward does not score 1.0).
-  pretrain  Section 4.3-4.4 on documents (OpenWebMath-like JSONL): truncate, count the four
-            behaviors with math-text prompts, select a behavior-rich and a behavior-minimized set
-            with explicit thresholds, cap both at the same token budget, rewrite each selected
-            document into <question>/<thoughts>/<answer>, and write SFT JSONL. Prints behavior
-            frequencies like the paper's Figure 7.
+  pretrain  Section 4.3-4.4 on documents (OpenWebMath-like JSONL or parquet, streamed): truncate,
+            count the four behaviors with math-text prompts and ask whether a problem and its
+            solution are present (the paper's filter), select a behavior-rich and a
+            behavior-minimized set with explicit thresholds, cap both at the same token budget
+            (tokens of the target model's tokenizer), rewrite each selected document into
+            <question>/<thoughts>/<answer>, and write SFT JSONL. Requests go out in bounded
+            chunks with resumable progress. Prints behavior frequencies like the paper's
+            Figure 7 for the input, the selected and the rewritten sets.
 
 Fixes relative to the original scripts (paper_spec section 6): JSONL in and out everywhere
 (D-SFT-3); no_positive keeps every answer scoring below 1, not only unparsable ones (D-SFT-4);
