@@ -132,7 +132,9 @@ def read_body_within(r, deadline):
 
     requests' own timeout bounds each socket wait, not the whole answer: a server that trickles
     a byte every few seconds would keep an attempt alive for ever. read1 returns whatever has
-    arrived, so the deadline is checked between arrivals. A connection closed before
+    arrived, so the deadline is checked between arrivals (a server that falls silent is cut by
+    the socket timeout, the same number of seconds, so an attempt never lasts more than about
+    twice the deadline). A connection closed before
     Content-Length bytes arrived raises (urllib3's IncompleteRead), which the caller retries.
     The body is then stored where requests keeps it, so r.json() and r.text work as usual.
     """
