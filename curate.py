@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -620,9 +621,14 @@ def _chunks(items, n):
 def _load_labels(path):
     """{id: label row} from a label file; a later row for the same id wins (a retried document)."""
     done = {}
-    if Path(path).exists():
-        for row in countdown.read_jsonl(path):
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        for row in countdown.read_jsonl(path):  # skips a line torn by a kill ...
             done[str(row["id"])] = row
+        with open(path, "rb+") as f:  # ... and the next append must not glue onto it
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     return done
 
 
@@ -635,6 +641,7 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
     share the request cache, so every stage resumes). Returns a summary dict.
     """
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     stream = docs if callable(docs) else (lambda: iter(docs))
     text_prompts, version = classify.load_prompts("text", cfg.prompts_dir or None)
     client = make_client(None)

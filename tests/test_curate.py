@@ -380,11 +380,21 @@ def test_pretrain_chunks_bound_requests_and_a_rerun_resumes(tmp_path, monkeypatc
         fj.log.clear()
         assert curate.main(args + ["--base-url", fj.url]) == 0
         rerun = [e["prompt"] for e in fj.log]
+        n_batches = list(batches)
+        labels = countdown.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")
+        # a kill mid-append tears the last label line: that document is labelled again (from the
+        # judge cache: no request), and the next append does not glue onto the torn line
+        path = tmp_path / "o" / "doc_labels.jsonl"
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(lines[:-1]) + lines[-1][:25])
+        fj.log.clear()
+        assert curate.main(args + ["--base-url", fj.url]) == 0
+        assert len(fj.log) == 0
+    assert [r["id"] for r in countdown.read_jsonl(path)] == list(DOCS)
     # 12 documents in chunks of 5: at most 5 x 4 behavior prompts, or 5 problem/solution prompts, at once
-    assert max(batches) <= 20 and len(batches) == 2 * 3 + 2
+    assert max(n_batches) <= 20 and len(n_batches) == 2 * 3 + 2
     assert first == 11 * 5 + 5 * 3  # d6: 5 requests x (1 + 2 retries)
     assert len(rerun) == 5 and all("<<d6>>" in p for p in rerun)
-    labels = countdown.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")
     assert [r["id"] for r in labels] == list(DOCS) and not any(r.get("failed") for r in labels)
     assert labels[6]["behaviors"] == dict(zip(classify.BEHAVIORS, DOCS["d6"]))
 
