@@ -625,10 +625,13 @@ def _load_labels(path):
     if path.exists() and path.stat().st_size:
         for row in countdown.read_jsonl(path):  # skips a line torn by a kill ...
             done[str(row["id"])] = row
-        with open(path, "rb+") as f:  # ... and the next append must not glue onto it
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
+        with open(path, "rb+") as f:  # ... which is cut off, so the next append starts clean
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - (1 << 16))  # a label line is well under 64 KB
+            f.seek(start)
+            tail = f.read()
+            if not tail.endswith(b"\n"):
+                f.truncate(start + tail.rfind(b"\n") + 1)
     return done
 
 

@@ -391,6 +391,12 @@ def test_pretrain_chunks_bound_requests_and_a_rerun_resumes(tmp_path, monkeypatc
         assert curate.main(args + ["--base-url", fj.url]) == 0
         assert len(fj.log) == 0
     assert [r["id"] for r in countdown.read_jsonl(path)] == list(DOCS)
+    # the torn line is cut off, so a row appended after it (then a second kill) is still readable
+    path.write_text('{"id": "a"}\n{"id": "b", "tok')
+    assert list(curate._load_labels(path)) == ["a"]
+    with open(path, "a") as f:
+        f.write('{"id": "c"}\n')
+    assert [r["id"] for r in countdown.read_jsonl(path)] == ["a", "c"]
     # 12 documents in chunks of 5: at most 5 x 4 behavior prompts, or 5 problem/solution prompts, at once
     assert max(n_batches) <= 20 and len(n_batches) == 2 * 3 + 2
     assert first == 11 * 5 + 5 * 3  # d6: 5 requests x (1 + 2 retries)
