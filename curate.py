@@ -957,7 +957,8 @@ def build_parser():
                    help="do not count behaviors in the rewritten sets (saves 4 requests per "
                         "SFT example; their Figure 7 rows are then missing)")
     t.add_argument("--prompts-dir", default="",
-                   help="folder with text_<behavior>.txt or the original *_v0.txt prompt files")
+                   help="folder with text_<behavior>.txt or the original *_v0.txt prompt files, "
+                        "and text_problem_solution.txt ({response} placeholder)")
     t.add_argument("--rich-min-total", type=int, default=2,
                    help="behavior-rich set: the four counts sum to at least this")
     t.add_argument("--rich-require", default="",
