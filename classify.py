@@ -7,11 +7,14 @@ behavior, and answers with a count between <count> </count> tags. This file hold
 1. a small judge client over raw HTTP (`requests`, no SDKs) for any OpenAI-compatible
    /v1/chat/completions server (OpenAI, vLLM, llama.cpp, Ollama) and Anthropic's /v1/messages,
    with a thread pool, a requests-per-minute limit, retries with exponential backoff and jitter,
-   and a persistent JSONL cache so a rerun after a crash or Ctrl-C never pays twice;
+   a deadline per whole attempt, and a persistent JSONL cache so a rerun after a crash or Ctrl-C
+   never pays twice; refusals and answers cut at max_tokens are failures with their reason,
+   never cached answers;
 2. the four behavior prompts for Countdown (paper section 4.2) and for math web text (4.3), in our
    own wording, overridable from files (--prompts-dir) so the originals can be dropped in;
 3. count parsing, per-step aggregation (average counts, missing answers, accuracy) to CSV and JSON;
-4. `--judge rules`: an offline rule-based counter whose regexes are listed below,
+4. `--judge rules`: an offline rule-based counter whose rules are listed below (exact on
+   countdown.py's synthetic traces, approximate on natural wording: biased across models),
 5. `--score-against`: precision / recall / mean absolute error of any judge against ground truth, and
 6. `classify.py report`: PPO run folders gathered into results.json, a table and figures.
 
@@ -42,6 +45,7 @@ from pathlib import Path
 
 import requests
 from tqdm import tqdm
+from urllib3.exceptions import HTTPError as _TransportError  # requests' transport (a dependency)
 
 import countdown
 
@@ -64,7 +68,7 @@ class JudgeConfig:
     max_retries: int = 6         # retries after the first attempt, then the item is "failed"
     backoff_base: float = 1.0    # seconds; attempt k waits base * 2**k * U(0.5, 1], at most max
     backoff_max: float = 60.0
-    timeout: float = 120.0       # seconds per HTTP request (connect and read)
+    timeout: float = 120.0       # seconds for one whole HTTP attempt (connect, wait, full body)
     cache: str = ""              # JSONL cache path ("" = no cache)
     seed: int = 0                # for the backoff jitter only; it never changes a result
     progress: bool = True
@@ -120,13 +124,41 @@ class _Stopped(Exception):
     pass
 
 
+class _DeadlineExceeded(Exception):
+    pass
+
+
+def read_body_within(r, deadline):
+    """Read a streamed response's body, giving up at time.monotonic() > deadline.
+
+    requests' own timeout bounds each socket wait, not the whole answer: a server that trickles
+    a byte every few seconds would keep an attempt alive for ever. read1 returns whatever has
+    arrived, so the deadline is checked between arrivals (a server that falls silent is cut by
+    the socket timeout, the same number of seconds, so an attempt never lasts more than about
+    twice the deadline). A connection closed before
+    Content-Length bytes arrived raises (urllib3's IncompleteRead), which the caller retries.
+    The body is then stored where requests keeps it, so r.json() and r.text work as usual.
+    """
+    chunks = []
+    while True:
+        if time.monotonic() > deadline:
+            raise _DeadlineExceeded
+        chunk = r.raw.read1(1 << 16, decode_content=True)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    r._content, r._content_consumed = b"".join(chunks), True
+    return r._content
+
+
 class JudgeClient:
     """Send many (system, user) prompts; return one Reply per prompt, in order.
 
     Identical requests are sent once: the cache key is sha256 over (api, base url, model, system,
     messages, temperature, max_tokens). Each completed request is appended to the cache file
     (one flushed JSON line) by the worker thread that paid for it, so even a request that finishes
-    while the run is being interrupted is kept. Failed requests are not cached: a rerun retries them.
+    while the run is being interrupted is kept; memory holds only {key: line offset}. Failed
+    requests, refusals and answers cut at max_tokens are not cached: a rerun asks again.
     """
 
     def __init__(self, cfg: JudgeConfig):
@@ -148,7 +180,7 @@ class JudgeClient:
         self._next_slot = 0.0
         self._stop = threading.Event()
         self._rng = random.Random(cfg.seed)
-        self.stats = dict(sent=0, cached=0, failed=0, tokens=0)
+        self.stats = dict(sent=0, cached=0, failed=0, refused=0, truncated=0, tokens=0)
         self._cache = {}
         self._cache_path = Path(cfg.cache) if cfg.cache else None
         if self._cache_path is not None:
@@ -167,25 +199,47 @@ class JudgeClient:
 
     # --- cache -----------------------------------------------------------------------------------
     def _load_cache(self):
+        """Index the cache file: {key: byte offset of its line}. The answers stay on disk (a paper-
+        sized run caches a million answers of up to 1,024 tokens each) and are read back when a
+        prompt asks for them. The file is streamed, never read whole."""
         p = self._cache_path
         if not p.exists():
             return
-        bad = 0
+        bad, offset, last = 0, 0, b"\n"
         with open(p, "rb") as f:
-            data = f.read()
-        for line in data.decode("utf-8", errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                self._cache[rec["key"]] = rec
-            except (ValueError, KeyError, TypeError):
-                bad += 1  # a line cut short by a kill: that request is simply asked again
-        if data and not data.endswith(b"\n"):
+            for line in f:
+                start, offset, last = offset, offset + len(line), line
+                if not line.strip():
+                    continue
+                try:
+                    self._cache[json.loads(line)["key"]] = start
+                except (ValueError, KeyError, TypeError):
+                    bad += 1  # a line cut short by a kill: that request is simply asked again
+        if not last.endswith(b"\n"):
             with open(p, "ab") as f:  # so the next appended line does not glue onto the stub
                 f.write(b"\n")
         if bad:
             print(f"[judge] skipped {bad} unreadable line(s) in the cache {p}", file=sys.stderr)
+
+    def _store(self, key, rec):
+        """Keep an answer: appended to the cache file (one flushed line; the index keeps its
+        offset), or in memory when there is no cache file. Call with self._lock held."""
+        if self._cache_path is None:
+            self._cache[key] = rec
+            return
+        self._cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._cache_path, "ab") as f:
+            offset = os.fstat(f.fileno()).st_size
+            f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+            f.flush()
+        self._cache[key] = offset
+
+    def _record(self, entry, f):
+        """The cached record behind an index entry (a dict in memory, or an offset in file f)."""
+        if isinstance(entry, dict):
+            return entry
+        f.seek(entry)
+        return json.loads(f.readline())
 
     def request_key(self, system, user):
         blob = json.dumps(dict(api=self.cfg.api, base_url=self.base_url, model=self.model,
@@ -219,17 +273,37 @@ class JudgeClient:
                     max_tokens=self.cfg.max_tokens)
 
     def _parse(self, data):
-        """(text, tokens) from a 200 response; KeyError/TypeError/IndexError if it is malformed."""
+        """(text, tokens, problem) from a 200 response; problem is None, or ("refused", why) or
+        ("truncated", why) when the answer is a refusal or was cut at max_tokens: neither is an
+        answer to keep. KeyError/TypeError/IndexError/AttributeError if the body is malformed."""
+        limit = (f"hit max_tokens={self.cfg.max_tokens} (raise --max-tokens; a cut answer "
+                 "is not kept)")
         if self.cfg.api == "anthropic":
             text = "".join(b["text"] for b in data["content"] if b.get("type") == "text")
             u = data.get("usage") or {}
-            return text, int(u.get("input_tokens", 0)) + int(u.get("output_tokens", 0))
-        text = data["choices"][0]["message"]["content"]
+            tokens = int(u.get("input_tokens", 0)) + int(u.get("output_tokens", 0))
+            stop = data.get("stop_reason")
+            if stop == "refusal":
+                return None, tokens, ("refused", f"stop_reason refusal: {text[:200]!r}")
+            if stop == "max_tokens":
+                return None, tokens, ("truncated", f"stop_reason max_tokens: {limit}")
+            return text, tokens, None
+        choice = data["choices"][0]
+        msg, finish = choice["message"], choice.get("finish_reason")
+        u = data.get("usage") or {}
+        tokens = int(u.get("total_tokens") or (u.get("prompt_tokens", 0)
+                                               + u.get("completion_tokens", 0)))
+        # a refusal comes as content null plus a "refusal" text, or as finish_reason
+        # content_filter; both are the server's decision about this prompt, not an answer
+        if msg.get("refusal") or finish == "content_filter":
+            why = msg.get("refusal") or "finish_reason content_filter"
+            return None, tokens, ("refused", self.scrub(str(why))[:200])
+        text = msg["content"]
         if not isinstance(text, str):
             raise TypeError("message content is not a string")
-        u = data.get("usage") or {}
-        tokens = u.get("total_tokens") or (u.get("prompt_tokens", 0) + u.get("completion_tokens", 0))
-        return text, int(tokens)
+        if finish == "length":
+            return None, tokens, ("truncated", f"finish_reason length: {limit}")
+        return text, tokens, None
 
     def _server_message(self, r):
         try:
@@ -256,38 +330,61 @@ class JudgeClient:
         return min(self.cfg.backoff_max, self.cfg.backoff_base * 2 ** attempt) * jitter
 
     def _call(self, system, user):
-        """One prompt with retries -> (text, tokens) or (None, reason). Raises JudgeError."""
+        """One prompt with retries -> (text, tokens) or (None, reason). Raises JudgeError.
+
+        Retried: 429, 408, 5xx (Anthropic's 529 "overloaded" included; Retry-After, when sent,
+        sets the wait), timeouts, broken connections (also mid-body), malformed JSON. Not
+        retried: other 4xx. A refusal or an answer cut at max_tokens is retried only when the
+        temperature is above 0: at temperature 0 the same request gets the same answer again.
+        Each attempt must finish, body included, within cfg.timeout seconds.
+        """
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
         body, reason = self._body(system, user), "no attempt made"
-        for attempt in range(self.cfg.max_retries + 1):
+        tries = self.cfg.max_retries + 1
+        for attempt in range(tries):
             if self._stop.is_set():
                 raise _Stopped
             self._wait_for_slot()
             wait = None
             with self._lock:
                 self.stats["sent"] += 1
+            t0 = time.monotonic()
             try:
                 r = session.post(self.endpoint, headers=self._headers(), json=body,
-                                 timeout=self.cfg.timeout)
-            except requests.Timeout:
-                reason = f"timeout after {self.cfg.timeout:g}s"
-            except requests.ConnectionError as e:
+                                 timeout=self.cfg.timeout, stream=True)
+                try:
+                    read_body_within(r, t0 + self.cfg.timeout)
+                finally:
+                    r.close()
+            except (requests.Timeout, _DeadlineExceeded, TimeoutError):
+                reason = f"timeout: no complete answer within {self.cfg.timeout:g}s"
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                    _TransportError, OSError) as e:
+                # urllib3's IncompleteRead / ProtocolError: the connection broke mid-body
                 reason = self.scrub(f"connection error: {type(e).__name__}")
             except requests.RequestException as e:
                 return None, self.scrub(f"request error: {e}")
             else:
                 if r.status_code == 200:
                     try:
-                        return self._parse(r.json())
+                        text, tokens, problem = self._parse(r.json())
                     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
                         reason = f"malformed response ({type(e).__name__}): {self.scrub(r.text[:200])!r}"
-                elif r.status_code == 429:
+                    else:
+                        if problem is None:
+                            return text, tokens
+                        kind, why = problem
+                        with self._lock:
+                            self.stats[kind] += 1
+                        reason = f"{kind}: {why}"
+                        if self.cfg.temperature <= 0:
+                            return None, reason
+                elif r.status_code == 429 or r.status_code >= 500 or r.status_code == 408:
                     wait = _retry_after_seconds(r.headers.get("retry-after"))
-                    reason = f"HTTP 429 rate limited: {self._server_message(r)}"
-                elif r.status_code >= 500 or r.status_code == 408:
-                    reason = f"HTTP {r.status_code}: {self._server_message(r)}"
+                    what = {429: "rate limited", 529: "overloaded"}.get(r.status_code, "")
+                    reason = f"HTTP {r.status_code}{' ' + what if what else ''}: {self._server_message(r)}"
                 elif r.status_code in (401, 403, 404):
                     hint = {401: f"check the key in ${self.key_env} (--api-key-env)",
                             403: f"the key in ${self.key_env} may lack access to this model",
@@ -298,12 +395,12 @@ class JudgeClient:
                     raise self._fatal
                 else:  # 400, 413, 422 ...: this one request is bad; retrying will not help
                     return None, f"HTTP {r.status_code}: {self._server_message(r)}"
-            if attempt == self.cfg.max_retries:
+            if attempt == tries - 1:
                 break
             delay = wait if wait is not None else self._backoff(attempt)
             if self._stop.wait(delay):
                 raise _Stopped
-        return None, f"{reason} (gave up after {self.cfg.max_retries + 1} attempts)"
+        return None, f"{reason} (gave up after {tries} attempts)"
 
     def _work(self, key, system, user):
         text, extra = self._call(system, user)
@@ -312,10 +409,8 @@ class JudgeClient:
         rec = dict(key=key, api=self.cfg.api, model=self.model, text=text, tokens=extra,
                    time=round(time.time(), 3))
         with self._lock:
-            self._cache[key] = rec
+            self._store(key, rec)
             self.stats["tokens"] += extra
-            if self._cache_path is not None:
-                countdown.append_jsonl(self._cache_path, rec)
         return key, text, None, extra
 
     # --- the public entry point ------------------------------------------------------------------
@@ -357,12 +452,17 @@ class JudgeClient:
             bar.close()
             pool.shutdown(wait=True)
         out = []
-        for k in keys:
-            if k in self._cache:
-                rec = self._cache[k]
-                out.append(Reply(rec["text"], None, k not in todo, int(rec.get("tokens", 0))))
-            else:
-                out.append(Reply(None, errors.get(k, "not attempted")))
+        f = open(self._cache_path, "rb") if self._cache_path is not None and keys else None
+        try:
+            for k in keys:
+                if k in self._cache:
+                    rec = self._record(self._cache[k], f)
+                    out.append(Reply(rec["text"], None, k not in todo, int(rec.get("tokens", 0))))
+                else:
+                    out.append(Reply(None, errors.get(k, "not attempted")))
+        finally:
+            if f is not None:
+                f.close()
         return out
 
 
@@ -404,15 +504,17 @@ def add_judge_args(p, api_choices=("openai", "anthropic"), default_api="openai",
     g.add_argument("--rpm", type=float, default=0.0,
                    help="requests per minute, retries included; 0 = no limit")
     g.add_argument("--max-retries", type=int, default=6,
-                   help="retries on 429 / 5xx / timeout / connection error / malformed JSON "
-                        "before the item is reported failed")
+                   help="retries on 429 / 5xx / timeout / connection error (also mid-answer) / "
+                        "malformed JSON before the item is reported failed; refusals and answers "
+                        "cut at --max-tokens are retried only at a temperature above 0")
     g.add_argument("--backoff-base", type=float, default=1.0,
                    help="first backoff in seconds; doubles per retry, with jitter; a 429's "
                         "Retry-After wins")
     g.add_argument("--backoff-max", type=float, default=60.0,
                    help="longest backoff in seconds")
     g.add_argument("--timeout", type=float, default=120.0,
-                   help="seconds per HTTP request")
+                   help="deadline in seconds for one whole HTTP attempt (connect, wait and the "
+                        "full answer); a late attempt is retried")
     g.add_argument("--cache", default="",
                    help="JSONL request cache; empty = judge_cache.jsonl in the output folder. "
                         "Reruns skip every cached request")
@@ -658,68 +760,206 @@ def judge_behaviors(field_dicts, client, prompts, system=None, desc="judge"):
 # -----------------------------------------------------------------------------------------------
 # 4. The rule-based judge: transparent regexes, no server.
 #
-# The text is cut into sentences (at . ! ? followed by a space, and at line breaks). A sentence
-# counts once for a behavior if any of that behavior's patterns matches it; the count is the number
-# of such sentences. The patterns target both countdown.py's synthetic traces and common natural
-# phrasing. They favour precision: a new attempt written without any marker ("25 - 3 = 22.") is
-# not counted as backtracking, which a judge following the paper's broad definition would count.
+# Scope, honestly: these rules are a cheap, offline, deterministic counter. They are exact on
+# countdown.py's synthetic traces (every behavior there carries one of the marker phrases of
+# countdown.BEHAVIOR_PHRASES, which the patterns below include), and on hand-written natural
+# Countdown reasoning they find most but not all instances (precision and recall per behavior on
+# tests/behavior_snippets.jsonl are in the README). They read Countdown arithmetic, not general
+# math text. Different models word the same behavior differently, so counts from the rules are
+# biased when two models are compared: use an LLM judge for that (run_all.sh paper does).
+#
+# How a completion is counted. The text is cut into sentences (at . ! ? followed by a space, and
+# at line breaks); a sentence counts at most once per behavior:
+#   verification  a sentence with an explicit or implicit check of a result against the target
+#                 ("is not 22", "too high", "one short", "that's it", "matches", "let me verify");
+#   backtracking  a sentence that abandons a path ("scratch that", "let me reconsider", "back to
+#                 the start"; "what about / how about / alternatively" only once an attempt has
+#                 been made), OR, per the paper's judge prompt, a bare new attempt: an equation
+#                 "a op b = c" whose two operands are both given numbers and reuses one that the
+#                 current attempt already consumed (so it cannot continue that attempt), when no
+#                 backtracking sentence announced it since the previous equation. Steps whose
+#                 operands are neither given nor computed ("because 5 * 2 = 10") are not attempts;
+#   subgoal       a sentence that sets an intermediate number to reach ("get 12 first", "aim for",
+#                 "a stepping stone", "if I can make 12"); a number equal to the target is not a
+#                 subgoal, and a plain plan ("First, multiply 6 by 2 to get 12") is not one;
+#   backward      a sentence that reasons from the target ("work backwards", "the last step must
+#                 be ... so I need", "to end at 35"), or an equation that starts from the target
+#                 ("22 + 3 = 25", "35 = 5 * 7"), unless an earlier step already produced the target
+#                 (then "25 * 4 = 100" continues forward from it).
+# The equation-based and target-based parts need the problem's nums and target; without them
+# only the phrase patterns run.
 
-RULES_VERSION = "rules-v1"
+RULES_VERSION = "rules-v2"
 _N = r"-?\d+(?:\.\d+)?"
 RULES = {
     "verification": [
         rf"\b(?:is|was|are)\s*(?:not|n't)\s+(?:equal\s+to\s+|quite\s+)?(?:the\s+)?(?:target|goal|{_N})",
+        rf"'s\s+not\s+(?:the\s+target|{_N})", rf"^\W*not\s+(?:the\s+target|{_N})\b",
         r"\bnot\s+equal\s+to\b", r"\bdoes\s*(?:not|n't)\s+(?:equal|match|reach)\b", r"≠|!=",
-        r"\btoo\s+(?:high|low|big|small|large|much|little)\b",
-        r"\b(?:this|that|it)\s+works\b",
-        r"\b(?:equals?|reach(?:es|ed)?|hits?|match(?:es)?|gives(?:\s+us)?)\s+the\s+(?:target|goal)\b",
+        r"\btoo\s+(?:high|low|big|small|large|much|little|many|few)\b",
+        r"\b(?:over|under|short|off|out)\s+by\s+(?:\d+|one|two|three|a\s+(?:little|bit))\b",
+        r"\b(?:one|two|three|\d+)\s+(?:short|too\s+many|too\s+few)\b",
+        r"\b(?:more|less|fewer)\s+than\s+(?:we|I)\s+need", r"\bexceeds?\b",
+        r"\b(?:more|less|bigger|smaller|larger|higher|lower|greater)\s+than\s+(?:the\s+target|"
+        r"our\s+target|the\s+goal|needed|\d+)",
+        r"\b(?:overshoot|overshot|undershoot|undershot)\b",
+        r"\b(?:this|that|it)\s+works\b", r"\bmatch(?:es|ed)?\b",
+        r"\b(?:equals?|reach(?:es|ed)?|hits?|match(?:es)?|gives(?:\s+us)?)\s+(?:the|our)\s+(?:target|goal)\b",
         r"\b(?:which|that|it)\s+is\s+(?:exactly\s+)?(?:the\s+|our\s+)?(?:target|goal)\b",
+        r"\b(?:hits?|reach(?:es)?|gives?|makes?)\s+\d+\s+exactly\b",
+        r"\b(?:exactly\s+)?what\s+(?:we|I)\s+(?:want|need)(?:ed)?\b",
+        r"\b(?:that'?s|this\s+is|it'?s)\s+(?:it|the\s+target|our\s+(?:target|number|goal))\b",
+        r"\bour\s+number\b", r"\bas\s+(?:required|needed|desired)\b",
         r"\bgoal\s+(?:has\s+been|is)\s+reached\b", r"\bverif(?:y|ies|ied|ying|ication)\b",
-        r"\b(?:let'?s|let\s+me|I'?ll|we)\s+check\b", r"\bdouble[- ]check",
+        r"\b(?:let'?s|let\s+me|I'?ll|we)\s+check\s+(?:if|whether|that|it|this|the\s+(?:result|"
+        r"answer|math|arithmetic|sum|product))\b", r"\bcheck(?:ing)?\s*:",
+        r"\bdouble[- ]check", r"\bmake\s+sure\b", r"\bis\s+indeed\b", r"✓|✔",
+        r"\bgo(?:ing)?\s+back\s+(?:over|through)\b", r"\ball\s+(?:the\s+)?steps\s+are\s+(?:right|correct)",
         r"\b\d+\s+is\s+(?:very\s+|quite\s+)?close\s+to\s+(?:the\s+)?(?:target|goal|\d+)",
-        r"\bmiss(?:es|ed)?\s+the\s+(?:target|goal)\b",
+        r"\bmiss(?:es|ed)?\s+the\s+(?:target|goal)\b", r"\bbingo\b", r"\bperfect\b", r"\bgot\s+it\b",
+        r"^\W*(?:correct|right|yes|yep|nope|no|no\s+good|close|still\s+no)\b",
     ],
     "backtracking": [
         r"\b(?:let'?s|let\s+me|I'?ll|we'?ll|I\s+will|we\s+should|I\s+should)\s+try\s+"
         r"(?:a\s+|an\s+)?(?:different|another|other|something|again|new)\b",
         r"\btry(?:ing)?\s+(?:something\s+else|another|a\s+different|a\s+new|again)\b",
-        r"\b(?:start|starting)\s+(?:over|again)\b", r"\bgo(?:ing)?\s+back\b", r"\bback\s*track",
-        r"\b(?:does|did|will|would)\s*(?:not|n't)\s+work\b", r"\bwon'?t\s+work\b",
+        r"\b(?:start|starting)\s+(?:over|again|fresh)\b", r"\bgo(?:ing)?\s+back\b(?!\s+(?:over|through))",
+        r"\bback\s+to\s+(?:the\s+)?(?:start|beginning|drawing\s+board|original|initial)",
+        r"\bback\s*track", r"\b(?:does|did|will|would)\s*(?:not|n't)\s+work\b", r"\bwon'?t\s+work\b",
         r"\bdead\s+end\b", r"\bno\s+luck\b", r"\b(?:that|this)\s+fails\b",
-        r"\bscrap\s+(?:that|this)\b", r"\bsomething\s+else\b",
-        r"\b(?:try|use|do)\b[^.!?]{0,40}\binstead\b",
-        r"\banother\s+(?:approach|way|combination|option|sequence)\b",
+        r"\b(?:scrap|scratch)\s+(?:that|this)\b", r"\bsomething\s+else\b",
+        r"\b(?:try|use|do)\b[^.!?]{0,40}\binstead\b(?!\s+of)", r"\breconsider\b",
+        r"\bthink\s+again\b", r"\bwrong\s+(?:way|path|direction|track|approach)\b", r"\bdifferently\b",
+        r"\bredo\b", r"\bchange\s+of\s+plan\b", r"\bundo\s+the\s+last\b",
+        r"\banother\s+(?:approach|way(?!\s+to\s+(?:write|say|express|put))|combination|option|"
+        r"sequence|pair|idea|attempt|possibility)\b",
         r"\bdifferent\s+(?:approach|combination|sequence|way|order)\b",
     ],
     "subgoal": [
-        r"\bsub-?goals?\b", r"\bintermediate\s+(?:goal|target|value|result)\b",
-        r"\baim(?:ing)?\s+(?:for|at)\s+\d+", r"\bget\s+close\s+to\s+\d+",
+        r"\bsub-?goals?\b", r"\bintermediate\s+(?:goal|target|value|result|step)\b",
+        r"\baim(?:ing)?\s+(?:for|at)\s+\d+", r"\bget(?:ting)?\s+close\s+to\s+\d+",
         r"\b(?:try|trying|aim|want|need|going)\s+(?:to\s+)?(?:reach|get\s+to|get|make|obtain)\s+"
         r"\d+\s*(?:first|since|because|as|,\s*(?:since|because|as|which))",
-        r"\bfirst\b[^.]{0,30}?\b(?:reach|get\s+to|get|make|obtain)\s+\d+",
         r"\bto\s+reach\s+\d+\s+(?:since|because|as)\b",
-        r"\b(?:a\s+)?(?:factor|multiple|divisor)\s+of\s+(?:the\s+target|\d+)",
+        r"\b(?:reach|get\s+to|get|make|hit|obtain|build)\s+(?:a\s+number\s+)?(?:near|close\s+to|"
+        r"around)\s+\d+", r"\bstepping[- ]stone", r"\bbreak\s+(?:this|it|the\s+problem)\s+(?:down|into)\b",
+        r"\b(?:target|goal)\s+for\s+the\s+(?:first|second|other|left|right)\b",
+        r"\b(?:a\s+)?(?:factor|multiple|divisor)\s+of\s+the\s+target\b",
     ],
     "backward": [
-        r"\bwork(?:ing|s)?\s+backwards?\b", r"\bbackwards?\s+from\b",
-        r"\bstart(?:ing)?\s+from\s+the\s+(?:target|goal|end)\b", r"\bin\s+reverse\b",
+        r"\bwork(?:ing|s|ed)?\s+back(?:wards?)?\b", r"\bbackwards?\s+from\b",
+        r"\bfrom\s+the\s+(?:target|goal|end)\b", r"\bin\s+reverse\b",
         rf"\bsince\s+the\s+target\s+is\s+{_N}",
         r"\bto\s+(?:get|reach|make)\s+(?:the\s+target\s+)?\d+\s*,?\s*(?:I|we)\s+"
         r"(?:would\s+)?(?:need|could|can)\b",
         r"\b(?:the\s+)?target\s+\d+\s+(?:is|=|equals)\s+\d+\s*[-+*/x×]\s*\d+",
+        r"\blast\s+(?:step|operation)\s+(?:must|has\s+to|should|would|will|is|could)\b",
+        r"\bto\s+(?:finish|end)\s+(?:up\s+)?(?:at|with|on)\s+\d+", r"\bundo(?:ing)?\s+(?:the\s+)?operations\b",
     ],
 }
+# Patterns that name a number: the number must not be the target (reaching the target is the task,
+# not a subgoal). Used only when the target is known.
+_SUBGOAL_NUMBER = [re.compile(p, re.IGNORECASE) for p in (
+    r"\b(?:reach|get\s+to|get|make|hit|obtain|build)\s+(?:a\s+)?(\d+)\s+first\b",
+    r"\bfirst\s+(?:try\s+to\s+)?(?:reach|get\s+to|hit|make|obtain)\s+(?:a\s+)?(\d+)",
+    r"\b(?:want|like|try(?:ing)?|aim(?:ing)?|plan)\s+to\s+(?:reach|get\s+to|get|make|hit|obtain|"
+    r"build)\s+(?:a\s+)?(\d+)\b",
+    r"\bif\s+(?:I|we)\s+can\s+(?:make|get|reach|build|obtain)\s+(?:a\s+)?(\d+)",
+)]
+# "12, a factor of 24": a number chosen for its relation to the target (the paper's example)
+_FACTOR_OF = re.compile(r"\b(?:factor|multiple|divisor)\s+of\s+(\d+)", re.IGNORECASE)
+# a re-computation inside a check ("Let me verify: 6 * 7 = 42") is not a new attempt
+_RECHECK = re.compile(r"\bverif|\bdouble[- ]check|\bcheck(?:ing)?\s*:|\bmake\s+sure\b|\bindeed\b|"
+                      r"\bgo(?:ing)?\s+back\s+(?:over|through)\b|✓|✔", re.IGNORECASE)
+# "What about / how about / alternatively": a new attempt only once there was an attempt, and only
+# if no backtracking sentence already announced it.
+_SOFT_RESTART = re.compile(r"^\W*(?:what|how)\s+about\b|\bwhat\s+if\b|\balternatively\b",
+                           re.IGNORECASE)
 _RULES_RE = {b: [re.compile(p, re.IGNORECASE) for p in pats] for b, pats in RULES.items()}
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+# one arithmetic step, symbolic ("12 * 4 = 48", not inside a longer expression) or in words
+_OP = r"[-+*/×x÷]"
+_STEP_RE = [re.compile(p, re.IGNORECASE) for p in (
+    rf"(?<![\d.)(*/+×÷-])(?<![\d.)(*/+×÷-]\s)(\d+)\s*({_OP})\s*(\d+)\s*(?:=|gives|is|makes)\s*(-?\d+)",
+    rf"(?<![\d.)(*/+×÷-])(?<![\d.)(*/+×÷-]\s)(\d+)\s*({_OP})\s*(\d+)\s*\?\s*that\s+gives\s+(-?\d+)",
+    r"(\d+)\s+(plus|minus|times|divided\s+by)\s+(\d+)\s+(?:is|gives|equals|makes)\s+(-?\d+)",
+    r"(adding|multiplying|dividing)\s+(\d+)\s+(?:and|by)\s+(\d+)\s+gives\s+(-?\d+)",
+    r"(subtracting)\s+(\d+)\s+from\s+(\d+)\s+leaves\s+(-?\d+)",
+)]
+# an equation that starts from the target: "T op n = m" or "T = a op b"; and the target as the
+# result of a step ("= T", "gives T", "That is T"), after which "T op n" continues forward
+_FROM_TARGET = r"(?<![\d.)(*/+×÷-])(?<![\d.)(*/+×÷-]\s){t}\s*(?:{op}\s*\d+\s*=|=\s*\d+\s*{op}\s*\d+)"
+_AS_RESULT = r"(?:=|\bgives(?:\s+us)?|\bleaves|\bis|\bmakes|\bequals)\s*{t}\b(?!\s*(?:{op}|\.\d))"
 
 
-def count_behaviors_rules(text):
-    """{behavior: number of sentences that match one of its RULES patterns}."""
+def _steps(sentence):
+    """[(operands, result, start)] of the arithmetic steps in a sentence, in order."""
+    out = []
+    for k, rx in enumerate(_STEP_RE):
+        for m in rx.finditer(sentence):
+            g = m.groups()
+            if k == 3 or k == 4:          # words first: "adding 6 and 4", "subtracting 4 from 6"
+                a, b = g[1], g[2]
+            else:
+                a, b = g[0], g[2]
+            out.append(((int(a), int(b)), int(g[3]), m.start()))
+    return sorted(out, key=lambda s: s[2])
+
+
+def count_behaviors_rules(text, nums=None, target=None):
+    """{behavior: number of sentences that show it}, by the rules above. nums and target (the
+    problem) enable bare-restart backtracking and the target-aware subgoal/backward rules."""
     counts = dict.fromkeys(BEHAVIORS, 0)
+    given = {}
+    for n in nums or ():
+        given[int(n)] = given.get(int(n), 0) + 1
+    t = None if target is None else int(target)
+    from_target = as_result = None
+    if t is not None and t not in given:
+        from_target = re.compile(_FROM_TARGET.format(t=t, op=_OP))
+        as_result = re.compile(_AS_RESULT.format(t=t, op=_OP), re.IGNORECASE)
+    used, avail = {}, {}        # the current attempt: given numbers consumed, results available
+    seen_step = announced = reached = False  # reached: a step has produced the target
     for sentence in _SENTENCE_SPLIT.split(text or ""):
+        hit = {b: any(r.search(sentence) for r in _RULES_RE[b]) for b in BEHAVIORS}
+        if not hit["backtracking"] and seen_step and not announced and _SOFT_RESTART.search(sentence):
+            hit["backtracking"] = True
+        if t is not None and not hit["subgoal"]:
+            hit["subgoal"] = (any(int(m.group(1)) != t for r in _SUBGOAL_NUMBER
+                                  for m in r.finditer(sentence))
+                              or any(int(m.group(1)) == t for m in _FACTOR_OF.finditer(sentence)))
+        if from_target is not None and not hit["backward"] and not reached:
+            hit["backward"] = bool(from_target.search(sentence))
+        if as_result is not None and any(
+                not re.search(r"(?:target|goal)\W*\w*\W*$", sentence[:m.start()], re.IGNORECASE)
+                for m in as_result.finditer(sentence)):
+            reached = True  # "That gives 25." ("the target is 25" restates the task)
+        if hit["backtracking"]:
+            announced, used, avail = True, {}, {}   # the text says a new attempt starts
+        steps = _steps(sentence)
+        # Bare restarts: only with the given numbers known, never inside a re-check ("let me
+        # verify: 6 * 7 = 42" recomputes), a step from the target, or a plan's reason ("reach 5
+        # first, since 5 * 5 = 25" states a subgoal, not a step of an attempt).
+        if given and not _RECHECK.search(sentence) and not hit["backward"] and not hit["subgoal"]:
+            for (a, b), c, _ in steps:
+                if not all(avail.get(x, 0) > 0 or x in given for x in (a, b)):
+                    continue  # a justification ("because 5 * 2 = 10"), not a step of an attempt
+                reached = reached or c == t
+                fresh = all(avail.get(x, 0) == 0 and x in given for x in (a, b))
+                reused = any(used.get(x, 0) >= given[x] for x in (a, b) if x in given)
+                if fresh and reused:
+                    if seen_step and not announced:
+                        hit["backtracking"] = True
+                    used, avail = {}, {}
+                for x in (a, b):
+                    if avail.get(x, 0) > 0:
+                        avail[x] -= 1
+                    elif x in given:
+                        used[x] = used.get(x, 0) + 1
+                avail[c] = avail.get(c, 0) + 1
+                seen_step, announced = True, False
         for b in BEHAVIORS:
-            if any(r.search(sentence) for r in _RULES_RE[b]):
-                counts[b] += 1
+            counts[b] += hit[b]
     return counts
 
 
@@ -804,7 +1044,8 @@ def label_completions(rows, judge="rules", prompts=None, prompt_version=RULES_VE
     row's own ground-truth "behaviors" (synthetic traces) is kept as "true_behaviors".
     """
     if judge == "rules":
-        results = [dict(behaviors=count_behaviors_rules(r["completion"]), failed={}, missing=[],
+        results = [dict(behaviors=count_behaviors_rules(r["completion"], r.get("nums"),
+                                                         r.get("target")), failed={}, missing=[],
                         raw={}) for r in rows]
         meta = dict(model="rules", prompt_version=RULES_VERSION)
     else:
@@ -1046,7 +1287,7 @@ def summarize_run(folder) -> dict:
             a, s = countdown.check_arithmetic(r["completion"])
             right, stated = right + a, stated + s
         counts = [labels.get((step, json.dumps(r["nums"]), r["target"], r["completion"]))
-                  or count_behaviors_rules(r["completion"]) for r in rs]
+                  or count_behaviors_rules(r["completion"], r["nums"], r["target"]) for r in rs]
         out["steps"].append(step)
         out["n_eval"].append(len(rs))
         out["correct"].append(correct)

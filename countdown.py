@@ -864,12 +864,12 @@ _DOUBLE_CHECK = ("Let me double-check: {steps}.", "Let's double-check: {steps}."
 _RESTART = ("Trying something else.", "Let's try something else.", "Let's try a different sequence of operations.",
             "Let me try a different combination.", "Let me start over with {nums}.",
             "Scrap that and try another pair.", "Let's take another approach.", "Start over from {nums}.",
-            "I'll try something else.", "Back to {nums} and a different pair.")
+            "I'll try something else.", "Back to {nums} and a different combination.")
 _GO_BACK = ("Let me go back to {state} and try another operation.", "Let me go back to {state} and try again.",
             "Go back to {state}.", "So I go back to {state}.", "Let me go back to {state} instead.")
 _SUBGOAL_FAIL = ("I can't get {s} from these numbers, so let's try a different approach.",
                  "{s} seems out of reach, so let me try something else.",
-                 "No way to get {s} yet; let me take another approach.")
+                 "Making {s} seems hard, so let me take another approach.")
 _BACKWARD_FAIL = ("I don't see how to make {x} from {rest}, so let's try something else.",
                   "{rest} can't give {x}, so let me take another approach.",
                   "That way needs {x} from {rest}, which I can't find; let me try a different way.")
@@ -883,10 +883,10 @@ _SUBGOAL = {  # the plan: reach s, then s {op} n = t
                  "A useful intermediate goal is {s}, which divided by {n} is {t}.",
                  "Let me set {s} as a subgoal; {s} / {n} = {t}."),
     "below": ("Let's first try to reach {s}, since {s} + {n} = {t}.",
-              "{s} is just {n} short of {t}, so let me try to reach {s} first.",
+              "Adding {n} to {s} would give {t}, so let me try to reach {s} first.",
               "Let me take {s} as a subgoal; then adding {n} gives {t}."),
     "above": ("Let's first try to reach {s}, since {s} - {n} = {t}.",
-              "{s} is {n} more than {t}, so a good intermediate goal is {s}.",
+              "Taking {n} away from {s} would give {t}, so a good intermediate goal is {s}.",
               "Let me take {s} as a subgoal; then subtracting {n} gives {t}."),
 }
 _SUBGOAL_REACHED = ("Now {s} and {n}: {fwd}.", "Then {fwd}.", "With {s} made, {fwd}.")

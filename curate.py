@@ -10,11 +10,14 @@ Three subcommands, each resumable through the judge client's request cache (clas
   controls  Transform a generated set (section 3.3): empty_cot (the thoughts emptied), dots (the
             thoughts replaced by as many " ." as they had tokens), no_positive (every example the
             reward does not score 1.0).
-  pretrain  Section 4.3-4.4 on documents (OpenWebMath-like JSONL): truncate, count the four
-            behaviors with math-text prompts, select a behavior-rich and a behavior-minimized set
-            with explicit thresholds, cap both at the same token budget, rewrite each selected
-            document into <question>/<thoughts>/<answer>, and write SFT JSONL. Prints behavior
-            frequencies like the paper's Figure 7.
+  pretrain  Section 4.3-4.4 on documents (OpenWebMath-like JSONL or parquet, streamed): truncate,
+            count the four behaviors with math-text prompts and ask whether a problem and its
+            solution are present (the paper's filter), select a behavior-rich and a
+            behavior-minimized set with explicit thresholds, cap both at the same token budget
+            (tokens of the target model's tokenizer), rewrite each selected document into
+            <question>/<thoughts>/<answer>, and write SFT JSONL. Requests go out in bounded
+            chunks with resumable progress. Prints behavior frequencies like the paper's
+            Figure 7 for the input, the selected and the rewritten sets.
 
 Fixes relative to the original scripts (paper_spec section 6): JSONL in and out everywhere
 (D-SFT-3); no_positive keeps every answer scoring below 1, not only unparsable ones (D-SFT-4);
@@ -30,6 +33,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -56,6 +60,9 @@ class PretrainConfig:
     seed: int = 0                     # order in which eligible documents fill the budget
     rewrite_max_tokens: int = 5120    # the paper's rewrite setting
     prompts_dir: str = ""             # text_<behavior>.txt / original *_v0.txt overrides
+    problem_filter: bool = True       # keep only documents with a problem and a solution (paper)
+    chunk_docs: int = 1000            # documents per chunk of requests (5 requests each)
+    label_rewrites: bool = True       # count behaviors in the rewritten sets too (Figure 7)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -280,10 +287,52 @@ CONTROLS = ("empty_cot", "dots", "no_positive")
 
 # -----------------------------------------------------------------------------------------------
 # (c) Pretraining curation (paper sections 4.3-4.4)
+#
+# Memory is bounded by the chunk size, not by the corpus: documents are streamed (JSONL line by
+# line, parquet batch by batch), judged `chunk_docs` at a time (five requests each: four behaviors
+# and the problem/solution question), and only the small label rows stay in memory. The rewrite
+# stage streams the input a second time for the texts of the selected documents. Progress is the
+# label file itself: a rerun skips every document already labelled without a failed request, and
+# every answered request is in the judge cache, so an interrupted run loses at most one chunk's
+# unanswered requests.
 
 
-def read_documents(path, text_field="text", id_field="id"):
-    """[{"id", "text"}] from a JSONL file, a parquet file (needs pyarrow), or a folder of them."""
+def _open_parquet(f):
+    try:
+        import pyarrow.parquet as pq  # optional: only parquet input needs it
+    except ImportError:
+        raise ValueError(f"{f} is parquet, which needs the optional package pyarrow: pip install "
+                         "pyarrow (or convert the file to JSONL)") from None
+    return pq.ParquetFile(f)
+
+
+def _rows(f, text_field, id_field, batch_rows):
+    """Rows of one file as dicts, streamed: JSONL line by line, parquet batch_rows rows at a time
+    (only the text and id columns are read)."""
+    if f.suffix == ".parquet":
+        pf = _open_parquet(f)
+        names = list(pf.schema_arrow.names)
+        if text_field not in names:
+            raise ValueError(f"{f} has no column {text_field!r} (it has {', '.join(names)}); set "
+                             "--text-field")
+        cols = [text_field] + ([id_field] if id_field in names and id_field != text_field else [])
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+            yield from batch.to_pylist()
+        return
+    with open(f, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}:{n}: not valid JSON ({e}); fix or remove that line") from None
+
+
+def iter_documents(path, text_field="text", id_field="id", batch_rows=1024):
+    """Yield {"id", "text"} one document at a time from a JSONL file, a parquet file (needs
+    pyarrow) or a folder of them. A row without the id field gets "<file stem>:<row index>"; ids
+    must be unique (checked as they stream by)."""
     p = Path(path)
     if p.is_dir():
         files = sorted(list(p.glob("*.jsonl")) + list(p.glob("*.parquet")))
@@ -293,26 +342,42 @@ def read_documents(path, text_field="text", id_field="id"):
         files = [p]
     else:
         raise FileNotFoundError(f"--input {p} does not exist")
-    docs = []
+    seen = set()
     for f in files:
-        if f.suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise ValueError(f"{f} is parquet but pyarrow is not installed; pip install "
-                                 "pyarrow, or convert it to JSONL") from None
-            rows = pq.read_table(f).to_pylist()
-        else:
-            rows = countdown.read_jsonl(f)
-        for i, r in enumerate(rows):
-            if text_field not in r:
+        for i, r in enumerate(_rows(f, text_field, id_field, batch_rows)):
+            if not isinstance(r, dict) or r.get(text_field) is None:
                 raise ValueError(f"{f} row {i + 1} has no {text_field!r} field; set --text-field")
-            doc_id = r.get(id_field, f"{f.stem}:{i}")
-            docs.append(dict(id=doc_id, text=str(r[text_field])))
-    ids = [d["id"] for d in docs]
-    if len(set(map(str, ids))) != len(ids):
-        raise ValueError(f"document ids in {p} are not unique; set --id-field or drop the field")
-    return docs
+            doc_id = r.get(id_field)
+            if doc_id is None:
+                doc_id = f"{f.stem}:{i}"
+            if str(doc_id) in seen:
+                raise ValueError(f"document id {doc_id!r} appears twice in {p}; set --id-field to a "
+                                 "unique field, or drop the field to number rows by position")
+            seen.add(str(doc_id))
+            yield dict(id=doc_id, text=str(r[text_field]))
+
+
+def read_documents(path, text_field="text", id_field="id"):
+    """All documents as a list (iter_documents, for small inputs and tests)."""
+    return list(iter_documents(path, text_field, id_field))
+
+
+def load_budget_tokenizer(name):
+    """The tokenizer that counts document tokens for truncation and the budget. "words" -> None
+    (whitespace-separated words, only on request); a tokenizer.json or a folder holding one; else a
+    model alias or Hub repo id (model.ALIASES, e.g. llama-3.2-3b), whose checkpoint folder is taken
+    from the Hugging Face cache or downloaded (sft.py needs that checkpoint anyway)."""
+    if name == "words":
+        return None
+    if Path(name).exists():
+        return load_tokenizer(name)
+    import model  # torch comes with it; only needed to find a checkpoint by name
+    try:
+        folder = model.resolve_checkpoint(name)
+    except (OSError, ValueError) as e:  # FileNotFoundError, PermissionError, ConnectionError
+        raise ValueError(f"--tokenizer {name}: {e} -- pass a tokenizer.json (or its folder), or "
+                         "--tokenizer words to count whitespace words instead of tokens") from None
+    return load_tokenizer(folder)
 
 
 def truncate_document(text, tokenizer=None, max_tokens=3072, max_chars=12000):
@@ -331,6 +396,79 @@ def truncate_document(text, tokenizer=None, max_tokens=3072, max_chars=12000):
     return (cut[:nl] if nl > 0 else cut), True
 
 
+# The paper's problem/solution question (its is_solution prompt; the released data's
+# contain_problem / contain_solution columns), in our wording, with the same markdown headers.
+PROBLEM_SOLUTION_PROMPT = (
+    "# Task\nYou will read a piece of text taken from the internet. Decide whether it contains a "
+    "problem (a question or an exercise that asks for something to be found or shown) and whether "
+    "it contains a solution to that problem (worked steps or a final answer), and name the "
+    "subject of the text.\n\n"
+    "# Answer format\nAnswer in markdown:\n\n"
+    "## Rationale\n[one or two sentences]\n\n## Contains Problem?\n[yes/no]\n\n"
+    "## Contains Solution?\n[yes/no]\n\n## Text domain (broad)\n[e.g. math, physics]\n\n"
+    "## Text domain (specific)\n[e.g. algebra, probability]\n\n"
+    "# Text to evaluate\n{response}\n\n# Answer\n")
+_PS_ANSWER = {k: re.compile(rf"##\s*Contains\s+{k}\s*\??\s*\n+\W*(yes|no)\b", re.IGNORECASE)
+              for k in ("problem", "solution")}
+PROBLEM_SOLUTION_FILE = "text_problem_solution.txt"  # its drop-in name in --prompts-dir
+
+
+def parse_problem_solution(text):
+    """(contains_problem, contains_solution): True / False, or None where the answer lacks it."""
+    out = []
+    for k in ("problem", "solution"):
+        m = _PS_ANSWER[k].search(text or "")
+        out.append(None if m is None else m.group(1).lower() == "yes")
+    return tuple(out)
+
+
+def problem_solution_prompt(prompts_dir=""):
+    p = Path(prompts_dir) / PROBLEM_SOLUTION_FILE if prompts_dir else None
+    if p is not None and p.exists():
+        text = p.read_text(encoding="utf-8")
+        if "{response}" not in text:
+            raise ValueError(f"prompt file {p} lacks the placeholder {{response}}")
+        return text
+    return PROBLEM_SOLUTION_PROMPT
+
+
+def label_documents(docs, client, text_prompts, cfg, tokenizer=None, judge_meta=None, desc="label"):
+    """Label rows for one chunk of documents: the four behavior counts, and unless
+    cfg.problem_filter is off, whether the document holds a problem and a solution. A failed
+    request leaves its field None with the reason under "failed" (a rerun retries the document);
+    an answer without a count or a yes/no is listed under "missing" (final, as in classify.py)."""
+    truncated = [truncate_document(d["text"], tokenizer, cfg.max_doc_tokens, cfg.max_doc_chars)
+                 for d in docs]
+    results = classify.judge_behaviors([dict(response=t) for t, _ in truncated], client,
+                                       text_prompts, system=None, desc=desc)
+    ps = None
+    if cfg.problem_filter:
+        template = problem_solution_prompt(cfg.prompts_dir)
+        ps = client.complete([(None, classify.render_prompt(template, response=t))
+                              for t, _ in truncated], desc=desc + " (problem/solution)")
+    rows = []
+    for i, (d, (t, cut), res) in enumerate(zip(docs, truncated, results)):
+        row = dict(id=d["id"], tokens=countdown.count_tokens(t, tokenizer), chars=len(t),
+                   truncated=cut, behaviors=res["behaviors"], judge=judge_meta)
+        failed, missing = dict(res["failed"]), list(res["missing"])
+        if ps is not None:
+            reply = ps[i]
+            problem = solution = None
+            if reply.text is None:
+                failed["problem_solution"] = reply.error
+            else:
+                problem, solution = parse_problem_solution(reply.text)
+                if problem is None or solution is None:
+                    missing.append("problem_solution")
+            row.update(problem=problem, solution=solution)
+        if failed:
+            row["failed"] = failed
+        if missing:
+            row["missing"] = missing
+        rows.append(row)
+    return rows
+
+
 def behavior_frequencies(labels):
     """Figure 7: per behavior, % of documents with a count > 0 and the mean count (over documents
     whose count parsed), and how many have no count."""
@@ -343,21 +481,30 @@ def behavior_frequencies(labels):
     return out
 
 
-def format_frequencies(freq):
-    lines = [f"{'behavior':<13} {'% docs > 0':>10} {'mean count':>10} {'missing':>8}"]
-    for b, f in freq.items():
-        pct = "-" if f["pct_present"] is None else f"{f['pct_present']:.1f}"
-        mean = "-" if f["mean_count"] is None else f"{f['mean_count']:.2f}"
-        lines.append(f"{b:<13} {pct:>10} {mean:>10} {f['missing']:>8}")
+def format_frequencies(by_set):
+    """{set name: behavior_frequencies(...)} -> a table, one row per set (the paper's Figure 7
+    rows: the input, the selected sets, the rewritten sets): % of items > 0 (mean count)."""
+    lines = [f"{'set':<18} {'n':>7} " + " ".join(f"{b:>16}" for b in BEHAVIORS)]
+    for name, freq in by_set.items():
+        n = max(f["n"] + f["missing"] for f in freq.values())
+        cells = []
+        for b in BEHAVIORS:
+            f = freq[b]
+            cells.append("-" if f["pct_present"] is None else
+                         f"{f['pct_present']:.1f}% ({f['mean_count']:.2f})")
+        lines.append(f"{name:<18} {n:>7} " + " ".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
 
 
 def eligible(labels, cfg):
     """Split labelled documents into the behavior-rich and the behavior-minimized pool.
 
-    Only documents with all four counts parsed take part. rich: sum of counts >= rich_min_total and
-    every behavior in rich_require > 0. minimized: sum of counts <= minimal_max_total. The original
-    code has no selection step (D-O3); these thresholds are ours and are flags.
+    Only documents with all four counts parsed take part, and (cfg.problem_filter, the paper's
+    contain_problem / contain_solution filter on both sources) only documents the judge says hold
+    both a problem and a solution; the paper let an unreadable answer through ("!= 'no'"), we do
+    not. rich: sum of counts >= rich_min_total and every behavior in rich_require > 0.
+    minimized: sum of counts <= minimal_max_total. The original code has no selection step
+    (D-O3); these thresholds are ours and are flags.
     """
     if cfg.minimal_max_total >= cfg.rich_min_total:
         raise ValueError("--minimal-max-total must be below --rich-min-total so the sets are "
@@ -369,6 +516,8 @@ def eligible(labels, cfg):
     for l in labels:
         c = l["behaviors"]
         if any(c[b] is None for b in BEHAVIORS):
+            continue
+        if cfg.problem_filter and not (l.get("problem") is True and l.get("solution") is True):
             continue
         total = sum(c.values())
         if total >= cfg.rich_min_total and all(c[b] > 0 for b in cfg.rich_require):
@@ -446,54 +595,108 @@ def rewrite_request(doc_text, kind):
 
 
 def parse_rewrite(text):
-    """First <question>, <thoughts>, <answer> -> an SFT example, or (None, reason)."""
+    """First <question>, <thoughts>, <answer> -> an SFT example, or (None, reason). A rewrite needs
+    a question and a non-empty answer: one cut short by max_tokens often stops inside <thoughts>
+    or leaves <answer></answer> empty, and training on it would teach answering nothing."""
     parts = {t: (m.group(1) if (m := r.search(text or "")) else "") for t, r in _TAG.items()}
     if not parts["question"].strip():
         return None, "no <question> in the rewrite"
-    if not parts["thoughts"].strip() and not parts["answer"].strip():
-        return None, "neither <thoughts> nor <answer> in the rewrite"
+    if not parts["answer"].strip():
+        return None, "no non-empty <answer> in the rewrite"
     return dict(query=QA_QUERY_TEMPLATE.format(question=parts["question"].strip()),
                 completion=f"{parts['thoughts']}</think>\n<answer>{parts['answer']}</answer>"), None
+
+
+def _chunks(items, n):
+    chunk = []
+    for x in items:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _load_labels(path):
+    """{id: label row} from a label file; a later row for the same id wins (a retried document)."""
+    done = {}
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        for row in countdown.read_jsonl(path):  # skips a line torn by a kill ...
+            done[str(row["id"])] = row
+        with open(path, "rb+") as f:  # ... which is cut off, so the next append starts clean
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - (1 << 16))  # a label line is well under 64 KB
+            f.seek(start)
+            tail = f.read()
+            if not tail.endswith(b"\n"):
+                f.truncate(start + tail.rfind(b"\n") + 1)
+    return done
 
 
 def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after=""):
     """Label -> select -> rewrite -> SFT JSONL, writing every stage into `out`.
 
+    docs: a list of {"id", "text"}, or a function returning a fresh iterator over them (the
+    input is read twice: to label, then for the texts of the selected documents).
     make_client(max_tokens) returns a JudgeClient (one for labelling, one for rewriting; both
     share the request cache, so every stage resumes). Returns a summary dict.
     """
     out = Path(out)
-    truncated = [truncate_document(d["text"], tokenizer, cfg.max_doc_tokens, cfg.max_doc_chars)
-                 for d in docs]
+    out.mkdir(parents=True, exist_ok=True)
+    stream = docs if callable(docs) else (lambda: iter(docs))
     text_prompts, version = classify.load_prompts("text", cfg.prompts_dir or None)
     client = make_client(None)
-    results = classify.judge_behaviors([dict(response=t) for t, _ in truncated], client,
-                                       text_prompts, system=None, desc="label documents")
-    labels = []
-    for d, (t, cut), res in zip(docs, truncated, results):
-        row = dict(id=d["id"], tokens=countdown.count_tokens(t, tokenizer), chars=len(t), truncated=cut,
-                   behaviors=res["behaviors"],
-                   judge=dict(model=client.model, prompt_version=version))
-        if res["failed"]:
-            row["failed"] = res["failed"]
-        if res["missing"]:
-            row["missing"] = res["missing"]
-        labels.append(row)
-    countdown.write_jsonl(out / "doc_labels.jsonl", labels)
-    freq = behavior_frequencies(labels)
-    n_failed = sum(1 for l in labels if l.get("failed"))
-    print(f"\nbehavior frequencies over {len(labels)} documents (cf. the paper's Figure 7):")
-    print(format_frequencies(freq))
-    if n_failed:
-        print(f"{n_failed} document(s) had failed requests (counts null); rerun to retry them",
+    meta = dict(model=client.model, prompt_version=version)
+
+    # 1. Labels, a chunk at a time, appended as they come (the file is the progress record).
+    labels_path = out / "doc_labels.jsonl"
+    done = _load_labels(labels_path)
+    order, n_new, n_skipped = [], 0, 0
+
+    def todo():
+        nonlocal n_skipped
+        for d in stream():
+            key = str(d["id"])
+            order.append(key)
+            if key in done and not done[key].get("failed"):
+                n_skipped += 1
+                continue
+            yield d
+    for chunk in _chunks(todo(), cfg.chunk_docs):
+        rows = label_documents(chunk, client, text_prompts, cfg, tokenizer, meta,
+                               desc=f"label documents {n_new + 1}-{n_new + len(chunk)}")
+        with open(labels_path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[str(row["id"])] = row
+        n_new += len(rows)
+        print(f"[curate] labelled {n_new} document(s) this run, {n_skipped} already done",
               file=sys.stderr)
-    summary = dict(n_docs=len(docs), frequencies=freq, failed_docs=n_failed)
+    labels = [done[k] for k in order]
+    del done
+    countdown.write_jsonl(labels_path, labels)  # compacted: one row per document, input order
+    freqs = {"input": behavior_frequencies(labels)}
+    n_failed = sum(1 for l in labels if l.get("failed"))
+    summary = dict(n_docs=len(labels), labelled_this_run=n_new, frequencies=freqs,
+                   failed_docs=n_failed)
+    if cfg.problem_filter:
+        summary["problem_solution"] = dict(
+            both=sum(1 for l in labels if l.get("problem") is True and l.get("solution") is True),
+            no_problem=sum(1 for l in labels if l.get("problem") is False),
+            no_solution=sum(1 for l in labels if l.get("solution") is False),
+            unknown=sum(1 for l in labels if l.get("problem") is None or l.get("solution") is None))
+    if n_failed:
+        print(f"{n_failed} document(s) had failed requests (fields null); rerun to retry them",
+              file=sys.stderr)
     if stop_after == "label":
+        _print_frequencies(freqs, summary)
         return summary
 
-    # Selection: each pool in a seeded random order, then first fit under one shared cap.
-    # Token unit: the truncated document text (what the judge saw and what gets rewritten),
-    # tokenizer tokens without special tokens, or whitespace words without --tokenizer.
+    # 2. Selection: each pool in a seeded random order, then first fit under one shared cap.
+    # Token unit: the truncated document text (what the judge saw and what gets rewritten), in
+    # tokens of --tokenizer without special tokens (whitespace words only with --tokenizer words).
     pools = dict(zip(("rich", "minimal"), eligible(labels, cfg)))
     for name, pool in pools.items():
         random.Random(f"{cfg.seed}:{name}").shuffle(pool)
@@ -509,6 +712,7 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
     for name, pool in pools.items():
         idx = select_within_budget(pool, [l["tokens"] for l in pool], cap)
         selected[name] = [pool[i] for i in idx]
+        freqs[f"selected {name}"] = behavior_frequencies(selected[name])
     countdown.write_jsonl(out / "selection.jsonl",
                           [dict(id=l["id"], set=name, tokens=l["tokens"])
                            for name, sel in selected.items() for l in sel])
@@ -519,17 +723,30 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
         print(f"{name:>8}: {s['eligible']} eligible, {s['selected']} selected, "
               f"{s['tokens']} / {cap} document tokens")
     if stop_after == "select":
+        _print_frequencies(freqs, summary)
         return summary
 
-    text_of = {str(d["id"]): t for d, (t, _) in zip(docs, truncated)}
+    # 3. Rewrites, a chunk at a time, from a second pass over the input.
+    set_of = {str(l["id"]): name for name, sel in selected.items() for l in sel}
     rewriter = make_client(cfg.rewrite_max_tokens)
+    parsed = {}
+
+    def wanted():
+        for d in stream():
+            if str(d["id"]) in set_of:
+                yield d
+    for chunk in _chunks(wanted(), cfg.chunk_docs):
+        texts = [truncate_document(d["text"], tokenizer, cfg.max_doc_tokens, cfg.max_doc_chars)[0]
+                 for d in chunk]
+        replies = rewriter.complete([(None, rewrite_request(t, set_of[str(d["id"])]))
+                                     for d, t in zip(chunk, texts)], desc="rewrite")
+        for d, r in zip(chunk, replies):
+            parsed[str(d["id"])] = (None, r.error) if r.text is None else parse_rewrite(r.text)
     sft, rejects = {}, []
     for name, sel in selected.items():
-        replies = rewriter.complete([(None, rewrite_request(text_of[str(l["id"])], name))
-                                     for l in sel], desc=f"rewrite {name}")
         rows = []
-        for l, r in zip(sel, replies):
-            ex, reason = (None, r.error) if r.text is None else parse_rewrite(r.text)
+        for l in sel:
+            ex, reason = parsed.get(str(l["id"]), (None, "document not found on the second pass"))
             if ex is None:
                 rejects.append(dict(id=l["id"], set=name, reason=reason))
                 continue
@@ -543,6 +760,13 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
         final_cap = min([cap] + [sum(r["tokens"] for r in rows) for rows in sft.values()])
     for name, rows in sft.items():
         rows = [rows[i] for i in select_within_budget(rows, [r["tokens"] for r in rows], final_cap)]
+        if cfg.label_rewrites:  # what the model will actually see: Figure 7's rewritten rows
+            for chunk in _chunks(rows, cfg.chunk_docs):
+                res = classify.judge_behaviors([dict(response=_rewrite_text(r)) for r in chunk],
+                                               client, text_prompts, desc=f"label rewrites {name}")
+                for r, x in zip(chunk, res):
+                    r["behaviors"] = x["behaviors"]
+            freqs[f"rewritten {name}"] = behavior_frequencies(rows)
         countdown.write_jsonl(out / f"sft_{name}.jsonl", rows)
         summary.setdefault("sft", {})[name] = dict(examples=len(rows), cap=final_cap,
                                                    tokens=sum(r["tokens"] for r in rows))
@@ -550,10 +774,33 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
               f"{final_cap} tokens -> {out / f'sft_{name}.jsonl'}")
     if rejects:
         countdown.write_jsonl(out / "rewrite_rejects.jsonl", rejects)
-        print(f"{len(rejects)} rewrite(s) failed or unparsable -> {out / 'rewrite_rejects.jsonl'}",
+        print(f"{len(rejects)} rewrite(s) failed or unusable -> {out / 'rewrite_rejects.jsonl'}",
               file=sys.stderr)
+    reasons = {}
+    for r in rejects:
+        key = r["reason"].split(":")[0] if r["reason"] else "unknown"
+        reasons[key] = reasons.get(key, 0) + 1
     summary["rewrite_rejects"] = len(rejects)
+    summary["rewrite_reject_reasons"] = reasons
+    _print_frequencies(freqs, summary)
     return summary
+
+
+def _rewrite_text(row):
+    """The rewritten example as the judge reads it: the question, then the completion."""
+    head, tail = QA_QUERY_TEMPLATE.split("{question}")
+    return f"{row['query'][len(head):-len(tail)]}\n\n<think>{row['completion']}"
+
+
+def _print_frequencies(freqs, summary):
+    print("\nbehavior frequencies, % of items with a count > 0 (mean count), cf. the paper's "
+          "Figure 7:")
+    print(format_frequencies(freqs))
+    ps = summary.get("problem_solution")
+    if ps:
+        print(f"problem/solution filter: {ps['both']} of {summary['n_docs']} documents hold both "
+              f"({ps['no_problem']} no problem, {ps['no_solution']} no solution, "
+              f"{ps['unknown']} unknown)")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -624,6 +871,9 @@ def _cmd_pretrain(args):
 
 def _pretrain_into(args):
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.chunk_docs < 1:
+        raise ValueError("--chunk-docs must be at least 1")
     cfg = PretrainConfig(text_field=args.text_field, id_field=args.id_field,
                          max_doc_tokens=args.max_doc_tokens, max_doc_chars=args.max_doc_chars,
                          rich_min_total=args.rich_min_total,
@@ -631,20 +881,28 @@ def _pretrain_into(args):
                          minimal_max_total=args.minimal_max_total,
                          budget_tokens=args.budget_tokens, equal_budgets=not args.unequal_budgets,
                          seed=args.seed, rewrite_max_tokens=args.rewrite_max_tokens,
-                         prompts_dir=args.prompts_dir)
+                         prompts_dir=args.prompts_dir, problem_filter=not args.no_problem_filter,
+                         chunk_docs=args.chunk_docs, label_rewrites=not args.no_label_rewrites)
     run_cfg = dict(asdict(cfg), input=str(Path(args.input).resolve()), judge=args.judge,
                    base_url=args.base_url, model=args.model, temperature=args.temperature,
                    max_tokens=args.max_tokens, tokenizer=args.tokenizer)
     run_cfg["rich_require"] = list(cfg.rich_require)
+    del run_cfg["chunk_docs"]  # how requests are batched never changes a result
     classify.guard_run_config(out / "config.json", run_cfg, args.overwrite)
-    docs = read_documents(args.input, cfg.text_field, cfg.id_field)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_budget_tokenizer(args.tokenizer)
+    if tokenizer is None:
+        print("[curate] --tokenizer words: truncation is by characters and the budget counts "
+              "whitespace words, not tokens", file=sys.stderr)
     base = judge_config_from_args(args, out / "judge_cache.jsonl")
 
     def make_client(max_tokens):
         c = base if max_tokens is None else classify.JudgeConfig(**dict(asdict(base),
                                                                         max_tokens=max_tokens))
         return JudgeClient(c)
+
+    def docs():
+        return iter_documents(args.input, cfg.text_field, cfg.id_field)
+    next(docs(), None)  # bad input fails here, before any request
     summary = curate_pretraining(docs, make_client, cfg, out, tokenizer, args.stop_after)
     classify.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return 0
@@ -684,19 +942,32 @@ def build_parser():
     t = sub.add_parser("pretrain", formatter_class=fmt,
                        help="label, select, budget-cap and rewrite pretraining documents")
     t.add_argument("--input", required=True,
-                   help="documents: JSONL (or parquet if pyarrow is installed), or a folder")
+                   help="documents: JSONL, or parquet (needs the optional pyarrow), or a folder; "
+                        "read as a stream")
     t.add_argument("--out", required=True, help="output folder (resumable)")
     t.add_argument("--text-field", default="text", help="field holding the document text")
     t.add_argument("--id-field", default="id", help="field holding a unique document id")
-    t.add_argument("--tokenizer", default="",
-                   help="tokenizer.json (or its folder) for truncation and the budget; without "
-                        "it, truncation is by characters and the budget counts whitespace words")
+    t.add_argument("--tokenizer", default="llama-3.2-3b",
+                   help="tokenizer for truncation and the token budget: a tokenizer.json, its "
+                        "folder, or a model alias / Hub id (default: the model the data is for, "
+                        "taken from the HF cache or downloaded). 'words' counts whitespace words "
+                        "and truncates by characters instead")
     t.add_argument("--max-doc-tokens", type=int, default=3072,
-                   help="truncate documents to this many tokens (with --tokenizer)")
+                   help="truncate documents to this many tokens")
     t.add_argument("--max-doc-chars", type=int, default=12000,
-                   help="truncate documents to this many characters (without --tokenizer)")
+                   help="truncate documents to this many characters (with --tokenizer words)")
+    t.add_argument("--no-problem-filter", action="store_true",
+                   help="skip the paper's problem/solution question (one request per document) "
+                        "and let documents without a worked problem into both sets")
+    t.add_argument("--chunk-docs", type=int, default=1000,
+                   help="documents per chunk: requests are rendered and sent a chunk at a time, "
+                        "and labels are saved after each chunk (a rerun skips finished ones)")
+    t.add_argument("--no-label-rewrites", action="store_true",
+                   help="do not count behaviors in the rewritten sets (saves 4 requests per "
+                        "SFT example; their Figure 7 rows are then missing)")
     t.add_argument("--prompts-dir", default="",
-                   help="folder with text_<behavior>.txt or the original *_v0.txt prompt files")
+                   help="folder with text_<behavior>.txt or the original *_v0.txt prompt files, "
+                        "and text_problem_solution.txt ({response} placeholder)")
     t.add_argument("--rich-min-total", type=int, default=2,
                    help="behavior-rich set: the four counts sum to at least this")
     t.add_argument("--rich-require", default="",

@@ -28,8 +28,10 @@
 #   PRIMING=synthetic (default)  priming traces from countdown.py (offline, exact behavior counts)
 #   PRIMING=llm                  priming traces written by Claude through curate.py, as the paper
 #                                (needs ANTHROPIC_API_KEY); controls derived with curate.py controls
-#   JUDGE=rules (default) | openai | anthropic   behavior judge for classify.py (openai: gpt-4o-mini,
-#                                the paper's; needs OPENAI_API_KEY or a --base-url server via JUDGE_ARGS)
+#   JUDGE=openai (default) | anthropic | rules   behavior judge for classify.py (openai: gpt-4o-mini,
+#                                the paper's; needs OPENAI_API_KEY or a --base-url server via JUDGE_ARGS).
+#                                rules only on explicit request: its regexes fit some wordings better
+#                                than others, so counts compared across models are biased (README)
 #   JUDGE_ARGS="..."             extra classify.py flags, e.g. "--base-url http://localhost:8000"
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -114,7 +116,24 @@ paper)
     CONDITIONS="all_strategies only_backtracking backtracking_verification backtracking_subgoal backtracking_backward"
     CONTROLS="no_positive empty_cot dots"
     PRIMING=${PRIMING:-synthetic}
-    JUDGE=${JUDGE:-rules}
+    JUDGE=${JUDGE:-openai}
+    # The behavior counts compare base and primed models, which word the same behavior
+    # differently: that needs an LLM judge. Check for its key now, not after days of training.
+    if [ "$JUDGE" = rules ]; then
+        echo "[run_all] WARNING: JUDGE=rules counts behaviors with regexes. They are exact only on" \
+             "countdown.py's synthetic wording and miss many phrasings real models use (README," \
+             "classify.py: per-behavior precision/recall on hand-labelled text), and base and primed" \
+             "models word behaviors differently, so comparisons across models are biased. Use" \
+             "JUDGE=openai (the paper's gpt-4o-mini) or a local server via JUDGE_ARGS." >&2
+    elif [ -z "${JUDGE_ARGS:-}" ]; then
+        KEY_VAR=$([ "$JUDGE" = anthropic ] && echo ANTHROPIC_API_KEY || echo OPENAI_API_KEY)
+        if [ -z "${!KEY_VAR:-}" ]; then
+            echo "[run_all] error: JUDGE=$JUDGE needs \$$KEY_VAR, or JUDGE_ARGS=\"--base-url" \
+                 "http://host:port --model NAME\" for a local OpenAI-compatible server, or" \
+                 "JUDGE=rules (offline; biased across models, see README)" >&2
+            exit 2
+        fi
+    fi
     DATA=data/priming
     mkdir -p $DATA
     # 1. priming data: 1,200 examples per condition (1,000 train + 200 held out, as the paper)

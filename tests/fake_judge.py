@@ -13,6 +13,11 @@ prompt (a substring match) so a test can say "the request about ITEM3 gets a 429
         fj.add_fault("status", match="ITEM3", status=429, retry_after=1)
         fj.add_fault("hang", match="ITEM4", seconds=2.0)      # longer than the client timeout
         fj.add_fault("malformed", match="ITEM5")              # 200 with a body that is not JSON
+        fj.add_fault("length", match="ITEM6")                 # cut at max_tokens (finish_reason)
+        fj.add_fault("refusal", match="ITEM7")                # content null + refusal / stop_reason
+        fj.add_fault("incomplete", match="ITEM8")             # connection closed mid-body
+        fj.add_fault("trickle", match="ITEM9", seconds=0.2)   # a byte every 0.2 s: no read times out
+        fj.add_fault("status", match="ITEM1", status=529, retry_after=1)  # Anthropic overloaded
         ... point the client at fj.url ...
         fj.answered()  # prompts that got a well-formed 200, in arrival order
 
@@ -65,9 +70,14 @@ class FakeJudge:
     # --- test-facing API -----------------------------------------------------------------------
     def add_fault(self, kind, match="", times=1, status=500, retry_after=None, seconds=0.0,
                   message="injected fault"):
-        """kind: "status" (an HTTP error), "hang" (sleep, then answer), "malformed" (200, bad JSON).
-        Applied to the next `times` requests whose user prompt contains `match`."""
-        assert kind in ("status", "hang", "malformed")
+        """kind: "status" (an HTTP error), "hang" (sleep, then answer), "malformed" (200, bad JSON),
+        "length" (200, the answer's first half, finish_reason "length" / stop_reason
+        "max_tokens"), "refusal" (200, OpenAI content null + "refusal" / Anthropic stop_reason
+        "refusal"), "incomplete" (headers and half the body, then the connection closes: the
+        client's IncompleteRead), "trickle" (the answer one byte every `seconds`, so each read
+        is quick but the whole answer is slow). Applied to the next `times` requests whose user
+        prompt contains `match`."""
+        assert kind in ("status", "hang", "malformed", "length", "refusal", "incomplete", "trickle")
         self.faults.append(dict(kind=kind, match=match, times=times, status=status,
                                 retry_after=retry_after, seconds=seconds, message=message))
 
@@ -137,6 +147,35 @@ class FakeJudge:
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout) or was killed: nothing to do
 
+    def _send_partial(self, h, data, n):
+        """Promise len(data) bytes, send n, close the connection (a proxy or server dying)."""
+        try:
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data[:n])
+            h.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        h.close_connection = True
+
+    def _send_slowly(self, h, data, seconds):
+        """The whole answer, one byte every `seconds` (until the client hangs up)."""
+        try:
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.flush()
+            for i in range(len(data)):
+                h.wfile.write(data[i:i + 1])
+                h.wfile.flush()
+                time.sleep(seconds)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+        h.close_connection = True
+
     def _error(self, kind, status, message):
         if kind == "anthropic":
             return {"type": "error", "error": {"type": "api_error", "message": message}}
@@ -192,6 +231,18 @@ class FakeJudge:
         if fault is not None and fault["kind"] == "malformed":
             entry["status"] = "malformed"
             return self._send(h, 200, None, raw=b'{"choices": [ {"message": oops')
+        if fault is not None and fault["kind"] in ("length", "refusal"):
+            entry["status"] = fault["kind"]
+            payload = self._reply(kind, body, entry["prompt"], entry["system"], fault["kind"])
+            return self._send(h, 200, payload)
+        if fault is not None and fault["kind"] == "incomplete":
+            entry["status"] = "incomplete"
+            data = json.dumps(self._reply(kind, body, entry["prompt"], entry["system"])).encode()
+            return self._send_partial(h, data, len(data) // 2)
+        if fault is not None and fault["kind"] == "trickle":
+            entry["status"] = "trickle"
+            data = json.dumps(self._reply(kind, body, entry["prompt"], entry["system"])).encode()
+            return self._send_slowly(h, data, fault["seconds"])
         if fault is not None and fault["kind"] == "hang":
             entry["status"] = "hang"
             time.sleep(fault["seconds"])
@@ -211,16 +262,27 @@ class FakeJudge:
             entry["status"] = 200
         self._send(h, 200, payload)
 
-    def _reply(self, kind, body, prompt, system):
+    def _reply(self, kind, body, prompt, system, outcome="stop"):
+        """A well-formed answer; outcome "length" cuts the text in half and says so, "refusal"
+        answers the way each API refuses."""
         text = self.responder(prompt, system)
+        if outcome == "length":
+            text = text[:len(text) // 2]
+        elif outcome == "refusal":
+            text = ""
         n_in, n_out = len(prompt.split()) + len((system or "").split()), len(text.split())
         if kind == "anthropic":
+            stop = {"stop": "end_turn", "length": "max_tokens", "refusal": "refusal"}[outcome]
             return {"id": "msg_fake", "type": "message", "role": "assistant",
-                    "model": body.get("model"), "stop_reason": "end_turn",
-                    "content": [{"type": "text", "text": text}],
+                    "model": body.get("model"), "stop_reason": stop,
+                    "content": [{"type": "text", "text": text}] if text else [],
                     "usage": {"input_tokens": n_in, "output_tokens": n_out}}
+        message = {"role": "assistant", "content": text}
+        if outcome == "refusal":
+            message = {"role": "assistant", "content": None,
+                       "refusal": "I'm sorry, I can't help with that request."}
         return {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": text}}],
+                "choices": [{"index": 0, "finish_reason": "length" if outcome == "length" else "stop",
+                             "message": message}],
                 "usage": {"prompt_tokens": n_in, "completion_tokens": n_out,
                           "total_tokens": n_in + n_out}}

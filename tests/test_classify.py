@@ -359,7 +359,87 @@ def test_torn_cache_line_is_skipped_and_not_glued(tmp_path):
             f.write('{"key": "torn')  # a kill in the middle of an append
         replies = classify.JudgeClient(cfg).complete([(None, "a"), (None, "c")])
         assert [r.text for r in replies] == ["ok a", "ok c"] and len(fj.log) == 3
-        assert [r.cached for r in classify.JudgeClient(cfg).complete([(None, "c")])] == [True]
+        client = classify.JudgeClient(cfg)
+        assert [(r.cached, r.text) for r in client.complete([(None, "c")])] == [(True, "ok c")]
+        # memory holds where each answer is in the file, not the answers
+        assert len(client._cache) == 3 and all(isinstance(v, int) for v in client._cache.values())
+
+
+# --- faults of real servers: cut answers, refusals, broken and slow bodies, 529 ------------------
+
+def echo(prompt, system):
+    return f"## Thoughts\nsome reasoning about {prompt}\n<count>1</count>"
+
+
+def fault_client(fj, api, cache, **kw):
+    cfg = dict(api=api, base_url=fj.url, cache=str(cache), progress=False, backoff_base=0.01,
+               backoff_max=0.05, timeout=1.0, max_retries=3)
+    cfg.update(kw)
+    return classify.JudgeClient(classify.JudgeConfig(**cfg))
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_fault_cases_request_counts_and_nothing_cut_is_cached(api, tmp_path):
+    prompts = ["LEN", "REF", "INC", "SLOW", "BUSY", "OK"]
+    cache = tmp_path / "cache.jsonl"
+    with FakeJudge(echo) as fj:
+        fj.add_fault("length", match="LEN")                       # cut at max_tokens
+        fj.add_fault("refusal", match="REF")                      # content null + refusal
+        fj.add_fault("incomplete", match="INC")                   # connection dies mid-body
+        fj.add_fault("trickle", match="SLOW", seconds=0.1)        # ~30 s of bytes, no slow read
+        fj.add_fault("status", match="BUSY", status=529, retry_after=1)
+        client = fault_client(fj, api, cache)
+        replies = dict(zip(prompts, client.complete([(None, p) for p in prompts])))
+        log = list(fj.log)
+        counts = {p: fj.count(p) for p in prompts}
+        cached_lines = cache.read_text().count("\n")
+        fj.log.clear()
+        again = dict(zip(prompts, fault_client(fj, api, cache).complete([(None, p) for p in prompts])))
+        rerun = [e["prompt"] for e in fj.log]
+    # T = 0: a cut answer and a refusal are final for this run (the same request would get the
+    # same answer), recorded with their reason, and not cached as answers
+    assert counts == dict(LEN=1, REF=1, INC=2, SLOW=2, BUSY=2, OK=1), counts
+    assert replies["LEN"].text is None and replies["LEN"].error.startswith("truncated: ")
+    assert "max_tokens=512" in replies["LEN"].error
+    assert replies["REF"].text is None and replies["REF"].error.startswith("refused: ")
+    for p in ("INC", "SLOW", "BUSY", "OK"):
+        assert replies[p].text == echo(p, None) and replies[p].error is None, (p, replies[p])
+    assert client.stats["refused"] == 1 and client.stats["truncated"] == 1
+    assert cached_lines == 4
+    # the slow body was cut at the 1 s deadline (not after the ~30 s it would take), then retried
+    t_slow = [e["t"] for e in log if e["prompt"] == "SLOW"]
+    assert 0.9 <= t_slow[1] - t_slow[0] < 2.5, t_slow
+    # the 529's Retry-After: 1 was honoured (the backoff alone would wait <= 0.05 s)
+    t_busy = [e["t"] for e in log if e["prompt"] == "BUSY"]
+    assert t_busy[1] - t_busy[0] >= 1.0
+    # a rerun asks again exactly for what was not kept
+    assert sorted(rerun) == ["LEN", "REF"]
+    assert again["LEN"].text == echo("LEN", None) and again["REF"].text == echo("REF", None)
+    assert all(again[p].cached for p in ("INC", "SLOW", "BUSY", "OK"))
+
+
+def test_refusal_and_cut_answer_are_retried_above_temperature_zero(tmp_path):
+    with FakeJudge(echo) as fj:
+        fj.add_fault("refusal", match="REF", times=2)
+        fj.add_fault("length", match="LEN", times=10)
+        client = fault_client(fj, "openai", tmp_path / "c.jsonl", temperature=0.7)
+        ref, cut = client.complete([(None, "REF"), (None, "LEN")])
+        assert fj.count("REF") == 3 and ref.text == echo("REF", None)
+        assert fj.count("LEN") == 4 and cut.text is None        # 1 + 3 retries, all cut
+        assert cut.error.startswith("truncated: ") and "gave up after 4 attempts" in cut.error
+
+
+def test_refusal_reason_reaches_the_labels(tmp_path, monkeypatch):
+    """Through the CLI: a refused judge request is a failed count with its reason, not a 0."""
+    write_completions(tmp_path / "completions", make_rows(3))
+    with FakeJudge(responder) as fj:
+        fj.add_fault("refusal", match="<<ITEM-1>>")
+        assert classify.main(["--input", str(tmp_path / "completions"), "--base-url", fj.url,
+                              "--n-samples", "0"] + FAST) == 0
+    labels = {item_of(r["completion"]): r for r in countdown.read_jsonl(tmp_path / "labels" / "labels.jsonl")}
+    failed = labels[1]["failed"]
+    assert len(failed) == 1 and next(iter(failed.values())).startswith("refused: ")
+    assert None in labels[1]["behaviors"].values() and not labels[0].get("failed")
 
 
 # --- sampling, aggregation, overwrite protection -------------------------------------------------
@@ -433,17 +513,18 @@ def test_every_flag_has_help():
 
 # --- the rule-based judge ------------------------------------------------------------------------
 
-def test_rules_judge_against_synthetic_ground_truth(tmp_path, capsys):
-    """countdown.generate_traces counts every behavior as it writes it; the rules must recover the
-    counts (they were written for that phrasing plus natural phrasing, so this is in-distribution)."""
-    rows = [t for c in countdown.CONDITIONS for t in countdown.generate_traces(c, 100, seed=3)]
+def test_rules_judge_is_exact_on_synthetic_traces(tmp_path, capsys):
+    """countdown.generate_traces counts every behavior as it writes it, each with a marker phrase
+    from countdown.BEHAVIOR_PHRASES; the rules (markers plus the broader natural-wording rules)
+    must recover every count exactly, so the natural rules never double count a marked instance."""
+    rows = [t for c in countdown.CONDITIONS for t in countdown.generate_traces(c, 150, seed=3)]
     countdown.write_jsonl(tmp_path / "traces.jsonl", rows)
     assert classify.main(["--input", str(tmp_path / "traces.jsonl"), "--judge", "rules", "--n-samples", "0",
                           "--score-against"]) == 0
     report = json.loads((tmp_path / "traces_labels" / "score.json").read_text())
     for b, s in report["overall"].items():
         assert s["n"] == len(rows)
-        assert s["precision"] >= 0.95 and s["recall"] >= 0.95 and s["mae"] <= 0.1, (b, s)
+        assert s["precision"] == 1.0 and s["recall"] == 1.0 and s["mae"] == 0.0, (b, s)
     # conditions that forbid a behavior: the rules find none of it
     for c, sc in report["by_condition"].items():
         for b in classify.BEHAVIORS:
@@ -452,26 +533,95 @@ def test_rules_judge_against_synthetic_ground_truth(tmp_path, capsys):
     assert "precision" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("text,want", [
-    ("This sequence results in 1, which is not equal to 22.", dict(verification=1)),
-    ("Too high! Let's try 25 - 3 instead.", dict(verification=1, backtracking=1)),
-    ("This works!", dict(verification=1)),
-    ("12+2 = 14. Trying something else. 12*2=24.", dict(backtracking=1)),
-    ("12+2 = 14. 14 is not 24, so let's try something else. 12*2=24 and 24 was the goal, so the "
-     "goal has been reached.", dict(verification=2, backtracking=1)),
-    ("Let's first try to reach 12 since it is a factor of 24; 10 * 2 = 20, let's try a different "
-     "sequence. 10 + 2 = 12. Now, 12 * 2 = 24.", dict(subgoal=1, backtracking=1)),
-    ("Let's try to reach 20 since it is a multiple of 10.", dict(subgoal=1)),
-    ("Let's work backwards from the target. 24/2 = 12. So, 12*2=24.", dict(backward=1)),
-    ("Since the target is 22, and 22 + 3 = 25, we need 25 from the rest.", dict(backward=1)),
-    ("I made a mistake. Wait, let me go back to the start.", dict(backtracking=1)),
-    ("First, I'll try to get close to 12, then multiply by 2.", dict(subgoal=1)),
-    ("3 + 5 = 8. 8 * 2 = 16.", dict()),
-    ("Step 1: 6 + 8 = 14.\nStep 2: 14 + 11 = 25.", dict()),
+SNIPPETS = Path(__file__).resolve().parent / "behavior_snippets.jsonl"
+HELDOUT = Path(__file__).resolve().parent / "behavior_snippets_heldout.jsonl"
+
+
+def rules_scores(path):
+    rows = classify.label_completions(countdown.read_jsonl(path), "rules")
+    return classify.score_against(rows)
+
+
+def test_snippet_fixtures_are_labelled_sets():
+    for path, n_min in ((SNIPPETS, 60), (HELDOUT, 30)):
+        rows = countdown.read_jsonl(path)
+        assert len(rows) >= n_min and len({r["completion"] for r in rows}) == len(rows)
+        for b in classify.BEHAVIORS:  # every behavior has positives and negatives
+            assert 3 <= sum(r["behaviors"][b] > 0 for r in rows) < len(rows) - 3, (path.name, b)
+
+
+def test_rules_judge_on_the_labelled_natural_set():
+    """tests/behavior_snippets.jsonl: 79 snippets in varied natural wording, labelled by hand per
+    the paper's judge definitions before the rules were extended (the rules were then developed
+    on them, so this is a regression floor, not an unbiased estimate: see the held-out test).
+    Measured at this commit: precision 1.000 for all four; recall 1.000 / 0.941 / 1.000 / 1.000."""
+    s = rules_scores(SNIPPETS)
+    for b in classify.BEHAVIORS:
+        assert s[b]["precision"] >= 0.95 and s[b]["recall"] >= 0.9, (b, s[b])
+
+
+def test_rules_judge_on_the_held_out_set():
+    """tests/behavior_snippets_heldout.jsonl was written after the rules and never used to tune
+    them; its numbers are the honest ones (README). The floor sits just under what was measured
+    (verification 0.833/0.385, backtracking 0.714/0.625, subgoal 1.000/0.400, backward
+    1.000/0.750) so a change that loses ground fails; the rules at 485e39c scored 0/0 recall on
+    backtracking and backward here."""
+    s = rules_scores(HELDOUT)
+    floor = {"verification": (0.8, 0.38), "backtracking": (0.7, 0.6), "subgoal": (1.0, 0.4),
+             "backward": (1.0, 0.75)}
+    for b, (p, r) in floor.items():
+        assert s[b]["precision"] >= p and s[b]["recall"] >= r, (b, s[b])
+
+
+@pytest.mark.parametrize("nums,target,text,want", [
+    # the issue's cases, by hand
+    ([6, 2, 3], 15, "First, multiply 6 by 2 to get 12. Then add 3 to get 15.", dict()),       # a plan, no subgoal
+    ([2, 3, 4, 5], 19, "I'll go back over the arithmetic: 2 * 3 = 6, 6 * 4 = 24, 24 - 5 = 19.",
+     dict(verification=1)),                                                                   # a re-check, no backtracking
+    ([55, 19, 7], 65, "55 + 19 = 74. That's too high.", dict(verification=1)),
+    ([25, 3], 22, "25 - 3 = 22. That's it!", dict(verification=1)),
+    ([6, 4, 9, 2], 15, "6 + 4 = 10, 10 + 9 = 19. 9 - 6 = 3, 3 * 4 = 12. 9 * 2 = 18.", dict(backtracking=2)),
+    ([6, 4, 2], 48, "The last step must be a multiplication, so I need 6 * 8. 4 * 2 = 8.", dict(backward=1)),
+    ([25, 3], 22, "22 + 3 = 25, so 25 - 3 = 22.", dict(backward=1)),                        # from the target
+    ([4, 9, 2], 26, "Let me first add 4 and 9 to get 13, then multiply by 2 to get 26.", dict()),
+    ([10, 2, 2], 24, "I'd like to get 12 first, because 12 times 2 is 24.", dict(subgoal=1)),
+    ([6, 4, 5], 15, "I need to reach 15 using each number once.", dict()),                  # the target is no subgoal
+    ([8, 6, 4, 2], 20, "8 + 2 = 10, 6 - 4 = 2, 10 * 2 = 20.", dict()),                      # a parallel branch
+    ([6, 4, 9], 19, "What about 6 + 4?", dict()),                                            # a first attempt
+    ([6, 4, 9], 19, "6 + 4 = 10. Scratch that. 6 + 9 = 15.", dict(backtracking=1)),          # announced: once
+    ([9, 3, 7], 34, "Use 9 * 3 instead of 3 * 9 for clarity: 9 * 3 = 27, 27 + 7 = 34.", dict()),
+    ([25, 4, 2], 25, "25 * 4 = 100. 100 / 2 = 50.", dict()),                                 # the target is a given number
 ])
-def test_rules_judge_on_natural_phrasing(text, want):
-    """Hand-labelled sentences in the paper's prompt examples' style (not countdown.py's phrasing)."""
-    assert classify.count_behaviors_rules(text) == {b: want.get(b, 0) for b in classify.BEHAVIORS}
+def test_rules_judge_cases_from_the_issue(nums, target, text, want):
+    assert classify.count_behaviors_rules(text, nums, target) == {b: want.get(b, 0) for b in classify.BEHAVIORS}
+
+
+# --- run_all.sh paper: an LLM judge unless rules are asked for -----------------------------------
+
+def _run_all_paper(folder, **env_extra):
+    """run_all.sh paper in a fresh folder with PYTHON=echo: every CLI call is printed, not run."""
+    import shutil
+    (folder / "runs" / "ppo" / "qwen_base").mkdir(parents=True)
+    shutil.copy(ROOT / "run_all.sh", folder / "run_all.sh")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "JUDGE", "JUDGE_ARGS")}
+    env.update(PYTHON="echo", **env_extra)
+    p = subprocess.run(["bash", str(folder / "run_all.sh"), "paper"], capture_output=True, text=True,
+                       env=env, cwd=folder, timeout=60)
+    return p, [line for line in p.stdout.splitlines() if line.startswith("classify.py")]
+
+
+def test_run_all_paper_uses_an_llm_judge_unless_rules_are_explicit(tmp_path):
+    p, judged = _run_all_paper(tmp_path / "a")
+    assert p.returncode == 2 and "needs $OPENAI_API_KEY" in p.stderr and p.stdout == ""  # fails before training
+    p, judged = _run_all_paper(tmp_path / "b", OPENAI_API_KEY="sk-x")
+    assert p.returncode == 0 and judged and all("--judge openai" in line for line in judged), p.stdout
+    assert "WARNING" not in p.stderr
+    p, judged = _run_all_paper(tmp_path / "c", JUDGE="rules")
+    assert p.returncode == 0 and judged and all("--judge rules" in line for line in judged)
+    assert "WARNING: JUDGE=rules" in p.stderr and "biased" in p.stderr
+    p, judged = _run_all_paper(tmp_path / "d", JUDGE_ARGS="--base-url http://localhost:8000")
+    assert p.returncode == 0 and judged and all("--base-url http://localhost:8000" in line for line in judged)
 
 
 # -----------------------------------------------------------------------------------------------

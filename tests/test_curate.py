@@ -180,10 +180,16 @@ def test_truncate_by_chars_and_tokens(tmp_path):
     assert was and cut == "line one\nline two is longer" and doc.startswith(cut)
     assert curate.truncate_document(doc, max_chars=10_000) == (doc, False)
     assert curate.truncate_document("x" * 50, max_chars=20) == ("x" * 20, True)  # no newline: plain cut
-    tok = curate.load_tokenizer(word_tokenizer_json(tmp_path / "t.json", [doc]))
-    cut, was = curate.truncate_document(doc, tok, max_tokens=7)
-    # tokens: line one line two is longer line -> decoded and cut at its last newline
-    assert was and countdown.count_tokens(cut, tok) <= 7 and "\n" not in cut.strip("\n") or cut.count("\n") <= 1
+    # a byte-level BPE round-trips text, so the cut can be checked against the document itself
+    from conftest import make_tokenizer
+    tok = make_tokenizer().tk
+    ends = [i for i, c in enumerate(doc) if c == "\n"]
+    for max_tokens in (7, 25, 30):
+        cut, was = curate.truncate_document(doc, tok, max_tokens=max_tokens)
+        k = ends.index(len(cut))  # the cut ends where a line ends in the document ...
+        assert was and doc.startswith(cut) and countdown.count_tokens(cut, tok) <= max_tokens
+        # ... and is the longest such prefix: one more line would not fit
+        assert countdown.count_tokens(doc[:ends[k + 1]], tok) > max_tokens, max_tokens
     assert curate.truncate_document(doc, tok, max_tokens=10_000) == (doc, False)
 
 
@@ -210,7 +216,12 @@ def test_select_within_budget_honours_the_budget_exactly():
 DOCS = {  # id: (verification, backtracking, subgoal, backward)
     "d0": (0, 0, 0, 0), "d1": (1, 1, 0, 0), "d2": (2, 0, 1, 0), "d3": (0, 0, 0, 0), "d4": (0, 3, 0, 1),
     "d5": (0, 0, 0, 0), "d6": (1, 0, 0, 0), "d7": (0, 0, 0, 0), "d8": (2, 2, 2, 2), "d9": (0, 0, 0, 0),
+    "d10": (1, 2, 0, 0), "d11": (0, 0, 0, 0),
 }
+# the problem/solution answers: d3 has no solution, d10 no problem, d11's answer is unreadable
+PROBLEM_SOLUTION = {"d3": ("yes", "no"), "d10": ("no", "yes"), "d11": ("maybe", "maybe")}
+REWRITTEN = {"rich": (0, 1, 0, 0), "minimal": (0, 0, 0, 0)}  # counts the judge gives the rewrites
+WORDS = ["--tokenizer", "words"]
 
 
 def doc_text(i, counts):
@@ -219,77 +230,180 @@ def doc_text(i, counts):
 
 
 def pretrain_responder(prompt, system):
-    doc = re.search(r"<<(d\d)>>", prompt).group(1)
+    doc = re.search(r"<<(d\d+)>>", prompt).group(1)
     if prompt.startswith(curate.REWRITE_PROMPTS["rich"][:200]) or prompt.startswith(curate.REWRITE_PROMPTS["minimal"][:200]):
+        kind = "rich" if "backtracking, verifying" in prompt else "minimal"
         if doc == "d2":
             return "I could not find a question."
-        kind = "rich" if "backtracking, verifying" in prompt else "minimal"
-        return (f"<question>What is {doc}?</question>\n<thoughts>I think about {doc} ({kind}).</thoughts>\n"
+        if doc == "d4":  # an empty answer: unusable
+            return f"<question>What is <<{doc}>>?</question>\n<thoughts>I think.</thoughts>\n<answer> </answer>"
+        return (f"<question>What is <<{doc}>>?</question>\n<thoughts>I think about {doc} ({kind}).</thoughts>\n"
                 f"<answer>{doc} solved</answer> <answer>second answer ignored</answer>")
+    if prompt.startswith(curate.PROBLEM_SOLUTION_PROMPT[:200]):
+        p, s = PROBLEM_SOLUTION.get(doc, ("yes", "yes"))
+        return f"## Rationale\nx\n\n## Contains Problem?\n{p}\n\n## Contains Solution?\n**{s}**\n\n## Text domain (broad)\nmath"
     for k, b in enumerate(classify.BEHAVIORS):
         if prompt.startswith(classify.TEXT_PROMPTS[b][:250]):
+            if "<think>" in prompt:  # a rewritten example: "What is <<dX>>?\n\n<think>I think about dX (kind)..."
+                kind = "rich" if "(rich)" in prompt else "minimal"
+                return f"<count>{REWRITTEN[kind][k]}</count>"
             if doc == "d5" and b == "subgoal":
                 return "## Thoughts\nunsure\n## Number\n<count> [1/2/...] </count>"
             return f"## Thoughts\n...\n## Does it?\nyes\n## Number of steps\n<count> {DOCS[doc][k]} </count>"
     raise AssertionError("unexpected prompt")
 
 
+def test_parse_problem_solution_and_rewrite():
+    ps = curate.parse_problem_solution
+    assert ps("## Contains Problem?\nyes\n\n## Contains Solution?\nNo") == (True, False)
+    assert ps("## Contains Problem?\n[yes]\n## Contains Solution?\n**yes**") == (True, True)
+    assert ps("## Contains Problem?\nmaybe\n") == (None, None) and ps(None) == (None, None)
+    ok, reason = curate.parse_rewrite("<question>Q?</question><thoughts>t</thoughts><answer>42</answer>")
+    assert reason is None and ok["completion"] == "t</think>\n<answer>42</answer>"
+    # a rewrite cut short (no answer, or an empty one) is refused, whatever else it has
+    for text in ("<question>Q?</question><thoughts>long thoughts that never end",
+                 "<question>Q?</question><thoughts>t</thoughts><answer>  \n</answer>"):
+        assert curate.parse_rewrite(text) == (None, "no non-empty <answer> in the rewrite")
+    assert curate.parse_rewrite("<thoughts>t</thoughts><answer>1</answer>") == (None, "no <question> in the rewrite")
+
+
 def test_pretrain_pipeline_end_to_end(tmp_path, capsys):
     docs = [dict(id=i, text=doc_text(i, c), url="x") for i, c in DOCS.items()]
     countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
     sizes = {d["id"]: countdown.count_tokens(d["text"]) for d in docs}  # whitespace words
-    # rich (sum >= 2): d1 d2 d4 d8; minimal (sum == 0): d0 d3 d7 d9 (d5 has a missing count)
-    rich_total = sum(sizes[i] for i in ("d1", "d2", "d4", "d8"))
-    budget = rich_total - 30  # binds for the rich set
+    # with the problem/solution filter: rich (sum >= 2) d1 d2 d4 d8 (not d10: no problem);
+    # minimal (sum == 0) d0 d7 d9 (not d3: no solution; d11: unreadable; d5: a count is missing)
+    rich, minimal = ["d1", "d2", "d4", "d8"], ["d0", "d7", "d9"]
+    min_total = sum(sizes[i] for i in minimal)
+    budget = min_total + 1000
     args = ["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
-            "--budget-tokens", str(budget), "--max-doc-chars", "100000"] + FAST
+            "--budget-tokens", str(budget), "--max-doc-chars", "100000", "--unequal-budgets",
+            "--chunk-docs", "5"] + WORDS + FAST
     with FakeJudge(pretrain_responder) as fj:
+        fj.add_fault("length", match="Now do this for the following text:\n<text>\nProblem d9:")  # d9's rewrite is cut
         args += ["--base-url", fj.url]
         assert curate.main(args) == 0
         n_first = len(fj.log)
-        assert curate.main(args) == 0 and len(fj.log) == n_first  # rerun: all cached
-    out = capsys.readouterr().out
+        first_rejects = (tmp_path / "o" / "rewrite_rejects.jsonl").read_text()
+        summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+        out = capsys.readouterr().out
+        assert curate.main(args) == 0
+        rerun = [e["prompt"] for e in fj.log[n_first:]]
+    # a rerun asks only for what was not kept: d9's cut rewrite, then the 4 labels of its rewrite
+    assert len(rerun) == 5 and "Problem d9:" in rerun[0] and all("What is <<d9>>?" in p for p in rerun[1:])
+    assert "d9" in {r["id"] for r in countdown.read_jsonl(tmp_path / "o" / "sft_minimal.jsonl")}
     labels = {r["id"]: r for r in countdown.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")}
+    assert list(labels) == list(DOCS)  # one row per document, input order
     for i, c in DOCS.items():
         want = dict(zip(classify.BEHAVIORS, c))
         if i == "d5":
             want["subgoal"] = None
             assert labels[i]["missing"] == ["subgoal"]
         assert labels[i]["behaviors"] == want and labels[i]["tokens"] == sizes[i]
-    # Figure 7 by hand: verification > 0 in d1 d2 d6 d8 = 4 of 10, mean (1+2+1+2)/10
-    freq = json.loads((tmp_path / "o" / "summary.json").read_text())["frequencies"]
-    assert freq["verification"]["pct_present"] == 40.0 and freq["verification"]["mean_count"] == 0.6
-    assert freq["subgoal"]["n"] == 9 and freq["subgoal"]["missing"] == 1
-    assert freq["subgoal"]["pct_present"] == pytest.approx(200 / 9)
-    assert "% docs > 0" in out and "40.0" in out
+    assert (labels["d3"]["problem"], labels["d3"]["solution"]) == (True, False)
+    assert labels["d11"]["problem"] is None and labels["d11"]["missing"] == ["problem_solution"]
+    assert summary["problem_solution"] == dict(both=9, no_problem=1, no_solution=1, unknown=1)
     sel = countdown.read_jsonl(tmp_path / "o" / "selection.jsonl")
-    by = {"rich": [s for s in sel if s["set"] == "rich"], "minimal": [s for s in sel if s["set"] == "minimal"]}
-    assert {s["id"] for s in by["rich"]} < {"d1", "d2", "d4", "d8"}
-    assert {s["id"] for s in by["minimal"]} <= {"d0", "d3", "d7", "d9"}
-    min_total = sum(sizes[i] for i in ("d0", "d3", "d7", "d9"))
-    cap = min(budget, rich_total, min_total)  # one cap for both sets
-    for name, s in by.items():
-        assert sum(x["tokens"] for x in s) <= cap
-    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["selection"]["rich"]["cap"] == summary["selection"]["minimal"]["cap"] == cap
-    # rewrites -> SFT in the paper's QA framing; d2's rewrite has no question and is dropped
-    for name in ("rich", "minimal"):
-        sft = countdown.read_jsonl(tmp_path / "o" / f"sft_{name}.jsonl")
-        ids = [s["id"] for s in by[name] if s["id"] != "d2"]
-        assert [r["id"] for r in sft] == ids[:len(sft)] and len(sft) >= 1
+    assert sorted(s["id"] for s in sel if s["set"] == "rich") == rich
+    assert sorted(s["id"] for s in sel if s["set"] == "minimal") == minimal
+    # Figure 7 rows by hand. input: verification > 0 in d1 d2 d6 d8 d10 = 5 of 12
+    freq = summary["frequencies"]
+    assert freq["input"]["verification"]["pct_present"] == pytest.approx(500 / 12)
+    assert freq["input"]["verification"]["mean_count"] == pytest.approx(7 / 12)
+    assert freq["input"]["subgoal"]["n"] == 11 and freq["input"]["subgoal"]["missing"] == 1
+    # selected rich d1 d2 d4 d8: backtracking > 0 in d1 d4 d8, mean (1 + 0 + 3 + 2) / 4
+    assert freq["selected rich"]["backtracking"]["pct_present"] == 75.0
+    assert freq["selected rich"]["backtracking"]["mean_count"] == 1.5
+    assert all(freq["selected minimal"][b]["pct_present"] == 0.0 for b in classify.BEHAVIORS)
+    # rewrites: d2 (no question), d4 (empty answer) and d9 (cut at max_tokens) are refused and counted
+    rej = {r["id"]: r["reason"] for r in map(json.loads, first_rejects.splitlines())}
+    assert rej["d2"] == "no <question> in the rewrite" and rej["d4"] == "no non-empty <answer> in the rewrite"
+    assert rej["d9"].startswith("truncated: ") and len(rej) == 3
+    assert summary["rewrite_reject_reasons"] == {"no <question> in the rewrite": 1,
+                                                 "no non-empty <answer> in the rewrite": 1, "truncated": 1}
+    for name, ids in (("rich", ["d1", "d8"]), ("minimal", ["d0", "d7", "d9"])):
+        sft = countdown.read_jsonl(tmp_path / "o" / f"sft_{name}.jsonl")  # after the rerun
+        assert sorted(r["id"] for r in sft) == ids
         for r in sft:
-            assert r["query"] == curate.QA_QUERY_TEMPLATE.format(question=f"What is {r['id']}?")
+            assert r["query"] == curate.QA_QUERY_TEMPLATE.format(question=f"What is <<{r['id']}>>?")
             assert r["query"].endswith("Let me solve this step by step.\n<think>")
             assert r["completion"] == f"I think about {r['id']} ({name}).</think>\n<answer>{r['id']} solved</answer>"
-        assert sum(r["tokens"] for r in sft) <= summary["sft"][name]["cap"] <= cap
-    assert summary["sft"]["rich"]["cap"] == summary["sft"]["minimal"]["cap"]
-    if any(s["id"] == "d2" for s in by["rich"]):
-        rej = countdown.read_jsonl(tmp_path / "o" / "rewrite_rejects.jsonl")
-        assert rej == [dict(id="d2", set="rich", reason="no <question> in the rewrite")]
+            assert r["behaviors"] == dict(zip(classify.BEHAVIORS, REWRITTEN[name]))
+        # the rewritten rows are the judge's counts of the rewrites, not of the documents
+        assert freq[f"rewritten {name}"]["backtracking"]["pct_present"] == (100.0 if name == "rich" else 0.0)
+    for row in ("input", "selected rich", "selected minimal", "rewritten rich", "rewritten minimal"):
+        assert row in out
+    assert "41.7% (0.58)" in out  # input verification, as printed
     # the rewrite request: our prompt, then the document between <text> tags, as one user turn
     rew = [e for e in fj.log if e["prompt"].startswith(curate.REWRITE_PROMPTS["minimal"])]
     assert rew and rew[0]["prompt"].endswith("\n</text>") and "\n<text>\nProblem d" in rew[0]["prompt"]
     assert rew[0]["body"]["max_tokens"] == 5120 and rew[0]["system"] is None
+
+
+def test_pretrain_equal_budgets_share_one_cap(tmp_path):
+    docs = [dict(id=i, text=doc_text(i, c)) for i, c in DOCS.items()]
+    countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
+    sizes = {d["id"]: countdown.count_tokens(d["text"]) for d in docs}
+    with FakeJudge(pretrain_responder) as fj:
+        assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
+                            "--budget-tokens", "100000", "--no-label-rewrites", "--base-url", fj.url]
+                           + WORDS + FAST) == 0
+        assert not any("<think>" in e["prompt"] for e in fj.log)  # rewrites not labelled
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    cap = min(sum(sizes[i] for i in ("d1", "d2", "d4", "d8")), sum(sizes[i] for i in ("d0", "d7", "d9")))
+    assert summary["selection"]["rich"]["cap"] == summary["selection"]["minimal"]["cap"] == cap
+    for name in ("rich", "minimal"):
+        assert summary["selection"][name]["tokens"] <= cap
+        assert summary["sft"][name]["tokens"] <= summary["sft"][name]["cap"] <= cap
+    assert summary["sft"]["rich"]["cap"] == summary["sft"]["minimal"]["cap"]
+    assert "rewritten rich" not in summary["frequencies"]
+
+
+def test_pretrain_chunks_bound_requests_and_a_rerun_resumes(tmp_path, monkeypatch):
+    """Requests go out chunk by chunk; labels are saved per chunk; a rerun skips finished documents
+    (no prompt rendered or sent) and retries only the failed one."""
+    docs = [dict(id=i, text=doc_text(i, c)) for i, c in DOCS.items()]
+    countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
+    batches = []
+    orig = classify.JudgeClient.complete
+
+    def spy(self, prompts, desc="judge"):
+        batches.append(len(prompts))
+        return orig(self, prompts, desc)
+    monkeypatch.setattr(classify.JudgeClient, "complete", spy)
+    args = ["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"), "--stop-after", "label",
+            "--chunk-docs", "5"] + WORDS + FAST
+    with FakeJudge(pretrain_responder) as fj:
+        fj.add_fault("status", match="<<d6>>", status=500, times=1000)  # every d6 request fails
+        assert curate.main(args + ["--base-url", fj.url]) == 0
+        first = len(fj.log)
+        fj.faults.clear()
+        fj.log.clear()
+        assert curate.main(args + ["--base-url", fj.url]) == 0
+        rerun = [e["prompt"] for e in fj.log]
+        n_batches = list(batches)
+        labels = countdown.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")
+        # a kill mid-append tears the last label line: that document is labelled again (from the
+        # judge cache: no request), and the next append does not glue onto the torn line
+        path = tmp_path / "o" / "doc_labels.jsonl"
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(lines[:-1]) + lines[-1][:25])
+        fj.log.clear()
+        assert curate.main(args + ["--base-url", fj.url]) == 0
+        assert len(fj.log) == 0
+    assert [r["id"] for r in countdown.read_jsonl(path)] == list(DOCS)
+    # the torn line is cut off, so a row appended after it (then a second kill) is still readable
+    path.write_text('{"id": "a"}\n{"id": "b", "tok')
+    assert list(curate._load_labels(path)) == ["a"]
+    with open(path, "a") as f:
+        f.write('{"id": "c"}\n')
+    assert [r["id"] for r in countdown.read_jsonl(path)] == ["a", "c"]
+    # 12 documents in chunks of 5: at most 5 x 4 behavior prompts, or 5 problem/solution prompts, at once
+    assert max(n_batches) <= 20 and len(n_batches) == 2 * 3 + 2
+    assert first == 11 * 5 + 5 * 3  # d6: 5 requests x (1 + 2 retries)
+    assert len(rerun) == 5 and all("<<d6>>" in p for p in rerun)
+    assert [r["id"] for r in labels] == list(DOCS) and not any(r.get("failed") for r in labels)
+    assert labels[6]["behaviors"] == dict(zip(classify.BEHAVIORS, DOCS["d6"]))
 
 
 def test_pretrain_stop_after_label_and_thresholds(tmp_path, capsys):
@@ -297,18 +411,23 @@ def test_pretrain_stop_after_label_and_thresholds(tmp_path, capsys):
     countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
     with FakeJudge(pretrain_responder) as fj:
         assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
-                            "--stop-after", "label", "--base-url", fj.url] + FAST) == 0
-        assert len(fj.log) == 40 and not (tmp_path / "o" / "selection.jsonl").exists()
+                            "--stop-after", "label", "--base-url", fj.url] + WORDS + FAST) == 0
+        assert len(fj.log) == 12 * 5 and not (tmp_path / "o" / "selection.jsonl").exists()
     labels = countdown.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")
     cfg = curate.PretrainConfig(rich_min_total=1, rich_require=("backtracking",))
     rich, minimal = curate.eligible(labels, cfg)
-    assert sorted(r["id"] for r in rich) == ["d1", "d4", "d8"]
-    assert sorted(r["id"] for r in minimal) == ["d0", "d3", "d7", "d9"]
+    assert sorted(r["id"] for r in rich) == ["d1", "d4", "d8"]           # d10: no problem
+    assert sorted(r["id"] for r in minimal) == ["d0", "d7", "d9"]        # d3: no solution; d11: unknown
+    rich, minimal = curate.eligible(labels, curate.PretrainConfig(rich_min_total=1, rich_require=("backtracking",),
+                                                                  problem_filter=False))
+    assert sorted(r["id"] for r in rich) == ["d1", "d10", "d4", "d8"]
+    assert sorted(r["id"] for r in minimal) == ["d0", "d11", "d3", "d7", "d9"]
     with pytest.raises(ValueError, match="disjoint"):
         curate.eligible(labels, curate.PretrainConfig(rich_min_total=1, minimal_max_total=1))
     # other settings into the same folder are refused
     assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
-                        "--stop-after", "label", "--rich-min-total", "3", "--base-url", "http://127.0.0.1:9"] + FAST) == 2
+                        "--stop-after", "label", "--rich-min-total", "3", "--base-url", "http://127.0.0.1:9"]
+                       + WORDS + FAST) == 2
     assert "other settings" in capsys.readouterr().err
 
 
@@ -326,18 +445,103 @@ def test_output_folder_held_by_another_process_is_refused(command, tmp_path, cap
     assert [p.name for p in out.iterdir()] == [".lock"]  # refused before touching anything
 
 
-def test_read_documents(tmp_path):
+def test_pretrain_counts_tokens_with_a_real_tokenizer_by_default(tmp_path, monkeypatch, capsys):
+    from conftest import make_tokenizer
+    assert curate.build_parser().parse_args(["pretrain", "--input", "x", "--out", "y"]).tokenizer == "llama-3.2-3b"
+    # the default names a model; without it (offline, empty cache) the error says what to do
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    docs = [dict(id=i, text=doc_text(i, c)) for i, c in DOCS.items()]
+    countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
+    assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
+                        "--base-url", "http://127.0.0.1:9"] + FAST) == 2
+    err = capsys.readouterr().err
+    assert "--tokenizer llama-3.2-3b" in err and "--tokenizer words" in err
+    # a tokenizer folder: budgets and truncation in its tokens
+    tk = make_tokenizer()
+    tk.tk.save(str(tmp_path / "tokenizer.json"))
+    with FakeJudge(pretrain_responder) as fj:
+        assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "t"),
+                            "--stop-after", "label", "--tokenizer", str(tmp_path), "--base-url", fj.url] + FAST) == 0
+    labels = {r["id"]: r for r in countdown.read_jsonl(tmp_path / "t" / "doc_labels.jsonl")}
+    for d in docs:
+        assert labels[d["id"]]["tokens"] == len(tk.tk.encode(d["text"], add_special_tokens=False).ids)
+        assert labels[d["id"]]["tokens"] > len(d["text"].split())  # tokens, not words
+
+
+def test_read_documents_streams_jsonl(tmp_path):
     countdown.write_jsonl(tmp_path / "a.jsonl", [{"content": "x"}, {"content": "y"}])
     docs = curate.read_documents(tmp_path / "a.jsonl", text_field="content")
     assert docs == [dict(id="a:0", text="x"), dict(id="a:1", text="y")]
     with pytest.raises(ValueError, match="--text-field"):
         curate.read_documents(tmp_path / "a.jsonl")
+    # a stream: the first document comes before a bad line further down is even read
+    (tmp_path / "b.jsonl").write_text('{"text": "first", "id": 1}\n{"text": broken\n')
+    it = curate.iter_documents(tmp_path / "b.jsonl")
+    assert next(it) == dict(id=1, text="first")
+    with pytest.raises(ValueError, match=r"b.jsonl:2: not valid JSON"):
+        next(it)
+    (tmp_path / "c.jsonl").write_text('{"text": "a", "id": 7}\n{"text": "b", "id": 7}\n')
+    with pytest.raises(ValueError, match="appears twice"):
+        curate.read_documents(tmp_path / "c.jsonl")
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_pyarrow(name, *a, **kw):
+        if name.startswith("pyarrow"):
+            raise ImportError("No module named 'pyarrow'")
+        return real_import(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
     (tmp_path / "b.parquet").write_bytes(b"PAR1")
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="pyarrow"):
-            curate.read_documents(tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match="optional package pyarrow: pip install pyarrow"):
+        curate.read_documents(tmp_path / "b.parquet")
+
+
+def test_parquet_is_read_in_batches_of_the_needed_columns(tmp_path, monkeypatch):
+    """Our side of the parquet path against a stand-in pyarrow.parquet: a file is read batch by
+    batch, only the text and id columns, and the documents come out in order."""
+    import types
+    calls = []
+
+    class Batch:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def to_pylist(self):
+            return self.rows
+
+    class ParquetFile:
+        def __init__(self, path):
+            self.rows = [dict(text=f"doc {i}", id=f"r{i}", extra="big" * 10) for i in range(7)]
+            self.schema_arrow = types.SimpleNamespace(names=["text", "id", "extra"])
+
+        def iter_batches(self, batch_size, columns):
+            calls.append((batch_size, columns))
+            for k in range(0, len(self.rows), batch_size):
+                yield Batch([{c: r[c] for c in columns} for r in self.rows[k:k + batch_size]])
+    pq = types.ModuleType("pyarrow.parquet")
+    pq.ParquetFile = ParquetFile
+    pa = types.ModuleType("pyarrow")
+    pa.parquet = pq
+    monkeypatch.setitem(sys.modules, "pyarrow", pa)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", pq)
+    (tmp_path / "s.parquet").write_bytes(b"PAR1")
+    it = curate.iter_documents(tmp_path / "s.parquet", batch_rows=3)
+    assert next(it) == dict(id="r0", text="doc 0") and calls == [(3, ["text", "id"])]
+    assert [d["id"] for d in it] == [f"r{i}" for i in range(1, 7)]
+    with pytest.raises(ValueError, match="no column 'content'"):
+        curate.read_documents(tmp_path / "s.parquet", text_field="content")
+
+
+def test_parquet_with_pyarrow(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    table = pa.table({"text": [f"doc {i}" for i in range(10)], "id": list(range(10))})
+    pq.write_table(table, tmp_path / "x.parquet", row_group_size=4)
+    assert curate.read_documents(tmp_path / "x.parquet") == [dict(id=i, text=f"doc {i}") for i in range(10)]
 
 
 def test_every_flag_has_help():
