@@ -97,14 +97,15 @@ study() {
 }
 
 # PPO for tiny models: far larger learning rates than the paper's 1e-6 / 1e-5 (a 1M-parameter model
-# from scratch), T = 1 validation every 10 steps, the paper's other settings.
-TINY_PPO="--batch-prompts 64 --samples 4 --mini-batch-prompts 32 --micro-batch 64 --max-response 256 \
+# from scratch), 32 prompts x 4 samples (a search trace costs ~130 tokens; at 64 x 4 one step of a
+# primed model took ~30 s on one core), T = 1 validation every 10 steps, the paper's other settings.
+TINY_PPO="--batch-prompts 32 --samples 4 --mini-batch-prompts 16 --micro-batch 64 --max-response 192 \
     --actor-lr 2e-4 --critic-lr 1e-3 --no-grad-checkpointing --val-temperature 1.0 --val-every 10"
 
 case "$MODE" in
 tiny)
     D=runs/tiny CONDITIONS="all_strategies empty_cot" SEEDS="1" N_TEST=400 BASE_EPOCHS=1 N_TRACES=4000
-    N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=100 PPO=$TINY_PPO
+    N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=60 PPO=$TINY_PPO
     study
     ;;
 mini)
