@@ -1119,7 +1119,8 @@ class _Narrator:
                    ("-", False): f"{n} - {goal} = {x}", ("*", True): f"{goal} / {n} = {x}",
                    ("/", True): f"{goal} * {n} = {x}", ("/", False): f"{n} / {goal} = {x}"}[op, x_left]
             templates = _BACKWARD if goal == self.t else _BACKWARD[:2] + _BACKWARD[3:]
-            self.new_paragraph() if depth == 0 else None
+            if depth == 0:
+                self.new_paragraph()
             self.behavior("backward", templates, g=goal, inv=inv, fwd=fwd, x=x)
             self.say(_NEED, x=x, rest=prev_rest)
             self.first = True
