@@ -207,6 +207,16 @@ class KVCache:
         self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
         self.key_valid = self.key_valid.repeat_interleave(n, dim=0)
 
+    def fill_from(self, prefill: "KVCache", n: int):
+        """Copy a prefill cache of B rows and P slots into this one's first P slots, n copies of each
+        row (B * n rows here), in place: this cache's tensors keep their addresses."""
+        P = prefill.key_valid.shape[1]
+        for dst, src in zip(self.k + self.v, prefill.k + prefill.v):
+            B = src.shape[0]                                   # a broadcast copy: no [B * n, ...] temporary
+            dst[:, :, :P].view(B, n, *dst.shape[1:2], P, dst.shape[3]).copy_(src[:, None, :, :P])
+        self.key_valid[:, :P] = prefill.key_valid.repeat_interleave(n, dim=0)
+        self.padded = prefill.padded
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -247,8 +257,17 @@ class Attention(nn.Module):
             # all G), and on CPU about twice as fast as SDPA with enable_gqa on [B, n_heads, 1, hd].
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G, self.hd), k, v, attn_mask=mask)
             y = y.reshape(B, self.n_heads, 1, self.hd)
+        elif mask is None:
+            # causal, no mask: flash attention takes grouped k/v heads as they are (enable_gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G > 1)
+            # with a mask: no fused CUDA kernel takes a mask together with enable_gqa, and SDPA's
+            # fallback (the math kernel) builds [B, H, T, S] fp32 scores. Repeating each k/v head for
+            # its G query heads (what enable_gqa means) costs [B, H, S, hd] and lets the
+            # memory-efficient kernel, which accepts masks, run instead.
+            if G > 1:
+                k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -289,6 +308,15 @@ def attention_mask_4d(key_valid, q_start: int, T: int):
     q = torch.arange(q_start, q_start + T, device=key_valid.device)[:, None]
     k = torch.arange(S, device=key_valid.device)[None, :]
     return (((k <= q) & key_valid[:, None, :]) | (k == q))[:, None]
+
+
+def _pads_only_at_end(attention_mask) -> bool:
+    """True when every row is real tokens followed by padding (or none): then plain causal attention
+    gives every real token exactly what the mask would (the padding comes after it), and SDPA can
+    run its fused causal kernel with no mask. Outputs at padding positions differ; they are unused.
+    One host sync; training and scoring forwards (SFT's batches, unpadded ones) take this path."""
+    m = attention_mask.bool()
+    return bool(m[:, 0].all() and (m[:, 1:] <= m[:, :-1]).all())
 
 
 class Transformer(nn.Module):
@@ -335,7 +363,8 @@ class Transformer(nn.Module):
                       cache: Optional[KVCache] = None, cache_start: int = 0):
         """Final normed hidden states [B, T, D].
 
-        attention_mask [B, T]: 1 for real tokens, 0 for padding (left or right). With a KV cache,
+        attention_mask [B, T]: 1 for real tokens, 0 for padding (left or right; padding only on the
+        right, or none, needs no mask: causal attention is exact for the real tokens). With a KV cache,
         the mask comes from cache.key_valid and input_ids sit at slots cache_start..cache_start+T-1;
         a tensor cache_start (one slot, T = 1) selects the static-shape decode step used by generate.
         """
@@ -354,7 +383,7 @@ class Transformer(nn.Module):
             mask = attention_mask_4d(cache.key_valid[:, :cache_start + T], cache_start, T)
         elif cache is not None:
             mask = None  # no padding anywhere: causal prefill from slot 0, or one query that sees all slots
-        elif attention_mask is not None:
+        elif attention_mask is not None and not _pads_only_at_end(attention_mask):
             mask = attention_mask_4d(attention_mask.bool(), 0, T)
         else:
             mask = None  # plain causal attention
@@ -957,6 +986,7 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
 _STATIC_LEN_MULTIPLE = 256
 _DONE_CHECK_EVERY = 16     # fast path: look at "all rows done?" (a host sync) every 16 steps only
 _compiled_decode_step = None
+_static_cache: Optional[KVCache] = None   # the fast path's one KV cache, reused by every call that fits it
 
 
 def _decode_step(model, cache: KVCache, tok, pos, slot):
@@ -972,6 +1002,41 @@ def _compiled_step():
     if _compiled_decode_step is None:
         _compiled_decode_step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return _compiled_decode_step
+
+
+def static_cache(config: ModelConfig, rows: int, max_len: int, dtype, device, mark_static: bool) -> KVCache:
+    """The fast path's KV cache: one per process, reused (zeroed) by every call of the same shape.
+
+    A compiled step treats the cache as a static input. A fresh cache per call would, where
+    mark_static_address guards on the tensor (its default up to torch 2.6), recompile the step and
+    keep every old cache alive through the guards (a 3B model at 256 rows: ~12 GB a call), and a
+    CUDA graph would be re-recorded for each new address. Reusing one cache avoids both; a call of
+    another shape frees the old cache before allocating its own. release_static_cache() frees it.
+    """
+    global _static_cache
+    key = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, rows, max_len, dtype,
+           torch.device(device).type)
+    c = _static_cache
+    if c is not None and getattr(c, "key", None) == key and c.key_valid.device == torch.device(device):
+        with torch.no_grad():
+            for t in c.k + c.v:
+                t.zero_()   # not needed for correctness (masked slots weigh 0) but never NaN-risky
+            c.key_valid.zero_()
+        return c
+    _static_cache = c = None   # drop the old cache before the new one exists: never two at once
+    c = KVCache(config, rows, max_len, dtype, device)
+    c.key = key
+    if mark_static:   # the cache is mutated in place: CUDA graphs may keep its addresses
+        for t in c.k + c.v + [c.key_valid]:
+            torch._dynamo.mark_static_address(t, guard=False)
+    _static_cache = c
+    return c
+
+
+def release_static_cache():
+    """Free the fast path's KV cache (e.g. before a phase that needs the memory)."""
+    global _static_cache
+    _static_cache = None
 
 
 @torch.no_grad()
@@ -1016,16 +1081,24 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model.config, B, S, dtype, device)
-        cache.key_valid[:, :P] = valid
-        cache.padded = any(len(p) < P for p in prompts)
+        R = B * n_samples
+        if static:   # one cache for all calls; the prefill writes straight into it, or into a small one
+            cache = static_cache(model.config, R, S, dtype, device, mark_static=compile)
+            prefill = cache if n_samples == 1 else KVCache(model.config, B, P, dtype, device)
+        else:
+            cache = prefill = KVCache(model.config, B, S, dtype, device)
+        prefill.key_valid[:, :P] = valid
+        prefill.padded = any(len(p) < P for p in prompts)
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        h = model.hidden_states(ids, position_ids=pos, cache=cache, cache_start=0)
+        h = model.hidden_states(ids, position_ids=pos, cache=prefill, cache_start=0)
         logits = model.logits(h[:, -1])                      # [B, V]: only the last position is needed
         if n_samples > 1:
-            cache.repeat_rows(n_samples)
+            if static:
+                cache.fill_from(prefill, n_samples)
+                del prefill
+            else:
+                cache.repeat_rows(n_samples)
             logits = logits.repeat_interleave(n_samples, dim=0)
-        R = B * n_samples
         next_pos = valid.sum(-1).repeat_interleave(n_samples)  # position id of the next token, per row
         tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=device)
@@ -1033,9 +1106,6 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         lengths = torch.zeros(R, dtype=torch.long, device=device)
         if static:
             step = _compiled_step() if compile else _decode_step
-            if compile:  # the cache is mutated in place: tell CUDA graphs its buffers stay put
-                for t in cache.k + cache.v + [cache.key_valid]:
-                    torch._dynamo.mark_static_address(t)
             slot = torch.full((1,), P, dtype=torch.long, device=device)
         steps = range(max_new_tokens)
         if progress:

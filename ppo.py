@@ -118,7 +118,8 @@ class PPOConfig:
     batch_prompts: int = _flag(256, "prompts per iteration (paper: 256)")
     samples: int = _flag(4, "responses sampled per prompt (paper: 4, so 1,024 sequences per iteration)")
     temperature: float = _flag(1.0, "sampling temperature of the rollouts; log-probs use the same one")
-    top_p: float = _flag(1.0, "nucleus sampling of the rollouts (1 = off)")
+    top_p: float = _flag(1.0, "nucleus sampling of the rollouts: only 1 (off, the paper's) is accepted, since the "
+                         "log-probs PPO uses are those of the untruncated policy")
     max_prompt: int = _flag(256, "longest prompt in tokens; a longer one is an error")
     max_response: int = _flag(1024, "most new tokens per response; a response without EOS is truncated and scored as is")
     # reward
@@ -438,11 +439,39 @@ def response_values(critic, input_ids, attention_mask, prompt_len: int, R: int):
 # bf16 rounding, and no second full set of bf16 gradients is ever alive.
 
 
+def same_device(a, b) -> bool:
+    """Whether two devices are one: by type and resolved index. torch.device("cuda") != "cuda:0" as
+    objects, though both name the current GPU; comparing them raw would keep a needless fp32 copy."""
+    a, b = torch.device(a), torch.device(b)
+
+    def index(d):
+        if d.index is not None:
+            return d.index
+        return torch.cuda.current_device() if d.type == "cuda" and torch.cuda.is_available() else 0
+    return a.type == b.type and index(a) == index(b)
+
+
+def copy_grads(grads, device) -> list:
+    """grads (tensors or None) copied to `device`; returns only once every copy has landed.
+
+    The copies are issued non_blocking so that GPU -> host transfers queue back to back, but a
+    non_blocking device-to-host copy returns before its bytes arrive (into pinned memory): reading
+    the result on the CPU before the stream has finished (clipping, the finite check, Adam) would
+    read whatever the buffer held before. So we wait for the stream once, after the last copy.
+    """
+    device = torch.device(device)
+    out = [None if g is None else g.to(device, non_blocking=True) for g in grads]
+    if device.type == "cpu" and any(g is not None and g.is_cuda for g in grads):
+        torch.cuda.synchronize()
+    return out
+
+
 class MasterAdamW:
     def __init__(self, params, *, lr: float, betas, eps: float, weight_decay: float, master_device):
         self.params = [p for p in params if p.requires_grad]
         self.master_device = torch.device(master_device)
-        self.mixed = any(p.dtype != torch.float32 or p.device != self.master_device for p in self.params)
+        self.mixed = any(p.dtype != torch.float32 or not same_device(p.device, self.master_device)
+                         for p in self.params)
         if self.mixed:
             pin = self.master_device.type == "cpu" and torch.cuda.is_available()
             self.master = [nn.Parameter(p.detach().to(self.master_device, torch.float32, copy=True))
@@ -475,8 +504,8 @@ class MasterAdamW:
     def step(self, lr: float, max_norm: float):
         """Clip, step, copy back; returns (grad norm before clipping, applied?). Skips non-finite norms."""
         if self.mixed:
-            for m, acc in zip(self.master, self._acc):
-                m.grad = None if acc is None else acc.to(self.master_device, non_blocking=True)
+            for m, g in zip(self.master, copy_grads(self._acc, self.master_device)):
+                m.grad = g
             self._acc = [None] * len(self.params)
         norm = float(torch.nn.utils.clip_grad_norm_(self.master, max_norm))
         if not math.isfinite(norm):
@@ -1072,8 +1101,11 @@ def _resolve(cfg: PPOConfig) -> PPOConfig:
                          f"{c.mini_batch_prompts}")
     if c.temperature <= 0:
         raise ValueError("--temperature must be > 0 for rollouts (greedy validation: --val-temperature 0)")
-    if not 0 < c.top_p <= 1:
-        raise ValueError("--top-p must be in (0, 1]")
+    if c.top_p != 1:
+        # the sampler reports log pi(y) of the whole distribution, but top-p samples from the truncated,
+        # renormalized one: the ratio pi / pi_old and the KL would be computed against the wrong pi_old
+        raise ValueError(f"--top-p {c.top_p}: PPO needs the log-probs of the distribution it sampled from, and "
+                         "nucleus sampling changes that distribution; use --top-p 1 (the paper's)")
     if c.adv == "grpo" and c.samples < 2:
         raise ValueError("--adv grpo normalizes within each prompt's samples: use --samples >= 2")
     if not (0 <= c.gamma <= 1 and 0 <= c.lam <= 1):

@@ -267,6 +267,44 @@ def test_master_adamw_skips_non_finite_gradients():
     assert ppo._consecutive_bad([False, False], 1) == 3 and ppo._consecutive_bad([False, True], 2) == 0
 
 
+def test_master_adamw_waits_for_gpu_to_host_gradient_copies_before_reading_them(monkeypatch):
+    """A test double for the CUDA path: gradients that claim to live on a GPU record their copy, and
+    torch.cuda.synchronize records the wait. The clip (which reads the gradients) and Adam's step
+    must come after the wait, or the CPU reads buffers a non_blocking copy has not filled yet."""
+    events = []
+
+    class GpuGrad:                              # stands in for an fp32 CUDA accumulator
+        is_cuda = True
+
+        def __init__(self, value):
+            self.value = value
+
+        def to(self, device, non_blocking=False):
+            events.append(("copy", non_blocking))
+            return self.value.to(device)
+
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt = ppo.MasterAdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, master_device="cpu")
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: events.append("sync"))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: events.append("clip") or clip(*a, **k))
+    adam_step = opt.opt.step
+    monkeypatch.setattr(opt.opt, "step", lambda *a, **k: events.append("step") or adam_step(*a, **k))
+    opt._acc = [GpuGrad(torch.tensor([1.0, 2.0, 3.0]))]
+    norm, ok = opt.step(0.1, max_norm=10.0)
+    assert ok and norm == pytest.approx(math.sqrt(14.0))
+    assert events == [("copy", True), "sync", "clip", "step"]
+
+
+def test_devices_compare_by_type_and_resolved_index():
+    assert ppo.same_device("cuda", "cuda:0") and ppo.same_device(torch.device("cpu"), "cpu:0")
+    assert not ppo.same_device("cuda:0", "cuda:1") and not ppo.same_device("cpu", "cuda:0")
+    # fp32 parameters on the optimizer's own device need no master copy, however the device is spelled
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = ppo.MasterAdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, master_device="cpu:0")
+    assert not opt.mixed and opt.master[0] is p
+
+
 # -----------------------------------------------------------------------------
 # The loop on tiny models
 
@@ -470,6 +508,15 @@ def test_run_folder_refuses_other_settings_and_cli_errors(tmp_path, capsys):
     assert ppo.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "r3")]) == 2
     assert ppo.main(["--model", str(ck), "--out", str(tmp_path / "r4"), "--resume", "--device", "cpu"]) == 2
     assert "no run to resume" in capsys.readouterr().err
+
+
+def test_top_p_below_one_is_refused_in_ppo(tmp_path, capsys):
+    # nucleus sampling would make the stored log-probs those of the untruncated policy: a biased ratio
+    with pytest.raises(ValueError, match="--top-p 1"):
+        ppo._resolve(ppo.PPOConfig(device="cpu", top_p=0.9))
+    assert ppo._resolve(ppo.PPOConfig(device="cpu", top_p=1.0)).top_p == 1.0
+    assert ppo.main(["--model", "x", "--out", str(tmp_path / "r"), "--device", "cpu", "--top-p", "0.95"]) == 2
+    assert "nucleus sampling" in capsys.readouterr().err
 
 
 def test_print_budget_for_a_3b_config(tmp_path, capsys):
