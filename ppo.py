@@ -529,9 +529,11 @@ class MasterAdamW:
 
     def load_state_dict(self, s):
         if self.mixed:
+            saved = s.pop("master")   # dropped one by one as copied: never a full second set alive
             with torch.no_grad():
-                for p, m, saved in zip(self.params, self.master, s["master"]):
-                    m.copy_(saved)
+                for i, (p, m) in enumerate(zip(self.params, self.master)):
+                    m.copy_(saved[i])
+                    saved[i] = None
                     p.copy_(m)
         self.opt.load_state_dict(s["opt"])
 
@@ -626,7 +628,10 @@ def rollout(policy, prompts, cfg: PPOConfig, *, eos_id, pad_id: int, generator, 
                         compile=cfg.compile_rollout)
              for i in range(0, len(prompts), size)]
     if policy.embed_tokens.weight.is_cuda:
-        torch.cuda.empty_cache()   # the KV caches are garbage now; hand their memory back before training
+        # the eager path's KV caches are garbage now; hand their memory back before training. The
+        # compiled path keeps its one cache for the next rollout (a new one would re-record the CUDA
+        # graph); memory_budget counts it in every phase then.
+        torch.cuda.empty_cache()
     R = max(g.tokens.shape[1] for g in parts)
     return M.Generation(torch.cat([F.pad(g.tokens, (0, R - g.tokens.shape[1]), value=pad_id) for g in parts]),
                         torch.cat([_pad_to(g.logprobs, R) for g in parts]),
@@ -1026,10 +1031,12 @@ def memory_budget(cfg: PPOConfig, mc: M.ModelConfig) -> dict:
         ("log-prob chunk (~)", chunk, dev),
     ]
     base = n_pol * wb + n_crit * wb + (n_ref * wb if ref_where == dev else 0) + (optim if optim_on_device else 0)
+    kept = rows * kv_row if cfg.compile_rollout else 0   # the compiled path's cache outlives the rollout
     phases = {
         "rollout": base + rows * kv_row + gen_work,
-        "old/ref log-probs, values": base + (n_ref * wb if ref_where != dev else 0) + layer_act(cfg.infer_batch) + chunk,
-        "update": base + 4 * max(n_pol, n_crit) + train_act + chunk,
+        "old/ref log-probs, values": base + kept + (n_ref * wb if ref_where != dev else 0)
+        + layer_act(cfg.infer_batch) + chunk,
+        "update": base + kept + 4 * max(n_pol, n_crit) + train_act + chunk,
     }
     host_extra = (n_ref * wb if ref_where == "cpu" and cuda else 0) + (optim if not optim_on_device else 0)
     state = n_crit * wb + optim
@@ -1133,6 +1140,8 @@ def _resolve_memory(cfg: PPOConfig, mc: M.ModelConfig) -> PPOConfig:
                + c.max_prompt * (10 * mc.hidden_size + 4 * mc.intermediate_size) * 2)   # prefill layer
     room = usable - (b["phases"]["rollout"] - c.samples * per_row)
     rows = int(room // per_row)
+    if c.compile_rollout:   # its cache stays through the updates too: both phases must fit
+        rows = min(rows, int((usable - (b["phases"]["update"] - c.samples * b["kv_per_row"])) // b["kv_per_row"]))
     if not c.rollout_batch:   # the most prompts that fit, evened out over the calls a batch needs
         most = max(1, min(c.batch_prompts, rows // c.samples))
         c.rollout_batch = math.ceil(c.batch_prompts / math.ceil(c.batch_prompts / most))
@@ -1159,6 +1168,23 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
     return dirs[max(dirs)] if dirs else None
 
 
+def _make_room_for_state(run: Path, step: int):
+    """With --state-checkpoints last, the previous state.pt is deleted once the new one is in place,
+    so a crash mid-save still leaves one to resume from; but that needs room for two (2 x 75 GiB for
+    3B). When the disk has no room for a second one, delete the previous one first, and say so."""
+    old = [d / "state.pt" for s, d in _step_dirs(run).items() if s != step and (d / "state.pt").is_file()]
+    if not old:
+        return
+    need = max(p.stat().st_size for p in old) * 1.05 + 2**26    # the new one is as big, plus a margin
+    if shutil.disk_usage(run).free >= need:
+        return
+    print(f"{run}: no disk room for a second training state ({need / 2**30:.1f} GiB); deleting the previous "
+          "one before writing the new one (a crash during this save would leave no state to resume from)",
+          file=sys.stderr)
+    for p in old:
+        p.unlink()
+
+
 def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOConfig, counters: dict) -> Path:
     """checkpoints/step_<N>/{policy/, state.pt}, written in a temp folder and renamed into place."""
     ck = run / "checkpoints"
@@ -1166,6 +1192,8 @@ def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOCon
     tmp = ck / f".step_{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     M.save(models.policy, tokenizer, tmp / "policy")
+    if cfg.state_checkpoints == "last":
+        _make_room_for_state(run, step)
     if cfg.state_checkpoints != "none":
         state = {"step": step, "config": asdict(cfg), "counters": dict(counters), "rng": M.rng_state(),
                  "actor_opt": models.actor_opt.state_dict(),
@@ -1184,6 +1212,22 @@ def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOCon
             if s != step and (d / "state.pt").is_file():
                 (d / "state.pt").unlink()
     return final
+
+
+def load_training_state(ckpt: Path, models: Models) -> tuple:
+    """Restore the critic, both optimizers and the RNGs from ckpt/state.pt; returns (step, counters).
+
+    The loaded dict holds a second copy of the fp32 master weights and of the critic (~29 GiB of
+    host memory for 3B) once they are copied in; it lives only inside this function, so it is freed
+    on return instead of for the whole run. (Adam's moments are adopted as they are, not copied.)
+    """
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    models.actor_opt.load_state_dict(state.pop("actor_opt"))
+    if models.critic is not None:
+        models.critic.load_state_dict(state.pop("critic"))
+        models.critic_opt.load_state_dict(state.pop("critic_opt"))
+    M.set_rng_state(state["rng"])
+    return state["step"], state["counters"]
 
 
 def _write_json(path: Path, obj):
@@ -1319,14 +1363,8 @@ def train(cfg: PPOConfig) -> dict:
     counters = {"actor_bad": 0, "critic_bad": 0, "elapsed_s": 0.0}
     start = 0
     if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        start = state["step"]
-        counters.update(state["counters"])
-        models.actor_opt.load_state_dict(state["actor_opt"])
-        if models.critic is not None:
-            models.critic.load_state_dict(state["critic"])
-            models.critic_opt.load_state_dict(state["critic_opt"])
-        M.set_rng_state(state["rng"])
+        start, saved_counters = load_training_state(ckpt, models)
+        counters.update(saved_counters)
 
     stop = {"requested": False}
     previous_handler = None
@@ -1419,7 +1457,9 @@ def _add_flags(parser, cls):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="PPO on Countdown as in 'Cognitive Behaviors that Enable Self-Improving Reasoners': the paper's "
-                    "settings by default (python ppo.py --model qwen2.5-3b). Problems are generated "
+                    "hyperparameters by default, with a cleaned-up update (token-mean loss, as many critic as actor "
+                    "steps, the first iteration learns, V on response tokens only); --fidelity gives the original's "
+                    "exact update, the paper's run (python ppo.py --model qwen2.5-3b --fidelity). Problems are generated "
                     "(countdown.make_splits, distribution 'rl') unless --train-data/--test-data give JSONL files of "
                     "{\"nums\", \"target\"} rows, e.g. exported from the HF dataset Jiayi-Pan/Countdown-Tasks-3to4. "
                     "A small CPU run (~8 minutes for a 1M-parameter model): --model runs/sft_tiny/final --device cpu "

@@ -482,6 +482,56 @@ def test_resume_gives_the_weights_of_a_straight_run(tmp_path):
     assert len(comp) == 2 and {"step", "nums", "target", "prompt", "completion", "score"} <= set(comp[0])
 
 
+def test_resume_frees_the_loaded_training_state(tmp_path, monkeypatch):
+    """The state.pt dict (a second copy of the master weights and critic: ~29 GiB for 3B) must be gone
+    by the time training continues; Adam's moments, adopted by the optimizer, are the exception."""
+    import gc
+    import weakref
+    ck = make_checkpoint(tmp_path / "ck")
+    out = tmp_path / "run"
+    kw = dict(val_every=0, dtype="bfloat16")               # bf16 weights: fp32 master copies in state.pt
+    ppo.train(_run_cfg(ck, out, steps=2, **kw))
+    refs, alive_at_step = [], []
+    load = torch.load
+
+    def spy_load(*a, **k):
+        state = load(*a, **k)
+        refs.extend(weakref.ref(t) for t in state["actor_opt"]["master"] + list(state["critic"].values()))
+        return state
+    iteration = ppo.ppo_iteration
+
+    def spy_iteration(*a, **k):
+        gc.collect()
+        alive_at_step.append(sum(r() is not None for r in refs))
+        return iteration(*a, **k)
+    monkeypatch.setattr(torch, "load", spy_load)
+    monkeypatch.setattr(ppo, "ppo_iteration", spy_iteration)
+    ppo.train(_run_cfg(ck, out, steps=3, **kw))
+    assert len(refs) > 10 and alive_at_step == [0]
+
+
+@pytest.mark.parametrize("free_gb,old_state_during_save", [(1e6, True), (0.0, False)])
+def test_state_checkpoint_needs_room_for_one_state_only_when_the_disk_is_short(tmp_path, monkeypatch, free_gb,
+                                                                                old_state_during_save):
+    ck = make_checkpoint(tmp_path / "ck")
+    out = tmp_path / "run"
+    ppo.train(_run_cfg(ck, out, steps=2, val_every=0))
+    old = out / "checkpoints" / "step_2" / "state.pt"
+    seen, save = [], torch.save
+
+    def spy_save(obj, path, *a, **k):
+        seen.append(old.is_file())
+        return save(obj, path, *a, **k)
+    disk = ppo.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ppo.shutil, "disk_usage", lambda p: disk._replace(free=int(free_gb * 2**30)))
+    monkeypatch.setattr(torch, "save", spy_save)
+    ppo.train(_run_cfg(ck, out, steps=4, val_every=0))
+    # plenty of room: the previous state survives until the new one is in place (crash-safe);
+    # no room for two: it is deleted before the new one is written
+    assert seen == [old_state_during_save] and not old.exists()
+    assert (out / "checkpoints" / "step_4" / "state.pt").is_file()
+
+
 def test_bfloat16_run_keeps_fp32_master_weights(tmp_path):
     ck = make_checkpoint(tmp_path / "ck")
     out = tmp_path / "bf16"
@@ -532,3 +582,10 @@ def test_print_budget_for_a_3b_config(tmp_path, capsys):
     items = {name: n for name, n, _ in b["items"]}
     assert items["policy weights"] == 2 * b["params_policy"]
     assert items["rollout KV cache (256 rows x 1280 tokens)"] == 256 * 1280 * 36 * 2 * 2 * 128 * 2
+    # the compiled rollout keeps its one KV cache between rollouts: it is counted in the update too
+    kept = ppo.memory_budget(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, optim_device="cpu",
+                                                        rollout_batch=64, compile_rollout=True)),
+                             M.ModelConfig.from_hf(cfg))
+    cache = items["rollout KV cache (256 rows x 1280 tokens)"]
+    assert kept["phases"]["update"] == b["phases"]["update"] + cache
+    assert kept["phases"]["rollout"] == b["phases"]["rollout"]
