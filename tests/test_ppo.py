@@ -329,7 +329,7 @@ def _toy_cfg(**kw):
     return ppo._resolve(ppo.PPOConfig(**base))
 
 
-def _toy_run(cfg, models, steps, seed=0):
+def _toy_run(cfg, models, steps, seed=0, metrics_out=None):
     """Prompt token p in 1..4; reward 1 iff the first response token is p + 8 (chance: 1/16)."""
     rng = random.Random(seed)
     rewards = []
@@ -340,14 +340,79 @@ def _toy_run(cfg, models, steps, seed=0):
             return [1.0 if r[0] == ps[i // cfg.samples] + 8 else 0.0 for i, r in enumerate(responses)], {}
         metrics, _, _ = ppo.ppo_iteration(models, [[p] for p in ps], reward_fn, cfg, step, eos_id=0, pad_id=0)
         rewards.append(metrics["reward_mean"])
+        if metrics_out is not None:
+            metrics_out.append(metrics)
     return rewards
 
 
 def test_toy_task_ppo_mean_reward_rises_from_near_0_to_near_1():
     cfg = _toy_cfg(actor_lr=5e-3, critic_lr=1e-2)
-    rewards = _toy_run(cfg, _toy_models(cfg), steps=40)
+    metrics = []
+    rewards = _toy_run(cfg, _toy_models(cfg), steps=40, metrics_out=metrics)
     assert sum(rewards[:2]) / 2 < 0.2
     assert sum(rewards[-5:]) / 5 > 0.9, rewards
+    # the critic is the baseline: it learned the return (~ the reward now), and the advantages
+    # A = G - V are centred by it. Without the baseline (A = G) their mean would be ~ the reward, 0.9+.
+    last = metrics[-5:]
+    assert sum(m["value_mean"] for m in last) / 5 > 0.8
+    assert abs(sum(m["advantage_raw_mean"] for m in last) / 5) < 0.2
+
+
+def _recorded_actor_gradient(models):
+    grads = []
+
+    def record(lr, max_norm):   # the accumulated gradient of a mini-batch, instead of a step
+        grads.append(torch.cat([p.grad.flatten() for p in models.actor_opt.params]))
+        models.actor_opt.zero_grad()
+        return 0.0, True
+    models.actor_opt.step = record
+    return grads
+
+
+@pytest.mark.parametrize("log_ratio,advantage,clipped", [(math.log(2.0), 1.0, True), (-math.log(2.0), -1.0, True),
+                                                         (math.log(2.0), -1.0, False), (0.0, 1.0, False)])
+def test_clip_stops_the_actor_gradient_outside_the_trust_region(log_ratio, advantage, clipped):
+    """Through update_actor: every token pushed beyond 1 +- eps in the direction its advantage favours
+    gives exactly no gradient; one the clip does not bind gives one."""
+    cfg = _toy_cfg(batch_prompts=4, mini_batch_prompts=4, entropy_coef=0.0, kl_coef=0.0, max_response=3)
+    models = _toy_models(cfg)
+    prompts = [[1], [2], [3], [4]]
+    gen = M.generate(models.policy, prompts, max_new_tokens=3, n_samples=4, eos_id=0, pad_id=0, seed=0)
+    exp = ppo.make_experience(prompts, gen, 4, [0.0] * 16, pad_id=0, eos_ids=0)
+    ppo.prepare_experience(exp, models, cfg)
+    exp.old_logp = exp.old_logp - log_ratio              # pi / pi_old = e^log_ratio on every token
+    exp.advantages = torch.full_like(exp.advantages, advantage) * exp.response_mask
+    grads = _recorded_actor_gradient(models)
+    ppo.update_actor(models.policy, models.actor_opt, exp, cfg, lr=1e-2)
+    assert len(grads) == 1
+    if clipped:
+        assert grads[0].abs().max() == 0
+    else:
+        assert grads[0].abs().max() > 1e-4
+
+
+def _first_token_kl(policy, ref):
+    """Exact KL(pi || ref) of the first response token, averaged over the 4 prompts."""
+    with torch.no_grad():
+        x = torch.tensor([[1], [2], [3], [4]])
+        lp, lq = F.log_softmax(policy(x)[:, -1], -1), F.log_softmax(ref(x)[:, -1], -1)
+        return (lp.exp() * (lp - lq)).sum(-1).mean().item()
+
+
+def test_kl_penalty_pulls_the_policy_back_to_the_reference():
+    """No task reward, a strong penalty and a policy that starts far from the reference: PPO must
+    shrink the exact KL. (With the penalty's sign flipped it grows about fourfold instead.)"""
+    cfg = _toy_cfg(kl_coef=0.5, actor_lr=5e-3, batch_prompts=8, mini_batch_prompts=8)
+    models = _toy_models(cfg)
+    with torch.no_grad():
+        models.policy.lm_head.weight.mul_(4.0)           # sharper than the reference (tied: embeddings too)
+    start = _first_token_kl(models.policy, models.ref)
+    for step in range(1, 13):
+        metrics, _, _ = ppo.ppo_iteration(models, [[1 + i % 4] for i in range(8)], lambda r: ([0.0] * len(r), {}),
+                                          cfg, step, eos_id=0, pad_id=0)
+        assert metrics["kl"] is not None
+    end = _first_token_kl(models.policy, models.ref)
+    assert start > 0.1 and end < 0.25 * start, (start, end)
 
 
 def test_toy_task_grpo_learns_without_a_critic():
@@ -363,13 +428,7 @@ def test_token_mean_is_independent_of_micro_batch_but_original_aggregation_is_no
     def actor_gradient(**kw):
         cfg = _toy_cfg(batch_prompts=4, mini_batch_prompts=4, max_response=4, kl_coef=0.0, **kw)
         models = _toy_models(cfg, seed=1, vocab=8)
-        grads = []
-
-        def record(lr, max_norm):   # the accumulated gradient of the one mini-batch, instead of a step
-            grads.append(torch.cat([p.grad.flatten() for p in models.actor_opt.params]))
-            models.actor_opt.zero_grad()
-            return 0.0, True
-        models.actor_opt.step = record
+        grads = _recorded_actor_gradient(models)
         _toy_run(cfg, models, steps=1, seed=1)
         return grads[0]
     a, b = actor_gradient(micro_batch=16), actor_gradient(micro_batch=3)
@@ -404,11 +463,19 @@ def test_entropy_bonus_raises_entropy():
     assert entropies[2] > entropies[0]
 
 
+def _unpadded_logprobs(model, prompt, response):
+    """log pi(y_t | prompt, y_<t) from one forward over the unpadded sequence: the independent reference."""
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(response)]))[0, len(prompt) - 1:-1]
+    return F.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+
 def test_old_logprobs_recomputed_at_step_0_equal_the_rollout(tmp_path):
     model, tok = M.load(make_checkpoint(tmp_path / "ck"), dtype="float32")
+    ref, _ = M.load(make_checkpoint(tmp_path / "ref", seed=1), dtype="float32")   # another model: KL != 0
     cfg = ppo._resolve(ppo.PPOConfig(device="cpu", max_response=12, infer_batch=3, kl_coef=0.001))
     critic = ppo.Critic(copy.deepcopy(model))
-    models = ppo.Models(model, critic, copy.deepcopy(model), None, None, torch.device("cpu"))
+    models = ppo.Models(model, critic, ref, None, None, torch.device("cpu"))
     prompts = [tok.encode("Using the numbers"), tok.encode("A conversation between User and Assistant."),
                tok.encode("17 - 8 = 9")]                                       # different lengths: left padding
     gen = M.generate(model, prompts, max_new_tokens=12, n_samples=2, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=0)
@@ -418,7 +485,15 @@ def test_old_logprobs_recomputed_at_step_0_equal_the_rollout(tmp_path):
     assert m.sum() > 6
     assert torch.allclose(exp.old_logp, exp.rollout_logp, atol=1e-4)
     assert ((exp.old_logp - exp.rollout_logp).abs() * m).max() < 1e-4
-    assert torch.allclose(exp.kl, torch.zeros_like(exp.kl), atol=1e-5)        # reference = policy at step 0
+    # the reference's log-probs and the k1 KL, each row against one unpadded forward of each model
+    for r in range(6):
+        L = int(m[r].sum())
+        resp = exp.input_ids[r, exp.prompt_len:exp.prompt_len + L].tolist()
+        want_ref = _unpadded_logprobs(ref, prompts[r // 2], resp)
+        want_kl = _unpadded_logprobs(model, prompts[r // 2], resp) - want_ref
+        assert torch.allclose(exp.ref_logp[r, :L], want_ref, atol=1e-4)
+        assert torch.allclose(exp.kl[r, :L], want_kl, atol=1e-4) and (exp.kl[r, L:] == 0).all()
+    assert (exp.kl.abs() * m).max() > 0.05                                   # two different models
 
 
 def test_validation_is_greedy_by_default_and_seeded_when_sampled(tmp_path):
