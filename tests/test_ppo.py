@@ -439,6 +439,95 @@ def test_token_mean_is_independent_of_micro_batch_but_original_aggregation_is_no
     assert not torch.allclose(c, d, rtol=1e-2)          # unequal micro-batches: the original's depends on them
 
 
+def _spy(monkeypatch, name):
+    """Record the arguments of every call of ppo.<name> (value_loss, policy_loss), then call it."""
+    calls, fn = [], getattr(ppo, name)
+
+    def spy(*a, **k):
+        calls.append((a, k))
+        return fn(*a, **k)
+    monkeypatch.setattr(ppo, name, spy)
+    return calls
+
+
+def test_fidelity_runs_the_originals_update(monkeypatch):
+    """--fidelity: 4x more critic steps (mini-batches of mini-batch-prompts sequences), micro-batches
+    of 4 (actor) and 1 (critic) with per-micro-batch means, lr 0 at the first iteration, and V
+    trained on the post-EOS state; the default keeps the critic's steps at the actor's."""
+    def one_iteration(**kw):
+        cfg = _toy_cfg(batch_prompts=8, mini_batch_prompts=4, micro_batch=0, max_response=3, **kw)
+        models = _toy_models(cfg)
+        vl, pl = _spy(monkeypatch, "value_loss"), _spy(monkeypatch, "policy_loss")
+        metrics, exp, (actor_ok, critic_ok) = ppo.ppo_iteration(
+            models, [[1 + i % 4] for i in range(8)], lambda r: ([1.0] * len(r), {}), cfg, 1, eos_id=0, pad_id=0)
+        monkeypatch.undo()
+        return cfg, metrics, len(actor_ok), len(critic_ok), vl, pl
+    cfg, metrics, n_actor, n_critic, vl, pl = one_iteration()
+    assert (n_actor, n_critic) == (2, 2) and metrics["actor_lr"] == cfg.actor_lr
+    assert {a[0].shape[0] for a, _ in pl} == {4} and {a[0].shape[0] for a, _ in vl} == {4}   # micro-batch 4
+    cfg, metrics, n_actor, n_critic, vl, pl = one_iteration(fidelity=True)
+    assert (cfg.loss_agg, cfg.lr_zero_first_step, cfg.value_post_eos) == ("micro-token-mean", True, True)
+    assert (n_actor, n_critic) == (2, 8) and metrics["actor_lr"] == 0 and metrics["critic_lr"] == 0
+    assert {a[0].shape[0] for a, _ in pl} == {4} and {a[0].shape[0] for a, _ in vl} == {1}
+    # micro-token-mean: each micro-batch's loss is divided by (its own tokens x micro-batches)
+    for a, k in pl:
+        assert float(k["normalizer"]) == pytest.approx(float(a[3].sum()) * 4)
+
+
+def test_lr_zero_first_step_freezes_the_weights_but_moves_adams_moments():
+    def weights(models):
+        return [p.detach().clone() for p in list(models.policy.parameters()) + list(models.critic.parameters())]
+    for flag in (False, True):
+        cfg = _toy_cfg(batch_prompts=4, mini_batch_prompts=4, lr_zero_first_step=flag)
+        models = _toy_models(cfg)
+        w0 = weights(models)
+        _toy_run(cfg, models, steps=1)
+        w1 = weights(models)
+        unchanged = all(torch.equal(a, b) for a, b in zip(w0, w1))
+        assert unchanged == flag
+        moments = [s["exp_avg"] for s in models.actor_opt.opt.state.values()]
+        assert moments and all(m.abs().max() > 0 for m in moments)        # Adam saw the gradients either way
+    _toy_run(cfg, models, steps=2)                                          # steps 1, 2: step 2 learns
+    assert not all(torch.equal(a, b) for a, b in zip(w1, weights(models)))
+
+
+def test_value_post_eos_trains_v_on_the_state_after_the_eos_toward_0(monkeypatch):
+    prompts = [[1], [2]]
+    # row 0 ends with its EOS (token 0) after 2 tokens; row 1 is truncated at R = 3
+    gen = M.Generation(torch.tensor([[5, 0, 0], [6, 7, 8]]), torch.full((2, 3), -1.0), torch.tensor([2, 3]))
+    for flag in (False, True):
+        cfg = _toy_cfg(batch_prompts=2, samples=1, mini_batch_prompts=2, max_response=3, value_post_eos=flag)
+        models = _toy_models(cfg)
+        exp = ppo.make_experience(prompts, gen, 1, [1.0, 0.0], pad_id=0, eos_ids=0)
+        ppo.prepare_experience(exp, models, cfg)
+        calls = _spy(monkeypatch, "value_loss")
+        ppo.update_critic(models.critic, models.critic_opt, exp, cfg, lr=1e-2)
+        monkeypatch.undo()
+        values, old, returns, vmask = calls[0][0][:4]
+        assert vmask[1].tolist() == [1, 1, 1]                        # a truncated row has no post-EOS state
+        assert vmask[0].tolist() == ([1, 1, 1] if flag else [1, 1, 0])
+        assert returns[0, 2] == 0                                    # the post-EOS state's target: 0
+
+
+def test_reference_is_brought_to_the_device_only_while_it_is_used():
+    cfg = _toy_cfg(batch_prompts=4, mini_batch_prompts=4, kl_coef=0.1)
+    models = _toy_models(cfg)
+    models.ref_offload = True
+    events = []
+    to = models.ref.to
+    models.ref.to = lambda *a, **k: events.append(("to", str(torch.device(*a)))) or to(*a, **k)
+    models.ref.embed_tokens.register_forward_pre_hook(lambda m, i: events.append("forward"))
+    gen = M.generate(models.policy, [[1], [2], [3], [4]], max_new_tokens=2, n_samples=4, eos_id=0, pad_id=0, seed=0)
+    exp = ppo.make_experience([[1], [2], [3], [4]], gen, 4, [0.0] * 16, pad_id=0, eos_ids=0)
+    ppo.prepare_experience(exp, models, cfg)
+    moves = [i for i, e in enumerate(events) if e != "forward"]
+    assert len(events) > 2 and moves == [0, len(events) - 1]             # on before its forwards, off after
+    assert events[0] == ("to", str(models.device)) and events[-1] == ("to", "cpu")
+    models.ref_offload, events[:] = False, []
+    ppo.prepare_experience(exp, models, cfg)
+    assert "forward" in events and ("to", "cpu") not in events
+
+
 def test_non_finite_loss_skips_the_update_and_is_reported():
     cfg = _toy_cfg(batch_prompts=4, mini_batch_prompts=4)
     models = _toy_models(cfg)
