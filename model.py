@@ -207,6 +207,12 @@ class KVCache:
         self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
         self.key_valid = self.key_valid.repeat_interleave(n, dim=0)
 
+    def select_rows(self, keep):
+        """Keep only rows `keep` (an index tensor), one layer at a time: never two full caches alive."""
+        for i in range(len(self.k)):
+            self.k[i], self.v[i] = self.k[i][keep], self.v[i][keep]
+        self.key_valid = self.key_valid[keep]
+
     def fill_from(self, prefill: "KVCache", n: int):
         """Copy a prefill cache of B rows and P slots into this one's first P slots, n copies of each
         row (B * n rows here), in place: this cache's tensors keep their addresses."""
@@ -939,21 +945,28 @@ class Generation:
     lengths: torch.Tensor   # [rows] valid new tokens, EOS included
 
 
-def _sample_index(probs, generator=None):
+def _sample_index(probs, generator=None, rows=slice(None), total_rows: Optional[int] = None):
     """One index per row, drawn with probability proportional to probs [R, V].
 
     argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i / sum(p) (the "exponential
     race", Gumbel-max in another guise). It is the draw torch.multinomial makes for one sample,
     from the same generator stream (identical tokens), but without multinomial's input check,
     which copies a flag to the host and so stalls the CPU on every CUDA decode step.
+    When probs holds only some rows (`rows` of `total_rows`, the unfinished ones), the draws are
+    made for all total_rows and these rows' are used: each row gets the draws it would have got in
+    the full batch, so dropping finished rows never changes what the others sample.
     """
-    q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    n = probs.shape[0] if total_rows is None else total_rows
+    q = torch.empty((n, probs.shape[1]), dtype=probs.dtype, device=probs.device).exponential_(1.0, generator=generator)
+    q = q[rows]
     q.clamp_min_(torch.finfo(q.dtype).tiny)  # a draw that rounds to 0 would make 0/0 = NaN, which argmax picks
     return (probs / q).argmax(dim=-1)
 
 
-def sample_next(logits, temperature: float, top_p: float, generator=None):
+def sample_next(logits, temperature: float, top_p: float, generator=None, rows=slice(None),
+                total_rows: Optional[int] = None):
     """Pick one token per row from logits [R, V]; return (tokens [R], their log-probs [R]).
+    (rows, total_rows: these logits are rows `rows` of a batch of total_rows; see _sample_index.)
 
     The log-prob is log softmax(logits / T) before top-p truncation, i.e. the policy's own
     probability at temperature T (at T = 1, top_p = 1 exactly what PPO recomputes later).
@@ -971,9 +984,9 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
             # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
             sp, si = probs.sort(dim=-1, descending=True)
             sp = sp.masked_fill((sp.cumsum(-1) - sp) >= top_p, 0.0)
-            tok = si.gather(-1, _sample_index(sp, generator)[:, None])[:, 0]
+            tok = si.gather(-1, _sample_index(sp, generator, rows, total_rows)[:, None])[:, 0]
         else:
-            tok = _sample_index(probs, generator)
+            tok = _sample_index(probs, generator, rows, total_rows)
     return tok, logits.gather(-1, tok[:, None])[:, 0] - lse
 
 
@@ -985,6 +998,7 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
 # so that calls with slightly different prompt lengths reuse one compiled graph.
 _STATIC_LEN_MULTIPLE = 256
 _DONE_CHECK_EVERY = 16     # fast path: look at "all rows done?" (a host sync) every 16 steps only
+_COMPACT_BELOW = 0.75      # default path: drop finished rows from the cache once <= 3/4 of its rows are left
 _compiled_decode_step = None
 _static_cache: Optional[KVCache] = None   # the fast path's one KV cache, reused by every call that fits it
 
@@ -1111,13 +1125,18 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="generate", file=sys.stderr, leave=False)
+        # the rows still in the cache: all of them on the fast path (fixed shapes); on the default
+        # path finished rows are dropped (a cache of fewer rows), so they stop costing a forward
+        rows = slice(None)
         for t in steps:
-            tok, lp = sample_next(logits, temperature, top_p, generator)
-            tok = torch.where(done, pad_id, tok)
-            tokens[:, t] = tok
-            logprobs[:, t] = torch.where(done, 0.0, lp)
-            lengths += (~done).long()
-            done |= torch.isin(tok, eos)
+            tok, lp = sample_next(logits, temperature, top_p, generator, rows, R)
+            fin = done[rows]
+            tok = torch.where(fin, pad_id, tok)
+            tokens[rows, t] = tok
+            logprobs[rows, t] = torch.where(fin, 0.0, lp)
+            lengths[rows] += (~fin).long()
+            fin = fin | torch.isin(tok, eos)
+            done[rows] = fin
             if t == max_new_tokens - 1:
                 break
             if static:
@@ -1128,10 +1147,16 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
                 logits = step(model, cache, tok[:, None], next_pos[:, None], slot)
                 slot += 1
             else:
-                if done.all():
+                left = len(fin) - int(fin.sum())   # one host sync per step, as "all done?" needs anyway
+                if left == 0:
                     break
+                if left <= _COMPACT_BELOW * len(fin):
+                    keep = (~fin).nonzero()[:, 0]
+                    rows = (torch.arange(R, device=device) if isinstance(rows, slice) else rows)[keep]
+                    cache.select_rows(keep)
+                    tok = tok[keep]
                 cache.key_valid[:, P + t] = True
-                h = model.hidden_states(tok[:, None], position_ids=next_pos[:, None], cache=cache,
+                h = model.hidden_states(tok[:, None], position_ids=next_pos[rows][:, None], cache=cache,
                                         cache_start=P + t)
                 logits = model.logits(h[:, -1])
             next_pos += 1

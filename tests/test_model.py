@@ -232,6 +232,38 @@ def test_rows_stop_at_eos_and_are_padded(tiny):
     assert int(g.lengths[0]) <= 5 and g.tokens.shape[1] == int(g.lengths.max())
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=3),
+                                      dict(temperature=1.0, top_p=0.8, seed=4)])
+def test_finished_rows_leave_the_cache_without_changing_any_output(monkeypatch, sampling):
+    """The default path drops finished rows from its KV cache; every row's tokens, log-probs and length
+    are what the implementation without that gives (the sampler draws for all rows either way)."""
+    from conftest import make_config
+    torch.manual_seed(0)
+    model = M.Transformer(make_config(vocab_size=64)).eval()
+    model.init_weights(std=0.3)                                       # peaked enough that greedy rows differ
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 64, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (9,), generator=g)]
+    kw = dict(max_new_tokens=16, n_samples=2, pad_id=0, **sampling)
+    free = M.generate(model, prompts, eos_id=-1, **kw)
+    eos = []   # tokens that first appear (in any row) at different steps: rows end at many different steps
+    for c in (1, 3, 5, 8, 11):
+        eos += sorted({int(x) for x in free.tokens[:, c]} - {int(x) for x in free.tokens[:, :c].flatten()})[:1]
+    monkeypatch.setattr(M, "_COMPACT_BELOW", 0.0)                    # never compacts: the reference
+    want = M.generate(model, prompts, eos_id=eos, **kw)
+    monkeypatch.undo()
+    rows_seen = []
+    hook = model.embed_tokens.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
+    try:
+        got = M.generate(model, prompts, eos_id=eos, **kw)
+    finally:
+        hook.remove()
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
+    assert len(set(want.lengths.tolist())) > 3                        # rows end at many different steps
+    assert rows_seen[1] == 18 and min(rows_seen[1:]) < 18             # the decode batch shrank
+    assert rows_seen[1:] == sorted(rows_seen[1:], reverse=True)
+
+
 def test_sampler_draws_exactly_what_multinomial_draws():
     probs = torch.softmax(torch.randn(16, 300, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
     probs[:, 50:60] = 0.0  # zero-probability tokens (as after top-p) are never drawn
