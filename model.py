@@ -201,12 +201,6 @@ class KVCache:
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.padded = True  # False when no row has padding slots: then attention needs no mask
 
-    def repeat_rows(self, n: int):
-        """Give every row n copies (n samples per prompt share one prefill)."""
-        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
-        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
-        self.key_valid = self.key_valid.repeat_interleave(n, dim=0)
-
     def select_rows(self, keep):
         """Keep only rows `keep` (an index tensor), one layer at a time: never two full caches alive."""
         for i in range(len(self.k)):
@@ -1096,22 +1090,22 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     model.eval()
     try:
         R = B * n_samples
-        if static:   # one cache for all calls; the prefill writes straight into it, or into a small one
+        # the fast path keeps one cache for all calls. The prefill writes straight into the cache,
+        # or (n samples per prompt) into a small one of B rows x P slots whose rows are then copied
+        # n times: samples of one prompt share its prefill, and only one full-size cache exists.
+        if static:
             cache = static_cache(model.config, R, S, dtype, device, mark_static=compile)
-            prefill = cache if n_samples == 1 else KVCache(model.config, B, P, dtype, device)
         else:
-            cache = prefill = KVCache(model.config, B, S, dtype, device)
+            cache = KVCache(model.config, R, S, dtype, device)
+        prefill = cache if n_samples == 1 else KVCache(model.config, B, P, dtype, device)
         prefill.key_valid[:, :P] = valid
         prefill.padded = any(len(p) < P for p in prompts)
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
         h = model.hidden_states(ids, position_ids=pos, cache=prefill, cache_start=0)
         logits = model.logits(h[:, -1])                      # [B, V]: only the last position is needed
         if n_samples > 1:
-            if static:
-                cache.fill_from(prefill, n_samples)
-                del prefill
-            else:
-                cache.repeat_rows(n_samples)
+            cache.fill_from(prefill, n_samples)
+            del prefill
             logits = logits.repeat_interleave(n_samples, dim=0)
         next_pos = valid.sum(-1).repeat_interleave(n_samples)  # position id of the next token, per row
         tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
