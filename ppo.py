@@ -57,7 +57,8 @@ Qwen2.5-3B has N = 3.09e9 parameters (tied embeddings; Llama-3.2-3B: 3.21e9), th
   is 2^-9..2^-8 of |w|); Adam's step is ~lr = 1e-6, while 2^-8 of a typical |w| ~ 0.02 is 8e-5.
   The budget is computed (not measured) and printed at start; --print-budget prints it and exits.
   None of this has run on a GPU yet: the CUDA paths (bf16, offloading, pinned copies) are written
-  from reading; CPU tests cover the same code in float32 and bfloat16.
+  from reading; CPU tests cover the same code in float32 and bfloat16, and bench/gpu_check.py is
+  the one command that checks and measures them on a GPU.
 
 Run folder (design.md): runs/<name>/config.json, metrics.jsonl (one line per step, same keys),
 completions/step_<N>.jsonl, data/{train,test}.jsonl, checkpoints/step_<N>/policy (model.save
