@@ -964,24 +964,25 @@ def sample_next(logits, temperature: float, top_p: float, generator=None, rows=s
 
     The log-prob is log softmax(logits / T) before top-p truncation, i.e. the policy's own
     probability at temperature T (at T = 1, top_p = 1 exactly what PPO recomputes later).
-    It is read off as logit[tok] - logsumexp(logits), which skips writing a full [R, V] log-softmax.
+    It is read off the softmax the draw needs anyway (greedy: logit[tok] - logsumexp), which skips
+    writing a full [R, V] log-softmax.
     """
     logits = logits.float()
-    if temperature > 0:
-        logits = logits / temperature
-    lse = torch.logsumexp(logits, dim=-1)                # [R]
     if temperature == 0:
         tok = logits.argmax(dim=-1)                      # greedy; log-probs at temperature 1
+        return tok, logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    if temperature != 1:
+        logits = logits / temperature
+    probs = torch.softmax(logits, dim=-1)                # one fused pass; the log-prob is read off it below
+    if top_p < 1.0:
+        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+        sp, si = probs.sort(dim=-1, descending=True)
+        sp = sp.masked_fill((sp.cumsum(-1) - sp) >= top_p, 0.0)
+        tok = si.gather(-1, _sample_index(sp, generator, rows, total_rows)[:, None])[:, 0]
     else:
-        probs = torch.exp(logits - lse[:, None])         # softmax, reusing lse
-        if top_p < 1.0:
-            # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
-            sp, si = probs.sort(dim=-1, descending=True)
-            sp = sp.masked_fill((sp.cumsum(-1) - sp) >= top_p, 0.0)
-            tok = si.gather(-1, _sample_index(sp, generator, rows, total_rows)[:, None])[:, 0]
-        else:
-            tok = _sample_index(probs, generator, rows, total_rows)
-    return tok, logits.gather(-1, tok[:, None])[:, 0] - lse
+        tok = _sample_index(probs, generator, rows, total_rows)
+    # log p(tok): a drawn token has p > 0, and fp32 keeps p's relative precision down to ~1e-38
+    return tok, probs.gather(-1, tok[:, None])[:, 0].log()
 
 
 # The fast path (static=True / compile=True), gpt-fast style. A CUDA graph replays a fixed
