@@ -164,6 +164,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 on CPU, 512 with --gpu")
     ap.add_argument("--greedy-only", action="store_true", help="CPU mode: skip the T = 1 sampling cases")
+    ap.add_argument("--sampled-only", action="store_true", help="CPU mode: skip the greedy cases")
     ap.add_argument("--ppo", action="store_true", help="CPU mode: add the PPO-like case (8 x 4 rows, 192 + 512 tokens)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -179,7 +180,7 @@ def main():
     else:
         device, dtype, cfg = "cpu", torch.float32, CPU_CONFIG
         new = args.new_tokens or 128
-        cases = [(1, args.prompt_len, new), (64, args.prompt_len, new)]
+        cases = [] if args.sampled_only else [(1, args.prompt_len, new), (64, args.prompt_len, new)]
         if not args.greedy_only:
             cases += [(1, args.prompt_len, new, 1.0), (64, args.prompt_len, new, 1.0)]
         if args.ppo:
