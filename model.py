@@ -203,11 +203,21 @@ class KVCache:
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.padded = True  # False when no row has padding slots: then attention needs no mask
 
-    def repeat_rows(self, n: int):
-        """Give every row n copies (n samples per prompt share one prefill)."""
-        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
-        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
-        self.key_valid = self.key_valid.repeat_interleave(n, dim=0)
+    def select_rows(self, keep):
+        """Keep only rows `keep` (an index tensor), one layer at a time: never two full caches alive."""
+        for i in range(len(self.k)):
+            self.k[i], self.v[i] = self.k[i][keep], self.v[i][keep]
+        self.key_valid = self.key_valid[keep]
+
+    def fill_from(self, prefill: "KVCache", n: int):
+        """Copy a prefill cache of B rows and P slots into this one's first P slots, n copies of each
+        row (B * n rows here), in place: this cache's tensors keep their addresses."""
+        P = prefill.key_valid.shape[1]
+        for dst, src in zip(self.k + self.v, prefill.k + prefill.v):
+            B = src.shape[0]                                   # a broadcast copy: no [B * n, ...] temporary
+            dst[:, :, :P].view(B, n, *dst.shape[1:2], P, dst.shape[3]).copy_(src[:, None, :, :P])
+        self.key_valid[:, :P] = prefill.key_valid.repeat_interleave(n, dim=0)
+        self.padded = prefill.padded
 
 
 class Attention(nn.Module):
@@ -249,8 +259,17 @@ class Attention(nn.Module):
             # all G), and on CPU about twice as fast as SDPA with enable_gqa on [B, n_heads, 1, hd].
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G, self.hd), k, v, attn_mask=mask)
             y = y.reshape(B, self.n_heads, 1, self.hd)
+        elif mask is None:
+            # causal, no mask: flash attention takes grouped k/v heads as they are (enable_gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G > 1)
+            # with a mask: no fused CUDA kernel takes a mask together with enable_gqa, and SDPA's
+            # fallback (the math kernel) builds [B, H, T, S] fp32 scores. Repeating each k/v head for
+            # its G query heads (what enable_gqa means) costs [B, H, S, hd] and lets the
+            # memory-efficient kernel, which accepts masks, run instead.
+            if G > 1:
+                k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -291,6 +310,15 @@ def attention_mask_4d(key_valid, q_start: int, T: int):
     q = torch.arange(q_start, q_start + T, device=key_valid.device)[:, None]
     k = torch.arange(S, device=key_valid.device)[None, :]
     return (((k <= q) & key_valid[:, None, :]) | (k == q))[:, None]
+
+
+def _pads_only_at_end(attention_mask) -> bool:
+    """True when every row is real tokens followed by padding (or none): then plain causal attention
+    gives every real token exactly what the mask would (the padding comes after it), and SDPA can
+    run its fused causal kernel with no mask. Outputs at padding positions differ; they are unused.
+    One host sync; training and scoring forwards (SFT's batches, unpadded ones) take this path."""
+    m = attention_mask.bool()
+    return bool(m[:, 0].all() and (m[:, 1:] <= m[:, :-1]).all())
 
 
 class Transformer(nn.Module):
@@ -337,7 +365,8 @@ class Transformer(nn.Module):
                       cache: Optional[KVCache] = None, cache_start: int = 0):
         """Final normed hidden states [B, T, D].
 
-        attention_mask [B, T]: 1 for real tokens, 0 for padding (left or right). With a KV cache,
+        attention_mask [B, T]: 1 for real tokens, 0 for padding (left or right; padding only on the
+        right, or none, needs no mask: causal attention is exact for the real tokens). With a KV cache,
         the mask comes from cache.key_valid and input_ids sit at slots cache_start..cache_start+T-1;
         a tensor cache_start (one slot, T = 1) selects the static-shape decode step used by generate.
         """
@@ -356,7 +385,7 @@ class Transformer(nn.Module):
             mask = attention_mask_4d(cache.key_valid[:, :cache_start + T], cache_start, T)
         elif cache is not None:
             mask = None  # no padding anywhere: causal prefill from slot 0, or one query that sees all slots
-        elif attention_mask is not None:
+        elif attention_mask is not None and not _pads_only_at_end(attention_mask):
             mask = attention_mask_4d(attention_mask.bool(), 0, T)
         else:
             mask = None  # plain causal attention
@@ -916,42 +945,50 @@ class Generation:
     lengths: torch.Tensor   # [rows] valid new tokens, EOS included
 
 
-def _sample_index(probs, generator=None):
+def _sample_index(probs, generator=None, rows=slice(None), total_rows: Optional[int] = None):
     """One index per row, drawn with probability proportional to probs [R, V].
 
     argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i / sum(p) (the "exponential
     race", Gumbel-max in another guise). It is the draw torch.multinomial makes for one sample,
     from the same generator stream (identical tokens), but without multinomial's input check,
     which copies a flag to the host and so stalls the CPU on every CUDA decode step.
+    When probs holds only some rows (`rows` of `total_rows`, the unfinished ones), the draws are
+    made for all total_rows and these rows' are used: each row gets the draws it would have got in
+    the full batch, so dropping finished rows never changes what the others sample.
     """
-    q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    n = probs.shape[0] if total_rows is None else total_rows
+    q = torch.empty((n, probs.shape[1]), dtype=probs.dtype, device=probs.device).exponential_(1.0, generator=generator)
+    q = q[rows]
     q.clamp_min_(torch.finfo(q.dtype).tiny)  # a draw that rounds to 0 would make 0/0 = NaN, which argmax picks
     return (probs / q).argmax(dim=-1)
 
 
-def sample_next(logits, temperature: float, top_p: float, generator=None):
+def sample_next(logits, temperature: float, top_p: float, generator=None, rows=slice(None),
+                total_rows: Optional[int] = None):
     """Pick one token per row from logits [R, V]; return (tokens [R], their log-probs [R]).
+    (rows, total_rows: these logits are rows `rows` of a batch of total_rows; see _sample_index.)
 
     The log-prob is log softmax(logits / T) before top-p truncation, i.e. the policy's own
     probability at temperature T (at T = 1, top_p = 1 exactly what PPO recomputes later).
-    It is read off as logit[tok] - logsumexp(logits), which skips writing a full [R, V] log-softmax.
+    It is read off the softmax the draw needs anyway (greedy: logit[tok] - logsumexp), which skips
+    writing a full [R, V] log-softmax.
     """
     logits = logits.float()
-    if temperature > 0:
-        logits = logits / temperature
-    lse = torch.logsumexp(logits, dim=-1)                # [R]
     if temperature == 0:
         tok = logits.argmax(dim=-1)                      # greedy; log-probs at temperature 1
+        return tok, logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    if temperature != 1:
+        logits = logits / temperature
+    probs = torch.softmax(logits, dim=-1)                # one fused pass; the log-prob is read off it below
+    if top_p < 1.0:
+        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+        sp, si = probs.sort(dim=-1, descending=True)
+        sp = sp.masked_fill((sp.cumsum(-1) - sp) >= top_p, 0.0)
+        tok = si.gather(-1, _sample_index(sp, generator, rows, total_rows)[:, None])[:, 0]
     else:
-        probs = torch.exp(logits - lse[:, None])         # softmax, reusing lse
-        if top_p < 1.0:
-            # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
-            sp, si = probs.sort(dim=-1, descending=True)
-            sp = sp.masked_fill((sp.cumsum(-1) - sp) >= top_p, 0.0)
-            tok = si.gather(-1, _sample_index(sp, generator)[:, None])[:, 0]
-        else:
-            tok = _sample_index(probs, generator)
-    return tok, logits.gather(-1, tok[:, None])[:, 0] - lse
+        tok = _sample_index(probs, generator, rows, total_rows)
+    # log p(tok): a drawn token has p > 0, and fp32 keeps p's relative precision down to ~1e-38
+    return tok, probs.gather(-1, tok[:, None])[:, 0].log()
 
 
 # The fast path (static=True / compile=True), gpt-fast style. A CUDA graph replays a fixed
@@ -962,7 +999,9 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
 # so that calls with slightly different prompt lengths reuse one compiled graph.
 _STATIC_LEN_MULTIPLE = 256
 _DONE_CHECK_EVERY = 16     # fast path: look at "all rows done?" (a host sync) every 16 steps only
+_COMPACT_BELOW = 0.75      # default path: drop finished rows from the cache once <= 3/4 of its rows are left
 _compiled_decode_step = None
+_static_cache: Optional[KVCache] = None   # the fast path's one KV cache, reused by every call that fits it
 
 
 def _decode_step(model, cache: KVCache, tok, pos, slot):
@@ -978,6 +1017,41 @@ def _compiled_step():
     if _compiled_decode_step is None:
         _compiled_decode_step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return _compiled_decode_step
+
+
+def static_cache(config: ModelConfig, rows: int, max_len: int, dtype, device, mark_static: bool) -> KVCache:
+    """The fast path's KV cache: one per process, reused (zeroed) by every call of the same shape.
+
+    A compiled step treats the cache as a static input. A fresh cache per call would, where
+    mark_static_address guards on the tensor (its default up to torch 2.6), recompile the step and
+    keep every old cache alive through the guards (a 3B model at 256 rows: ~12 GB a call), and a
+    CUDA graph would be re-recorded for each new address. Reusing one cache avoids both; a call of
+    another shape frees the old cache before allocating its own. release_static_cache() frees it.
+    """
+    global _static_cache
+    key = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, rows, max_len, dtype,
+           torch.device(device).type)
+    c = _static_cache
+    if c is not None and getattr(c, "key", None) == key and c.key_valid.device == torch.device(device):
+        with torch.no_grad():
+            for t in c.k + c.v:
+                t.zero_()   # not needed for correctness (masked slots weigh 0) but never NaN-risky
+            c.key_valid.zero_()
+        return c
+    _static_cache = c = None   # drop the old cache before the new one exists: never two at once
+    c = KVCache(config, rows, max_len, dtype, device)
+    c.key = key
+    if mark_static:   # the cache is mutated in place: CUDA graphs may keep its addresses
+        for t in c.k + c.v + [c.key_valid]:
+            torch._dynamo.mark_static_address(t, guard=False)
+    _static_cache = c
+    return c
+
+
+def release_static_cache():
+    """Free the fast path's KV cache (e.g. before a phase that needs the memory)."""
+    global _static_cache
+    _static_cache = None
 
 
 @torch.no_grad()
@@ -1022,16 +1096,24 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model.config, B, S, dtype, device)
-        cache.key_valid[:, :P] = valid
-        cache.padded = any(len(p) < P for p in prompts)
+        R = B * n_samples
+        # the fast path keeps one cache for all calls. The prefill writes straight into the cache,
+        # or (n samples per prompt) into a small one of B rows x P slots whose rows are then copied
+        # n times: samples of one prompt share its prefill, and only one full-size cache exists.
+        if static:
+            cache = static_cache(model.config, R, S, dtype, device, mark_static=compile)
+        else:
+            cache = KVCache(model.config, R, S, dtype, device)
+        prefill = cache if n_samples == 1 else KVCache(model.config, B, P, dtype, device)
+        prefill.key_valid[:, :P] = valid
+        prefill.padded = any(len(p) < P for p in prompts)
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        h = model.hidden_states(ids, position_ids=pos, cache=cache, cache_start=0)
+        h = model.hidden_states(ids, position_ids=pos, cache=prefill, cache_start=0)
         logits = model.logits(h[:, -1])                      # [B, V]: only the last position is needed
         if n_samples > 1:
-            cache.repeat_rows(n_samples)
+            cache.fill_from(prefill, n_samples)
+            del prefill
             logits = logits.repeat_interleave(n_samples, dim=0)
-        R = B * n_samples
         next_pos = valid.sum(-1).repeat_interleave(n_samples)  # position id of the next token, per row
         tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=device)
@@ -1039,21 +1121,23 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         lengths = torch.zeros(R, dtype=torch.long, device=device)
         if static:
             step = _compiled_step() if compile else _decode_step
-            if compile:  # the cache is mutated in place: tell CUDA graphs its buffers stay put
-                for t in cache.k + cache.v + [cache.key_valid]:
-                    torch._dynamo.mark_static_address(t)
             slot = torch.full((1,), P, dtype=torch.long, device=device)
         steps = range(max_new_tokens)
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="generate", file=sys.stderr, leave=False)
+        # the rows still in the cache: all of them on the fast path (fixed shapes); on the default
+        # path finished rows are dropped (a cache of fewer rows), so they stop costing a forward
+        rows = slice(None)
         for t in steps:
-            tok, lp = sample_next(logits, temperature, top_p, generator)
-            tok = torch.where(done, pad_id, tok)
-            tokens[:, t] = tok
-            logprobs[:, t] = torch.where(done, 0.0, lp)
-            lengths += (~done).long()
-            done |= torch.isin(tok, eos)
+            tok, lp = sample_next(logits, temperature, top_p, generator, rows, R)
+            fin = done[rows]
+            tok = torch.where(fin, pad_id, tok)
+            tokens[rows, t] = tok
+            logprobs[rows, t] = torch.where(fin, 0.0, lp)
+            lengths[rows] += (~fin).long()
+            fin = fin | torch.isin(tok, eos)
+            done[rows] = fin
             if t == max_new_tokens - 1:
                 break
             if static:
@@ -1064,10 +1148,16 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
                 logits = step(model, cache, tok[:, None], next_pos[:, None], slot)
                 slot += 1
             else:
-                if done.all():
+                left = len(fin) - int(fin.sum())   # one host sync per step, as "all done?" needs anyway
+                if left == 0:
                     break
+                if left <= _COMPACT_BELOW * len(fin):
+                    keep = (~fin).nonzero()[:, 0]
+                    rows = (torch.arange(R, device=device) if isinstance(rows, slice) else rows)[keep]
+                    cache.select_rows(keep)
+                    tok = tok[keep]
                 cache.key_valid[:, P + t] = True
-                h = model.hidden_states(tok[:, None], position_ids=next_pos[:, None], cache=cache,
+                h = model.hidden_states(tok[:, None], position_ids=next_pos[rows][:, None], cache=cache,
                                         cache_start=P + t)
                 logits = model.logits(h[:, -1])
             next_pos += 1

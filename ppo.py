@@ -57,7 +57,8 @@ Qwen2.5-3B has N = 3.09e9 parameters (tied embeddings; Llama-3.2-3B: 3.21e9), th
   is 2^-9..2^-8 of |w|); Adam's step is ~lr = 1e-6, while 2^-8 of a typical |w| ~ 0.02 is 8e-5.
   The budget is computed (not measured) and printed at start; --print-budget prints it and exits.
   None of this has run on a GPU yet: the CUDA paths (bf16, offloading, pinned copies) are written
-  from reading; CPU tests cover the same code in float32 and bfloat16.
+  from reading; CPU tests cover the same code in float32 and bfloat16, and bench/gpu_check.py is
+  the one command that checks and measures them on a GPU.
 
 Run folder (design.md): runs/<name>/config.json, metrics.jsonl (one line per step, same keys),
 completions/step_<N>.jsonl, data/{train,test}.jsonl, checkpoints/step_<N>/policy (model.save
@@ -118,7 +119,8 @@ class PPOConfig:
     batch_prompts: int = _flag(256, "prompts per iteration (paper: 256)")
     samples: int = _flag(4, "responses sampled per prompt (paper: 4, so 1,024 sequences per iteration)")
     temperature: float = _flag(1.0, "sampling temperature of the rollouts; log-probs use the same one")
-    top_p: float = _flag(1.0, "nucleus sampling of the rollouts (1 = off)")
+    top_p: float = _flag(1.0, "nucleus sampling of the rollouts: only 1 (off, the paper's) is accepted, since the "
+                         "log-probs PPO uses are those of the untruncated policy")
     max_prompt: int = _flag(256, "longest prompt in tokens; a longer one is an error")
     max_response: int = _flag(1024, "most new tokens per response; a response without EOS is truncated and scored as is")
     # reward
@@ -438,11 +440,39 @@ def response_values(critic, input_ids, attention_mask, prompt_len: int, R: int):
 # bf16 rounding, and no second full set of bf16 gradients is ever alive.
 
 
+def same_device(a, b) -> bool:
+    """Whether two devices are one: by type and resolved index. torch.device("cuda") != "cuda:0" as
+    objects, though both name the current GPU; comparing them raw would keep a needless fp32 copy."""
+    a, b = torch.device(a), torch.device(b)
+
+    def index(d):
+        if d.index is not None:
+            return d.index
+        return torch.cuda.current_device() if d.type == "cuda" and torch.cuda.is_available() else 0
+    return a.type == b.type and index(a) == index(b)
+
+
+def copy_grads(grads, device) -> list:
+    """grads (tensors or None) copied to `device`; returns only once every copy has landed.
+
+    The copies are issued non_blocking so that GPU -> host transfers queue back to back, but a
+    non_blocking device-to-host copy returns before its bytes arrive (into pinned memory): reading
+    the result on the CPU before the stream has finished (clipping, the finite check, Adam) would
+    read whatever the buffer held before. So we wait for the stream once, after the last copy.
+    """
+    device = torch.device(device)
+    out = [None if g is None else g.to(device, non_blocking=True) for g in grads]
+    if device.type == "cpu" and any(g is not None and g.is_cuda for g in grads):
+        torch.cuda.synchronize()
+    return out
+
+
 class MasterAdamW:
     def __init__(self, params, *, lr: float, betas, eps: float, weight_decay: float, master_device):
         self.params = [p for p in params if p.requires_grad]
         self.master_device = torch.device(master_device)
-        self.mixed = any(p.dtype != torch.float32 or p.device != self.master_device for p in self.params)
+        self.mixed = any(p.dtype != torch.float32 or not same_device(p.device, self.master_device)
+                         for p in self.params)
         if self.mixed:
             pin = self.master_device.type == "cpu" and torch.cuda.is_available()
             self.master = [nn.Parameter(p.detach().to(self.master_device, torch.float32, copy=True))
@@ -475,8 +505,8 @@ class MasterAdamW:
     def step(self, lr: float, max_norm: float):
         """Clip, step, copy back; returns (grad norm before clipping, applied?). Skips non-finite norms."""
         if self.mixed:
-            for m, acc in zip(self.master, self._acc):
-                m.grad = None if acc is None else acc.to(self.master_device, non_blocking=True)
+            for m, g in zip(self.master, copy_grads(self._acc, self.master_device)):
+                m.grad = g
             self._acc = [None] * len(self.params)
         norm = float(torch.nn.utils.clip_grad_norm_(self.master, max_norm))
         if not math.isfinite(norm):
@@ -500,9 +530,11 @@ class MasterAdamW:
 
     def load_state_dict(self, s):
         if self.mixed:
+            saved = s.pop("master")   # dropped one by one as copied: never a full second set alive
             with torch.no_grad():
-                for p, m, saved in zip(self.params, self.master, s["master"]):
-                    m.copy_(saved)
+                for i, (p, m) in enumerate(zip(self.params, self.master)):
+                    m.copy_(saved[i])
+                    saved[i] = None
                     p.copy_(m)
         self.opt.load_state_dict(s["opt"])
 
@@ -597,7 +629,10 @@ def rollout(policy, prompts, cfg: PPOConfig, *, eos_id, pad_id: int, generator, 
                         compile=cfg.compile_rollout)
              for i in range(0, len(prompts), size)]
     if policy.embed_tokens.weight.is_cuda:
-        torch.cuda.empty_cache()   # the KV caches are garbage now; hand their memory back before training
+        # the eager path's KV caches are garbage now; hand their memory back before training. The
+        # compiled path keeps its one cache for the next rollout (a new one would re-record the CUDA
+        # graph); memory_budget counts it in every phase then.
+        torch.cuda.empty_cache()
     R = max(g.tokens.shape[1] for g in parts)
     return M.Generation(torch.cat([F.pad(g.tokens, (0, R - g.tokens.shape[1]), value=pad_id) for g in parts]),
                         torch.cat([_pad_to(g.logprobs, R) for g in parts]),
@@ -997,10 +1032,12 @@ def memory_budget(cfg: PPOConfig, mc: M.ModelConfig) -> dict:
         ("log-prob chunk (~)", chunk, dev),
     ]
     base = n_pol * wb + n_crit * wb + (n_ref * wb if ref_where == dev else 0) + (optim if optim_on_device else 0)
+    kept = rows * kv_row if cfg.compile_rollout else 0   # the compiled path's cache outlives the rollout
     phases = {
         "rollout": base + rows * kv_row + gen_work,
-        "old/ref log-probs, values": base + (n_ref * wb if ref_where != dev else 0) + layer_act(cfg.infer_batch) + chunk,
-        "update": base + 4 * max(n_pol, n_crit) + train_act + chunk,
+        "old/ref log-probs, values": base + kept + (n_ref * wb if ref_where != dev else 0)
+        + layer_act(cfg.infer_batch) + chunk,
+        "update": base + kept + 4 * max(n_pol, n_crit) + train_act + chunk,
     }
     host_extra = (n_ref * wb if ref_where == "cpu" and cuda else 0) + (optim if not optim_on_device else 0)
     state = n_crit * wb + optim
@@ -1072,8 +1109,11 @@ def _resolve(cfg: PPOConfig) -> PPOConfig:
                          f"{c.mini_batch_prompts}")
     if c.temperature <= 0:
         raise ValueError("--temperature must be > 0 for rollouts (greedy validation: --val-temperature 0)")
-    if not 0 < c.top_p <= 1:
-        raise ValueError("--top-p must be in (0, 1]")
+    if c.top_p != 1:
+        # the sampler reports log pi(y) of the whole distribution, but top-p samples from the truncated,
+        # renormalized one: the ratio pi / pi_old and the KL would be computed against the wrong pi_old
+        raise ValueError(f"--top-p {c.top_p}: PPO needs the log-probs of the distribution it sampled from, and "
+                         "nucleus sampling changes that distribution; use --top-p 1 (the paper's)")
     if c.adv == "grpo" and c.samples < 2:
         raise ValueError("--adv grpo normalizes within each prompt's samples: use --samples >= 2")
     if not (0 <= c.gamma <= 1 and 0 <= c.lam <= 1):
@@ -1101,6 +1141,8 @@ def _resolve_memory(cfg: PPOConfig, mc: M.ModelConfig) -> PPOConfig:
                + c.max_prompt * (10 * mc.hidden_size + 4 * mc.intermediate_size) * 2)   # prefill layer
     room = usable - (b["phases"]["rollout"] - c.samples * per_row)
     rows = int(room // per_row)
+    if c.compile_rollout:   # its cache stays through the updates too: both phases must fit
+        rows = min(rows, int((usable - (b["phases"]["update"] - c.samples * b["kv_per_row"])) // b["kv_per_row"]))
     if not c.rollout_batch:   # the most prompts that fit, evened out over the calls a batch needs
         most = max(1, min(c.batch_prompts, rows // c.samples))
         c.rollout_batch = math.ceil(c.batch_prompts / math.ceil(c.batch_prompts / most))
@@ -1127,6 +1169,23 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
     return dirs[max(dirs)] if dirs else None
 
 
+def _make_room_for_state(run: Path, step: int):
+    """With --state-checkpoints last, the previous state.pt is deleted once the new one is in place,
+    so a crash mid-save still leaves one to resume from; but that needs room for two (2 x 75 GiB for
+    3B). When the disk has no room for a second one, delete the previous one first, and say so."""
+    old = [d / "state.pt" for s, d in _step_dirs(run).items() if s != step and (d / "state.pt").is_file()]
+    if not old:
+        return
+    need = max(p.stat().st_size for p in old) * 1.05 + 2**26    # the new one is as big, plus a margin
+    if shutil.disk_usage(run).free >= need:
+        return
+    print(f"{run}: no disk room for a second training state ({need / 2**30:.1f} GiB); deleting the previous "
+          "one before writing the new one (a crash during this save would leave no state to resume from)",
+          file=sys.stderr)
+    for p in old:
+        p.unlink()
+
+
 def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOConfig, counters: dict) -> Path:
     """checkpoints/step_<N>/{policy/, state.pt}, written in a temp folder and renamed into place."""
     ck = run / "checkpoints"
@@ -1134,6 +1193,8 @@ def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOCon
     tmp = ck / f".step_{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     M.save(models.policy, tokenizer, tmp / "policy")
+    if cfg.state_checkpoints == "last":
+        _make_room_for_state(run, step)
     if cfg.state_checkpoints != "none":
         state = {"step": step, "config": asdict(cfg), "counters": dict(counters), "rng": M.rng_state(),
                  "actor_opt": models.actor_opt.state_dict(),
@@ -1152,6 +1213,22 @@ def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOCon
             if s != step and (d / "state.pt").is_file():
                 (d / "state.pt").unlink()
     return final
+
+
+def load_training_state(ckpt: Path, models: Models) -> tuple:
+    """Restore the critic, both optimizers and the RNGs from ckpt/state.pt; returns (step, counters).
+
+    The loaded dict holds a second copy of the fp32 master weights and of the critic (~29 GiB of
+    host memory for 3B) once they are copied in; it lives only inside this function, so it is freed
+    on return instead of for the whole run. (Adam's moments are adopted as they are, not copied.)
+    """
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    models.actor_opt.load_state_dict(state.pop("actor_opt"))
+    if models.critic is not None:
+        models.critic.load_state_dict(state.pop("critic"))
+        models.critic_opt.load_state_dict(state.pop("critic_opt"))
+    M.set_rng_state(state["rng"])
+    return state["step"], state["counters"]
 
 
 def _write_json(path: Path, obj):
@@ -1292,14 +1369,8 @@ def _train(cfg: PPOConfig) -> dict:
     counters = {"actor_bad": 0, "critic_bad": 0, "elapsed_s": 0.0}
     start = 0
     if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        start = state["step"]
-        counters.update(state["counters"])
-        models.actor_opt.load_state_dict(state["actor_opt"])
-        if models.critic is not None:
-            models.critic.load_state_dict(state["critic"])
-            models.critic_opt.load_state_dict(state["critic_opt"])
-        M.set_rng_state(state["rng"])
+        start, saved_counters = load_training_state(ckpt, models)
+        counters.update(saved_counters)
 
     stop = {"requested": False}
     previous_handler = None
@@ -1392,7 +1463,9 @@ def _add_flags(parser, cls):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="PPO on Countdown as in 'Cognitive Behaviors that Enable Self-Improving Reasoners': the paper's "
-                    "settings by default (python ppo.py --model qwen2.5-3b). Problems are generated "
+                    "hyperparameters by default, with a cleaned-up update (token-mean loss, as many critic as actor "
+                    "steps, the first iteration learns, V on response tokens only); --fidelity gives the original's "
+                    "exact update, the paper's run (python ppo.py --model qwen2.5-3b --fidelity). Problems are generated "
                     "(countdown.make_splits, distribution 'rl') unless --train-data/--test-data give JSONL files of "
                     "{\"nums\", \"target\"} rows, e.g. exported from the HF dataset Jiayi-Pan/Countdown-Tasks-3to4. "
                     "A small CPU run (~8 minutes for a 1M-parameter model): --model runs/sft_tiny/final --device cpu "

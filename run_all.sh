@@ -156,13 +156,15 @@ paper)
             $PY sft.py --model llama-3.2-3b --data $DATA/$c.jsonl --val-fraction 0.1667 \
                 --out runs/sft/$c --grad-checkpointing
     done
-    # 3. PPO with the paper's settings: both base models, then every primed Llama. Validation samples
-    #    at T = 1: the paper's accuracy curves and behavior counts come from T = 1 samples.
-    VAL="--val-temperature 1.0"
-    $PY ppo.py --model qwen2.5-3b --out runs/ppo/qwen_base $VAL
-    $PY ppo.py --model llama-3.2-3b --out runs/ppo/llama_base $VAL
+    # 3. PPO exactly as the paper ran it: both base models, then every primed Llama. --fidelity turns
+    #    on the original's quirks (micro-batch-dependent loss mean, 4x more critic steps, lr 0 on the
+    #    first iteration, V trained on the post-EOS state); ppo.py's default is the cleaned-up variant.
+    #    Validation samples at T = 1: the paper's accuracy curves and behavior counts come from those.
+    PPO_ARGS="--fidelity --val-temperature 1.0"
+    $PY ppo.py --model qwen2.5-3b --out runs/ppo/qwen_base $PPO_ARGS
+    $PY ppo.py --model llama-3.2-3b --out runs/ppo/llama_base $PPO_ARGS
     for c in $CONDITIONS $CONTROLS; do
-        $PY ppo.py --model runs/sft/$c/final --out runs/ppo/llama_$c $VAL
+        $PY ppo.py --model runs/sft/$c/final --out runs/ppo/llama_$c $PPO_ARGS
     done
     # 4. behavior counts per validation step (200 completions per step, seeded)
     for run in runs/ppo/*/; do

@@ -2,8 +2,10 @@
 Generation speed: our model.generate against transformers' generate, same weights, same batch and
 lengths, measured in one run.
 
-CPU (default): a small random Llama (58M parameters), greedy, batch 1 and batch 64, 64 prompt
-tokens and 128 new tokens.
+CPU (default): a small random Llama (58M parameters), batch 1 and batch 64, 64 prompt tokens and
+128 new tokens, greedy and with T = 1 sampling (what PPO rollouts do); --ppo adds a PPO-like case:
+8 prompts x 4 samples (ours shares each prompt's prefill, transformers' num_return_sequences does
+not), 192-token prompts (a Countdown prompt is ~150-200) and 512 new tokens, at T = 1.
 --gpu: Qwen2.5-3B's config in bfloat16 at batch 1 and batch 256 x 512 new tokens; our eager and
 compiled (static shapes + CUDA graphs) paths against transformers, plus the memory bandwidth our
 batch-1 decode achieves against the card's peak. --smoke runs that GPU code path on CPU with a tiny
@@ -80,18 +82,22 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def runners(hf, ours, ids, compile_ours: bool):
-    """name -> f(n_new) running one greedy generation of n_new tokens for the batch ids [B, P]."""
+def runners(hf, ours, ids, compile_ours: bool, temperature: float = 0.0, n_samples: int = 1):
+    """name -> f(n_new) running one generation of n_new tokens for the prompts ids [B, P] (n_samples
+    each): greedy at temperature 0, else plain sampling at that temperature (no top-k, no top-p)."""
     prompts = ids.tolist()
+    sample = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_k=0,
+                                                                 top_p=1.0)
 
     def run_hf(n):
         with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              num_return_sequences=n_samples, **sample)
             return out[:, ids.shape[1]:]
 
     def run_ours(compile):
-        return lambda n: M.generate(ours, prompts, max_new_tokens=n, temperature=0, eos_id=-1, pad_id=0,
-                                    compile=compile).tokens
+        return lambda n: M.generate(ours, prompts, max_new_tokens=n, n_samples=n_samples, temperature=temperature,
+                                    eos_id=-1, pad_id=0, seed=0, compile=compile).tokens
 
     out = {"transformers": run_hf, "ours": run_ours(False)}
     if compile_ours:
@@ -99,10 +105,12 @@ def runners(hf, ours, ids, compile_ours: bool):
     return out
 
 
-def bench_case(hf, ours, batch, prompt_len, new_tokens, device, repeats, compile_ours):
+def bench_case(hf, ours, batch, prompt_len, new_tokens, device, repeats, compile_ours, temperature=0.0, n_samples=1):
+    """batch prompts x n_samples rows; decode tok/s counts every row's tokens."""
     vocab = ours.config.vocab_size
     ids = torch.randint(1, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
-    fns = runners(hf, ours, ids, compile_ours)
+    fns = runners(hf, ours, ids, compile_ours, temperature, n_samples)
+    rows_n = batch * n_samples
     outs = {name: f(new_tokens) for name, f in fns.items()}  # warm-up (and compilation), same shapes
     for f in fns.values():
         f(1)
@@ -118,7 +126,7 @@ def bench_case(hf, ours, batch, prompt_len, new_tokens, device, repeats, compile
     for name in fns:
         p, full = min(t1[name]), min(tn[name])
         decode_s = max(full - p, 1e-9) / (new_tokens - 1)  # seconds per decode step
-        rows[name] = dict(prefill=batch * prompt_len / p, decode=batch / decode_s, step_s=decode_s,
+        rows[name] = dict(prefill=batch * prompt_len / p, decode=rows_n / decode_s, step_s=decode_s,
                           agree=agree[name], spread=statistics.pstdev(tn[name]) / statistics.mean(tn[name]))
     return rows
 
@@ -155,6 +163,9 @@ def main():
     ap.add_argument("--peak-gbps", type=float, default=None, help="the card's peak memory bandwidth")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 on CPU, 512 with --gpu")
+    ap.add_argument("--greedy-only", action="store_true", help="CPU mode: skip the T = 1 sampling cases")
+    ap.add_argument("--sampled-only", action="store_true", help="CPU mode: skip the greedy cases")
+    ap.add_argument("--ppo", action="store_true", help="CPU mode: add the PPO-like case (8 x 4 rows, 192 + 512 tokens)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -169,24 +180,32 @@ def main():
     else:
         device, dtype, cfg = "cpu", torch.float32, CPU_CONFIG
         new = args.new_tokens or 128
-        cases = [(1, args.prompt_len, new), (64, args.prompt_len, new)]
+        cases = [] if args.sampled_only else [(1, args.prompt_len, new), (64, args.prompt_len, new)]
+        if not args.greedy_only:
+            cases += [(1, args.prompt_len, new, 1.0), (64, args.prompt_len, new, 1.0)]
+        if args.ppo:
+            cases += [(8, 192, 512, 1.0, 4)]
         compile_ours = args.cpu_compile
     hf, ours = build_models(cfg, device, dtype)
     n_params = sum(p.numel() for p in ours.parameters())
     name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {name}; torch {torch.__version__}; model {cfg['model_type']} {n_params / 1e6:.0f}M params, "
-          f"{str(dtype).replace('torch.', '')}; greedy; best of {args.repeats}")
-    print("| batch | prompt | new | implementation | prefill tok/s | decode tok/s | decode vs transformers "
-          "| same tokens as transformers |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{str(dtype).replace('torch.', '')}; best of {args.repeats}")
+    print("| rows (prompts x samples) | prompt | new | sampling | implementation | prefill tok/s | decode tok/s "
+          "| decode vs transformers | same tokens as transformers |")
+    print("|---|---|---|---|---|---|---|---|---|")
     results = {}
-    for batch, plen, new in cases:
-        rows = bench_case(hf, ours, batch, plen, new, device, args.repeats, compile_ours)
-        results[batch] = (rows, plen, new)
+    for batch, plen, new, *rest in cases:
+        temperature = rest[0] if len(rest) > 0 else 0.0
+        n_samples = rest[1] if len(rest) > 1 else 1
+        rows = bench_case(hf, ours, batch, plen, new, device, args.repeats, compile_ours, temperature, n_samples)
+        if temperature == 0:
+            results[batch] = (rows, plen, new)
         base = rows["transformers"]["decode"]
         for impl, r in rows.items():
-            print(f"| {batch} | {plen} | {new} | {impl} | {r['prefill']:,.0f} | {r['decode']:,.1f} "
-                  f"| {r['decode'] / base:.2f}x | {r['agree']:.0%} |")
+            same = f"{r['agree']:.0%}" if temperature == 0 else "n/a (sampled)"
+            print(f"| {batch} x {n_samples} | {plen} | {new} | {'greedy' if temperature == 0 else f'T = {temperature:g}'} "
+                  f"| {impl} | {r['prefill']:,.0f} | {r['decode']:,.1f} | {r['decode'] / base:.2f}x | {same} |")
         sys.stdout.flush()
     if device == "cuda" or args.smoke:
         rows, plen, new = results[1]

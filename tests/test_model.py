@@ -82,10 +82,49 @@ def test_hidden_states_and_logits_are_consistent(pair):
     x, mask = padded_batch()
     with torch.no_grad():
         h = ours.hidden_states(x, attention_mask=mask)
-        assert torch.equal(ours.logits(h), ours(x, attention_mask=mask))
         ref = hf.model(x, attention_mask=mask).last_hidden_state  # after the final norm, as ours
+        want_logits = hf(x, attention_mask=mask).logits
+        got_logits = ours.logits(h)                                # the LM head alone, as ppo.py uses it
     assert h.shape == (4, 24, 64)
     assert (h - ref)[mask.bool()].abs().max() <= 1e-4
+    assert (got_logits - want_logits)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_training_forward_takes_a_fused_attention_kernel(pair, monkeypatch):
+    """No SDPA call passes a mask together with enable_gqa (no fused CUDA kernel takes both), and a
+    batch padded only on the right (or not at all) passes no mask at all; logits stay transformers'."""
+    _, hf, ours, _ = pair
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        calls.append((attn_mask is not None, is_causal, enable_gqa, q.shape[1], k.shape[1]))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    x = torch.randint(1, 400, (3, 16), generator=torch.Generator().manual_seed(3))
+    right = torch.ones_like(x)
+    right[1, 10:] = 0
+    right[2, 3:] = 0
+    with torch.no_grad():
+        for mask in (torch.ones_like(x), right):
+            calls.clear()
+            got = ours(x, attention_mask=mask)
+            assert calls and all(not has_mask and causal for has_mask, causal, *_ in calls)
+            want = hf(x, attention_mask=mask).logits
+            assert (want - got)[mask.bool()].abs().max() <= 1e-4
+        calls.clear()
+        x, mask = padded_batch()                                   # left padding: a mask is needed
+        got = ours(x, attention_mask=mask)
+        assert calls and all(has_mask and not gqa and hq == hk for has_mask, _, gqa, hq, hk in calls)
+        assert (hf(x, attention_mask=mask).logits - got)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_requirements_ask_for_a_torch_with_enable_gqa():
+    import re
+    line = next(x for x in (Path(__file__).parents[1] / "requirements.txt").read_text().splitlines()
+                if x.startswith("torch"))
+    lower = re.search(r">=\s*(\d+)\.(\d+)", line)
+    assert lower and (int(lower[1]), int(lower[2])) >= (2, 5), line   # SDPA's enable_gqa arrived in 2.5
 
 
 def test_explicit_position_ids_match_transformers(pair):
@@ -193,6 +232,38 @@ def test_rows_stop_at_eos_and_are_padded(tiny):
     assert int(g.lengths[0]) <= 5 and g.tokens.shape[1] == int(g.lengths.max())
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=3),
+                                      dict(temperature=1.0, top_p=0.8, seed=4)])
+def test_finished_rows_leave_the_cache_without_changing_any_output(monkeypatch, sampling):
+    """The default path drops finished rows from its KV cache; every row's tokens, log-probs and length
+    are what the implementation without that gives (the sampler draws for all rows either way)."""
+    from conftest import make_config
+    torch.manual_seed(0)
+    model = M.Transformer(make_config(vocab_size=64)).eval()
+    model.init_weights(std=0.3)                                       # peaked enough that greedy rows differ
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 64, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (9,), generator=g)]
+    kw = dict(max_new_tokens=16, n_samples=2, pad_id=0, **sampling)
+    free = M.generate(model, prompts, eos_id=-1, **kw)
+    eos = []   # tokens that first appear (in any row) at different steps: rows end at many different steps
+    for c in (1, 3, 5, 8, 11):
+        eos += sorted({int(x) for x in free.tokens[:, c]} - {int(x) for x in free.tokens[:, :c].flatten()})[:1]
+    monkeypatch.setattr(M, "_COMPACT_BELOW", 0.0)                    # never compacts: the reference
+    want = M.generate(model, prompts, eos_id=eos, **kw)
+    monkeypatch.undo()
+    rows_seen = []
+    hook = model.embed_tokens.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
+    try:
+        got = M.generate(model, prompts, eos_id=eos, **kw)
+    finally:
+        hook.remove()
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
+    assert len(set(want.lengths.tolist())) > 3                        # rows end at many different steps
+    assert rows_seen[1] == 18 and min(rows_seen[1:]) < 18             # the decode batch shrank
+    assert rows_seen[1:] == sorted(rows_seen[1:], reverse=True)
+
+
 def test_sampler_draws_exactly_what_multinomial_draws():
     probs = torch.softmax(torch.randn(16, 300, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
     probs[:, 50:60] = 0.0  # zero-probability tokens (as after top-p) are never drawn
@@ -259,6 +330,39 @@ def test_compiled_decode_step_is_one_graph_with_the_same_tokens(tiny, monkeypatc
     assert torch.equal(M.generate(model, other, compile=True, **kw).tokens, M.generate(model, other, **kw).tokens)
     assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+def test_compiled_calls_reuse_one_cache_and_one_graph(tiny, monkeypatch):
+    """Several generate(compile=True) calls: one graph and one live KV cache. mark_static_address is
+    forced to guard on the tensor, its default up to torch 2.6: a fresh cache per call then fails the
+    guard, recompiles and stays alive through it (3 calls: 3 graphs, 3 caches)."""
+    import gc
+    import weakref
+    from torch._dynamo.utils import counters
+    model, tok = tiny
+    torch._dynamo.reset()
+    counters.clear()
+    M.release_static_cache()
+    mark = torch._dynamo.mark_static_address
+    monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda t, guard=True: mark(t, guard=True))
+    monkeypatch.setattr(M, "_compiled_decode_step", torch.compile(M._decode_step, backend="aot_eager",
+                                                                  fullgraph=True, dynamic=False))
+    kw = dict(max_new_tokens=10, temperature=0, n_samples=2, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    seen = []
+    for prompts in (PROMPTS, [[9, 9, 9, 9, 9], [4], [3, 3, 3]], [[1, 2], [3, 4, 5, 6], [7]]):
+        out = M.generate(model, prompts, compile=True, **kw)
+        assert torch.equal(out.tokens, M.generate(model, prompts, **kw).tokens)
+        seen.append(weakref.ref(M._static_cache.k[0]) if M._static_cache is not None else None)
+    gc.collect()
+    live = [o for o in gc.get_objects() if isinstance(o, M.KVCache)]
+    assert counters["stats"]["unique_graphs"] == 1
+    assert len(live) == 1 and sum(r is not None and r() is not None for r in seen) == 3   # the same one each time
+    assert len({id(r()) for r in seen}) == 1
+    del live
+    torch._dynamo.reset()                                       # drops the guards' references
+    M.release_static_cache()
+    gc.collect()
+    assert seen[0]() is None                                    # released: nothing else holds it
 
 
 @pytest.mark.skipif(not os.environ.get("MODEL_TEST_INDUCTOR"),

@@ -272,6 +272,44 @@ def test_master_adamw_skips_non_finite_gradients():
     assert ppo._consecutive_bad([False, False], 1) == 3 and ppo._consecutive_bad([False, True], 2) == 0
 
 
+def test_master_adamw_waits_for_gpu_to_host_gradient_copies_before_reading_them(monkeypatch):
+    """A test double for the CUDA path: gradients that claim to live on a GPU record their copy, and
+    torch.cuda.synchronize records the wait. The clip (which reads the gradients) and Adam's step
+    must come after the wait, or the CPU reads buffers a non_blocking copy has not filled yet."""
+    events = []
+
+    class GpuGrad:                              # stands in for an fp32 CUDA accumulator
+        is_cuda = True
+
+        def __init__(self, value):
+            self.value = value
+
+        def to(self, device, non_blocking=False):
+            events.append(("copy", non_blocking))
+            return self.value.to(device)
+
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt = ppo.MasterAdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, master_device="cpu")
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: events.append("sync"))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: events.append("clip") or clip(*a, **k))
+    adam_step = opt.opt.step
+    monkeypatch.setattr(opt.opt, "step", lambda *a, **k: events.append("step") or adam_step(*a, **k))
+    opt._acc = [GpuGrad(torch.tensor([1.0, 2.0, 3.0]))]
+    norm, ok = opt.step(0.1, max_norm=10.0)
+    assert ok and norm == pytest.approx(math.sqrt(14.0))
+    assert events == [("copy", True), "sync", "clip", "step"]
+
+
+def test_devices_compare_by_type_and_resolved_index():
+    assert ppo.same_device("cuda", "cuda:0") and ppo.same_device(torch.device("cpu"), "cpu:0")
+    assert not ppo.same_device("cuda:0", "cuda:1") and not ppo.same_device("cpu", "cuda:0")
+    # fp32 parameters on the optimizer's own device need no master copy, however the device is spelled
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = ppo.MasterAdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, master_device="cpu:0")
+    assert not opt.mixed and opt.master[0] is p
+
+
 # -----------------------------------------------------------------------------
 # The loop on tiny models
 
@@ -296,7 +334,7 @@ def _toy_cfg(**kw):
     return ppo._resolve(ppo.PPOConfig(**base))
 
 
-def _toy_run(cfg, models, steps, seed=0):
+def _toy_run(cfg, models, steps, seed=0, metrics_out=None):
     """Prompt token p in 1..4; reward 1 iff the first response token is p + 8 (chance: 1/16)."""
     rng = random.Random(seed)
     rewards = []
@@ -307,14 +345,79 @@ def _toy_run(cfg, models, steps, seed=0):
             return [1.0 if r[0] == ps[i // cfg.samples] + 8 else 0.0 for i, r in enumerate(responses)], {}
         metrics, _, _ = ppo.ppo_iteration(models, [[p] for p in ps], reward_fn, cfg, step, eos_id=0, pad_id=0)
         rewards.append(metrics["reward_mean"])
+        if metrics_out is not None:
+            metrics_out.append(metrics)
     return rewards
 
 
 def test_toy_task_ppo_mean_reward_rises_from_near_0_to_near_1():
     cfg = _toy_cfg(actor_lr=5e-3, critic_lr=1e-2)
-    rewards = _toy_run(cfg, _toy_models(cfg), steps=40)
+    metrics = []
+    rewards = _toy_run(cfg, _toy_models(cfg), steps=40, metrics_out=metrics)
     assert sum(rewards[:2]) / 2 < 0.2
     assert sum(rewards[-5:]) / 5 > 0.9, rewards
+    # the critic is the baseline: it learned the return (~ the reward now), and the advantages
+    # A = G - V are centred by it. Without the baseline (A = G) their mean would be ~ the reward, 0.9+.
+    last = metrics[-5:]
+    assert sum(m["value_mean"] for m in last) / 5 > 0.8
+    assert abs(sum(m["advantage_raw_mean"] for m in last) / 5) < 0.2
+
+
+def _recorded_actor_gradient(models):
+    grads = []
+
+    def record(lr, max_norm):   # the accumulated gradient of a mini-batch, instead of a step
+        grads.append(torch.cat([p.grad.flatten() for p in models.actor_opt.params]))
+        models.actor_opt.zero_grad()
+        return 0.0, True
+    models.actor_opt.step = record
+    return grads
+
+
+@pytest.mark.parametrize("log_ratio,advantage,clipped", [(math.log(2.0), 1.0, True), (-math.log(2.0), -1.0, True),
+                                                         (math.log(2.0), -1.0, False), (0.0, 1.0, False)])
+def test_clip_stops_the_actor_gradient_outside_the_trust_region(log_ratio, advantage, clipped):
+    """Through update_actor: every token pushed beyond 1 +- eps in the direction its advantage favours
+    gives exactly no gradient; one the clip does not bind gives one."""
+    cfg = _toy_cfg(batch_prompts=4, mini_batch_prompts=4, entropy_coef=0.0, kl_coef=0.0, max_response=3)
+    models = _toy_models(cfg)
+    prompts = [[1], [2], [3], [4]]
+    gen = M.generate(models.policy, prompts, max_new_tokens=3, n_samples=4, eos_id=0, pad_id=0, seed=0)
+    exp = ppo.make_experience(prompts, gen, 4, [0.0] * 16, pad_id=0, eos_ids=0)
+    ppo.prepare_experience(exp, models, cfg)
+    exp.old_logp = exp.old_logp - log_ratio              # pi / pi_old = e^log_ratio on every token
+    exp.advantages = torch.full_like(exp.advantages, advantage) * exp.response_mask
+    grads = _recorded_actor_gradient(models)
+    ppo.update_actor(models.policy, models.actor_opt, exp, cfg, lr=1e-2)
+    assert len(grads) == 1
+    if clipped:
+        assert grads[0].abs().max() == 0
+    else:
+        assert grads[0].abs().max() > 1e-4
+
+
+def _first_token_kl(policy, ref):
+    """Exact KL(pi || ref) of the first response token, averaged over the 4 prompts."""
+    with torch.no_grad():
+        x = torch.tensor([[1], [2], [3], [4]])
+        lp, lq = F.log_softmax(policy(x)[:, -1], -1), F.log_softmax(ref(x)[:, -1], -1)
+        return (lp.exp() * (lp - lq)).sum(-1).mean().item()
+
+
+def test_kl_penalty_pulls_the_policy_back_to_the_reference():
+    """No task reward, a strong penalty and a policy that starts far from the reference: PPO must
+    shrink the exact KL. (With the penalty's sign flipped it grows about fourfold instead.)"""
+    cfg = _toy_cfg(kl_coef=0.5, actor_lr=5e-3, batch_prompts=8, mini_batch_prompts=8)
+    models = _toy_models(cfg)
+    with torch.no_grad():
+        models.policy.lm_head.weight.mul_(4.0)           # sharper than the reference (tied: embeddings too)
+    start = _first_token_kl(models.policy, models.ref)
+    for step in range(1, 13):
+        metrics, _, _ = ppo.ppo_iteration(models, [[1 + i % 4] for i in range(8)], lambda r: ([0.0] * len(r), {}),
+                                          cfg, step, eos_id=0, pad_id=0)
+        assert metrics["kl"] is not None
+    end = _first_token_kl(models.policy, models.ref)
+    assert start > 0.1 and end < 0.25 * start, (start, end)
 
 
 def test_toy_task_grpo_learns_without_a_critic():
@@ -330,13 +433,7 @@ def test_token_mean_is_independent_of_micro_batch_but_original_aggregation_is_no
     def actor_gradient(**kw):
         cfg = _toy_cfg(batch_prompts=4, mini_batch_prompts=4, max_response=4, kl_coef=0.0, **kw)
         models = _toy_models(cfg, seed=1, vocab=8)
-        grads = []
-
-        def record(lr, max_norm):   # the accumulated gradient of the one mini-batch, instead of a step
-            grads.append(torch.cat([p.grad.flatten() for p in models.actor_opt.params]))
-            models.actor_opt.zero_grad()
-            return 0.0, True
-        models.actor_opt.step = record
+        grads = _recorded_actor_gradient(models)
         _toy_run(cfg, models, steps=1, seed=1)
         return grads[0]
     a, b = actor_gradient(micro_batch=16), actor_gradient(micro_batch=3)
@@ -345,6 +442,95 @@ def test_token_mean_is_independent_of_micro_batch_but_original_aggregation_is_no
     d = actor_gradient(micro_batch=3, loss_agg="micro-token-mean")
     assert torch.allclose(a, c, rtol=1e-4, atol=1e-7)   # one micro-batch: both aggregations agree
     assert not torch.allclose(c, d, rtol=1e-2)          # unequal micro-batches: the original's depends on them
+
+
+def _spy(monkeypatch, name):
+    """Record the arguments of every call of ppo.<name> (value_loss, policy_loss), then call it."""
+    calls, fn = [], getattr(ppo, name)
+
+    def spy(*a, **k):
+        calls.append((a, k))
+        return fn(*a, **k)
+    monkeypatch.setattr(ppo, name, spy)
+    return calls
+
+
+def test_fidelity_runs_the_originals_update(monkeypatch):
+    """--fidelity: 4x more critic steps (mini-batches of mini-batch-prompts sequences), micro-batches
+    of 4 (actor) and 1 (critic) with per-micro-batch means, lr 0 at the first iteration, and V
+    trained on the post-EOS state; the default keeps the critic's steps at the actor's."""
+    def one_iteration(**kw):
+        cfg = _toy_cfg(batch_prompts=8, mini_batch_prompts=4, micro_batch=0, max_response=3, **kw)
+        models = _toy_models(cfg)
+        vl, pl = _spy(monkeypatch, "value_loss"), _spy(monkeypatch, "policy_loss")
+        metrics, exp, (actor_ok, critic_ok) = ppo.ppo_iteration(
+            models, [[1 + i % 4] for i in range(8)], lambda r: ([1.0] * len(r), {}), cfg, 1, eos_id=0, pad_id=0)
+        monkeypatch.undo()
+        return cfg, metrics, len(actor_ok), len(critic_ok), vl, pl
+    cfg, metrics, n_actor, n_critic, vl, pl = one_iteration()
+    assert (n_actor, n_critic) == (2, 2) and metrics["actor_lr"] == cfg.actor_lr
+    assert {a[0].shape[0] for a, _ in pl} == {4} and {a[0].shape[0] for a, _ in vl} == {4}   # micro-batch 4
+    cfg, metrics, n_actor, n_critic, vl, pl = one_iteration(fidelity=True)
+    assert (cfg.loss_agg, cfg.lr_zero_first_step, cfg.value_post_eos) == ("micro-token-mean", True, True)
+    assert (n_actor, n_critic) == (2, 8) and metrics["actor_lr"] == 0 and metrics["critic_lr"] == 0
+    assert {a[0].shape[0] for a, _ in pl} == {4} and {a[0].shape[0] for a, _ in vl} == {1}
+    # micro-token-mean: each micro-batch's loss is divided by (its own tokens x micro-batches)
+    for a, k in pl:
+        assert float(k["normalizer"]) == pytest.approx(float(a[3].sum()) * 4)
+
+
+def test_lr_zero_first_step_freezes_the_weights_but_moves_adams_moments():
+    def weights(models):
+        return [p.detach().clone() for p in list(models.policy.parameters()) + list(models.critic.parameters())]
+    for flag in (False, True):
+        cfg = _toy_cfg(batch_prompts=4, mini_batch_prompts=4, lr_zero_first_step=flag)
+        models = _toy_models(cfg)
+        w0 = weights(models)
+        _toy_run(cfg, models, steps=1)
+        w1 = weights(models)
+        unchanged = all(torch.equal(a, b) for a, b in zip(w0, w1))
+        assert unchanged == flag
+        moments = [s["exp_avg"] for s in models.actor_opt.opt.state.values()]
+        assert moments and all(m.abs().max() > 0 for m in moments)        # Adam saw the gradients either way
+    _toy_run(cfg, models, steps=2)                                          # steps 1, 2: step 2 learns
+    assert not all(torch.equal(a, b) for a, b in zip(w1, weights(models)))
+
+
+def test_value_post_eos_trains_v_on_the_state_after_the_eos_toward_0(monkeypatch):
+    prompts = [[1], [2]]
+    # row 0 ends with its EOS (token 0) after 2 tokens; row 1 is truncated at R = 3
+    gen = M.Generation(torch.tensor([[5, 0, 0], [6, 7, 8]]), torch.full((2, 3), -1.0), torch.tensor([2, 3]))
+    for flag in (False, True):
+        cfg = _toy_cfg(batch_prompts=2, samples=1, mini_batch_prompts=2, max_response=3, value_post_eos=flag)
+        models = _toy_models(cfg)
+        exp = ppo.make_experience(prompts, gen, 1, [1.0, 0.0], pad_id=0, eos_ids=0)
+        ppo.prepare_experience(exp, models, cfg)
+        calls = _spy(monkeypatch, "value_loss")
+        ppo.update_critic(models.critic, models.critic_opt, exp, cfg, lr=1e-2)
+        monkeypatch.undo()
+        values, old, returns, vmask = calls[0][0][:4]
+        assert vmask[1].tolist() == [1, 1, 1]                        # a truncated row has no post-EOS state
+        assert vmask[0].tolist() == ([1, 1, 1] if flag else [1, 1, 0])
+        assert returns[0, 2] == 0                                    # the post-EOS state's target: 0
+
+
+def test_reference_is_brought_to_the_device_only_while_it_is_used():
+    cfg = _toy_cfg(batch_prompts=4, mini_batch_prompts=4, kl_coef=0.1)
+    models = _toy_models(cfg)
+    models.ref_offload = True
+    events = []
+    to = models.ref.to
+    models.ref.to = lambda *a, **k: events.append(("to", str(torch.device(*a)))) or to(*a, **k)
+    models.ref.embed_tokens.register_forward_pre_hook(lambda m, i: events.append("forward"))
+    gen = M.generate(models.policy, [[1], [2], [3], [4]], max_new_tokens=2, n_samples=4, eos_id=0, pad_id=0, seed=0)
+    exp = ppo.make_experience([[1], [2], [3], [4]], gen, 4, [0.0] * 16, pad_id=0, eos_ids=0)
+    ppo.prepare_experience(exp, models, cfg)
+    moves = [i for i, e in enumerate(events) if e != "forward"]
+    assert len(events) > 2 and moves == [0, len(events) - 1]             # on before its forwards, off after
+    assert events[0] == ("to", str(models.device)) and events[-1] == ("to", "cpu")
+    models.ref_offload, events[:] = False, []
+    ppo.prepare_experience(exp, models, cfg)
+    assert "forward" in events and ("to", "cpu") not in events
 
 
 def test_non_finite_loss_skips_the_update_and_is_reported():
@@ -371,11 +557,19 @@ def test_entropy_bonus_raises_entropy():
     assert entropies[2] > entropies[0]
 
 
+def _unpadded_logprobs(model, prompt, response):
+    """log pi(y_t | prompt, y_<t) from one forward over the unpadded sequence: the independent reference."""
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(response)]))[0, len(prompt) - 1:-1]
+    return F.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+
 def test_old_logprobs_recomputed_at_step_0_equal_the_rollout(tmp_path):
     model, tok = M.load(make_checkpoint(tmp_path / "ck"), dtype="float32")
+    ref, _ = M.load(make_checkpoint(tmp_path / "ref", seed=1), dtype="float32")   # another model: KL != 0
     cfg = ppo._resolve(ppo.PPOConfig(device="cpu", max_response=12, infer_batch=3, kl_coef=0.001))
     critic = ppo.Critic(copy.deepcopy(model))
-    models = ppo.Models(model, critic, copy.deepcopy(model), None, None, torch.device("cpu"))
+    models = ppo.Models(model, critic, ref, None, None, torch.device("cpu"))
     prompts = [tok.encode("Using the numbers"), tok.encode("A conversation between User and Assistant."),
                tok.encode("17 - 8 = 9")]                                       # different lengths: left padding
     gen = M.generate(model, prompts, max_new_tokens=12, n_samples=2, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=0)
@@ -385,7 +579,15 @@ def test_old_logprobs_recomputed_at_step_0_equal_the_rollout(tmp_path):
     assert m.sum() > 6
     assert torch.allclose(exp.old_logp, exp.rollout_logp, atol=1e-4)
     assert ((exp.old_logp - exp.rollout_logp).abs() * m).max() < 1e-4
-    assert torch.allclose(exp.kl, torch.zeros_like(exp.kl), atol=1e-5)        # reference = policy at step 0
+    # the reference's log-probs and the k1 KL, each row against one unpadded forward of each model
+    for r in range(6):
+        L = int(m[r].sum())
+        resp = exp.input_ids[r, exp.prompt_len:exp.prompt_len + L].tolist()
+        want_ref = _unpadded_logprobs(ref, prompts[r // 2], resp)
+        want_kl = _unpadded_logprobs(model, prompts[r // 2], resp) - want_ref
+        assert torch.allclose(exp.ref_logp[r, :L], want_ref, atol=1e-4)
+        assert torch.allclose(exp.kl[r, :L], want_kl, atol=1e-4) and (exp.kl[r, L:] == 0).all()
+    assert (exp.kl.abs() * m).max() > 0.05                                   # two different models
 
 
 def test_validation_is_greedy_by_default_and_seeded_when_sampled(tmp_path):
@@ -447,6 +649,56 @@ def test_resume_gives_the_weights_of_a_straight_run(tmp_path):
     assert (straight / "checkpoints" / "step_2" / "policy" / "config.json").is_file()
     comp = [json.loads(x) for x in (straight / "completions" / "step_4.jsonl").read_text().splitlines()]
     assert len(comp) == 2 and {"step", "nums", "target", "prompt", "completion", "score"} <= set(comp[0])
+
+
+def test_resume_frees_the_loaded_training_state(tmp_path, monkeypatch):
+    """The state.pt dict (a second copy of the master weights and critic: ~29 GiB for 3B) must be gone
+    by the time training continues; Adam's moments, adopted by the optimizer, are the exception."""
+    import gc
+    import weakref
+    ck = make_checkpoint(tmp_path / "ck")
+    out = tmp_path / "run"
+    kw = dict(val_every=0, dtype="bfloat16")               # bf16 weights: fp32 master copies in state.pt
+    ppo.train(_run_cfg(ck, out, steps=2, **kw))
+    refs, alive_at_step = [], []
+    load = torch.load
+
+    def spy_load(*a, **k):
+        state = load(*a, **k)
+        refs.extend(weakref.ref(t) for t in state["actor_opt"]["master"] + list(state["critic"].values()))
+        return state
+    iteration = ppo.ppo_iteration
+
+    def spy_iteration(*a, **k):
+        gc.collect()
+        alive_at_step.append(sum(r() is not None for r in refs))
+        return iteration(*a, **k)
+    monkeypatch.setattr(torch, "load", spy_load)
+    monkeypatch.setattr(ppo, "ppo_iteration", spy_iteration)
+    ppo.train(_run_cfg(ck, out, steps=3, **kw))
+    assert len(refs) > 10 and alive_at_step == [0]
+
+
+@pytest.mark.parametrize("free_gb,old_state_during_save", [(1e6, True), (0.0, False)])
+def test_state_checkpoint_needs_room_for_one_state_only_when_the_disk_is_short(tmp_path, monkeypatch, free_gb,
+                                                                                old_state_during_save):
+    ck = make_checkpoint(tmp_path / "ck")
+    out = tmp_path / "run"
+    ppo.train(_run_cfg(ck, out, steps=2, val_every=0))
+    old = out / "checkpoints" / "step_2" / "state.pt"
+    seen, save = [], torch.save
+
+    def spy_save(obj, path, *a, **k):
+        seen.append(old.is_file())
+        return save(obj, path, *a, **k)
+    disk = ppo.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ppo.shutil, "disk_usage", lambda p: disk._replace(free=int(free_gb * 2**30)))
+    monkeypatch.setattr(torch, "save", spy_save)
+    ppo.train(_run_cfg(ck, out, steps=4, val_every=0))
+    # plenty of room: the previous state survives until the new one is in place (crash-safe);
+    # no room for two: it is deleted before the new one is written
+    assert seen == [old_state_during_save] and not old.exists()
+    assert (out / "checkpoints" / "step_4" / "state.pt").is_file()
 
 
 def test_bfloat16_run_keeps_fp32_master_weights(tmp_path):
@@ -511,6 +763,15 @@ def test_second_process_on_a_run_folder_is_refused_and_the_first_finishes(tmp_pa
     assert (out / "checkpoints" / "step_3" / "state.pt").is_file()
 
 
+def test_top_p_below_one_is_refused_in_ppo(tmp_path, capsys):
+    # nucleus sampling would make the stored log-probs those of the untruncated policy: a biased ratio
+    with pytest.raises(ValueError, match="--top-p 1"):
+        ppo._resolve(ppo.PPOConfig(device="cpu", top_p=0.9))
+    assert ppo._resolve(ppo.PPOConfig(device="cpu", top_p=1.0)).top_p == 1.0
+    assert ppo.main(["--model", "x", "--out", str(tmp_path / "r"), "--device", "cpu", "--top-p", "0.95"]) == 2
+    assert "nucleus sampling" in capsys.readouterr().err
+
+
 def test_print_budget_for_a_3b_config(tmp_path, capsys):
     cfg = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
            "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
@@ -524,3 +785,10 @@ def test_print_budget_for_a_3b_config(tmp_path, capsys):
     items = {name: n for name, n, _ in b["items"]}
     assert items["policy weights"] == 2 * b["params_policy"]
     assert items["rollout KV cache (256 rows x 1280 tokens)"] == 256 * 1280 * 36 * 2 * 2 * 128 * 2
+    # the compiled rollout keeps its one KV cache between rollouts: it is counted in the update too
+    kept = ppo.memory_budget(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, optim_device="cpu",
+                                                        rollout_batch=64, compile_rollout=True)),
+                             M.ModelConfig.from_hf(cfg))
+    cache = items["rollout KV cache (256 rows x 1280 tokens)"]
+    assert kept["phases"]["update"] == b["phases"]["update"] + cache
+    assert kept["phases"]["rollout"] == b["phases"]["rollout"]

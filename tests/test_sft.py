@@ -197,6 +197,22 @@ def test_micro_batch_size_does_not_change_the_update(ckpt, tmp_path):
 # schedule
 
 
+def test_warmup_cosine_schedule_equals_transformers():
+    """The independent reference: transformers' get_cosine_schedule_with_warmup (veRL's schedule),
+    stepped through a real optimizer, with int(ratio * total) warmup steps."""
+    transformers = pytest.importorskip("transformers")
+    for total, peak, ratio in [(20, 2.0, 0.1), (75, 1e-5, 0.1), (10, 1e-3, 0.0), (7, 0.5, 0.3)]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+        sched = transformers.get_cosine_schedule_with_warmup(opt, int(ratio * total), total)
+        want = []
+        for _ in range(total + 1):
+            want.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        got = [sft.lr_at(s, total, peak, warmup_ratio=ratio) for s in range(total + 1)]
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-15), (total, ratio)
+
+
 def test_warmup_cosine_schedule_by_hand():
     p = 2.0
     # 20 steps, warmup int(0.1 * 20) = 2: lr(0) = 0 (as the original), lr(1) = p/2, then cosine

@@ -1,0 +1,39 @@
+"""bench/gpu_check.py runs its whole code path on CPU with tiny configs, and fails when a check fails."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+pytest.importorskip("transformers")
+import gpu_check  # noqa: E402
+import ppo  # noqa: E402
+
+
+def test_help_documents_the_one_command_and_its_wall_time(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--help"])
+    out = capsys.readouterr().out
+    assert "python bench/gpu_check.py" in out and "Expected wall time on an H100/H200" in out
+
+
+def test_gpu_check_runs_every_section_on_cpu_tiny(tmp_path):
+    out = tmp_path / "table.md"
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--out", str(out)]) == 0
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    sections = {r[0].strip("| ") for r in rows[1:]}
+    assert {"correctness", "decode", "ppo", "sft", "all"} <= sections
+    assert not any(r[-1].strip(" |") == "FAIL" for r in rows)
+    checks = " ".join(r[1] for r in rows)
+    for what in ("bf16 vs fp32 logits", "rollout log-probs vs recomputed", "MasterAdamW", "compiled vs eager greedy",
+                 "ours compiled: batch 4", "phase rollout", "one step, micro-batch"):
+        assert what in checks, what
+
+
+def test_a_failed_correctness_check_exits_non_zero(tmp_path, monkeypatch):
+    # gradients that never arrive (what reading a non_blocking copy too early can give)
+    monkeypatch.setattr(ppo, "copy_grads", lambda grads, device: [torch.zeros_like(g, device=device) for g in grads])
+    out = tmp_path / "table.md"
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--skip", "decode,ppo,sft", "--out", str(out)]) == 1
+    assert "| FAIL |" in out.read_text()
