@@ -147,34 +147,30 @@ class FakeJudge:
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout) or was killed: nothing to do
 
-    def _send_partial(self, h, data, n):
-        """Promise len(data) bytes, send n, close the connection (a proxy or server dying)."""
-        try:
-            h.send_response(200)
-            h.send_header("Content-Type", "application/json")
-            h.send_header("Content-Length", str(len(data)))
-            h.end_headers()
-            h.wfile.write(data[:n])
-            h.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        h.close_connection = True
-
-    def _send_slowly(self, h, data, seconds):
-        """The whole answer, one byte every `seconds` (until the client hangs up)."""
+    def _send_in_pieces(self, h, data, pieces, seconds=0.0):
+        """Promise len(data) bytes and send `pieces` of them, `seconds` apart, then close the
+        connection: a server dying mid-body (a cut) or trickling its answer (a slow body)."""
         try:
             h.send_response(200)
             h.send_header("Content-Type", "application/json")
             h.send_header("Content-Length", str(len(data)))
             h.end_headers()
             h.wfile.flush()
-            for i in range(len(data)):
-                h.wfile.write(data[i:i + 1])
+            for piece in pieces:
+                h.wfile.write(piece)
                 h.wfile.flush()
                 time.sleep(seconds)
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass
         h.close_connection = True
+
+    def _send_partial(self, h, data, n):
+        """Promise len(data) bytes, send n, close the connection (a proxy or server dying)."""
+        self._send_in_pieces(h, data, [data[:n]])
+
+    def _send_slowly(self, h, data, seconds):
+        """The whole answer, one byte every `seconds` (until the client hangs up)."""
+        self._send_in_pieces(h, data, (data[i:i + 1] for i in range(len(data))), seconds)
 
     def _error(self, kind, status, message):
         if kind == "anthropic":
