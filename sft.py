@@ -126,11 +126,13 @@ class SFTConfig:
                                           "tokenizer, not the model (--init only): e.g. the priming traces a base "
                                           "model will be fine-tuned on later, so their words are tokens too")
     num_threads: int = _flag(0, "CPU threads for torch (0 = torch's default)")
+    dist_timeout: int = _flag(M.DIST_TIMEOUT_S, "under torchrun: seconds a collective waits for the other ranks "
+                              "before this one stops with an error (a rank died or hangs)")
 
 
 # Settings that may change when a run is resumed; everything else must match config.json.
 # ("out" too: a run folder may be moved.)
-_RESUMABLE_CHANGES = {"out", "resume", "stop_after", "device", "num_threads", "eval_batch_size"}
+_RESUMABLE_CHANGES = {"out", "resume", "stop_after", "device", "num_threads", "eval_batch_size", "dist_timeout"}
 
 # From-scratch sizes (Llama architecture: RMSNorm, RoPE, SwiGLU, grouped-query attention, tied head).
 # Parameters without the embedding: tiny 0.8M, small 4.7M, base 25M.
@@ -259,15 +261,18 @@ def _autocast(device, mode: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
 
 
-def batch_loss(model, examples, *, micro_batch_size: int, pad_id: int, autocast="none", backward: bool = False) -> tuple:
+def batch_loss(model, examples, *, micro_batch_size: int, pad_id: int, autocast="none", backward: bool = False,
+               n_global: Optional[int] = None) -> tuple:
     """Token-mean loss over `examples` as one global batch: sum of CE / all completion tokens.
 
     With backward=True each micro-batch's share, CE_sum / N_global, is backpropagated at once, so
     the accumulated gradient is exactly the gradient of the global token mean whatever the
-    micro-batch size. Returns (loss, tokens in the batch).
+    micro-batch size. Returns (loss, tokens in the batch). Under torchrun `examples` is this rank's
+    share and n_global the loss tokens of the whole batch: the ranks' losses and gradients then sum
+    to the single-process ones.
     """
     device = next(model.parameters()).device
-    n_global = n_loss_tokens(examples)
+    n_global = n_loss_tokens(examples) if n_global is None else n_global
     # similar lengths together: less padding; the sum does not depend on the grouping
     examples = sorted(examples, key=lambda e: len(e[0]))
     total, tokens = 0.0, 0
@@ -493,7 +498,8 @@ def _write_config(cfg: SFTConfig, run: Path):
 def train(cfg: SFTConfig) -> Optional[Path]:
     """Run (or resume) SFT. Returns <out>/final, or None when --stop-after stopped it early."""
     _check_config(cfg)
-    with C.lock_dir(cfg.out, "sft.py run folder"):  # one live writer per --out (under torchrun: rank 0 only)
+    M.init_distributed(_resolve_device(cfg.device), cfg.dist_timeout)   # nothing without torchrun
+    with C.lock_dir(cfg.out, "sft.py run folder") if M.is_main() else nullcontext():  # one writer per --out
         return _train(cfg)
 
 
@@ -503,7 +509,11 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
     if final.exists():
         print(f"{run} is finished: the model is in {final}; choose a new --out to train again", file=sys.stderr)
         return final
-    device = _resolve_device(cfg.device)
+    device = M.init_distributed(_resolve_device(cfg.device), cfg.dist_timeout)   # cuda:LOCAL_RANK under torchrun
+    rank, world = M.rank(), M.world_size()
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes; "
+                         f"use a multiple of {world}")
     state_file = _open_run(cfg, run)
 
     # data: the split and the tokenization are deterministic, so a resumed run rebuilds them exactly
@@ -523,17 +533,28 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
 
     state = None
     if state_file is not None:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
+        if state.get("world_size", 1) != world:
+            raise ValueError(f"{run} was checkpointed by {state.get('world_size', 1)} process(es) and this is {world}: "
+                             "its optimizer state is laid out per process; resume with torchrun --nproc-per-node "
+                             f"{state.get('world_size', 1)} (or plain python for 1)")
         model, tok = M.load(run / "checkpoints" / state["checkpoint"], device=device, dtype="float32")
-        print(f"resuming {run} from step {state['step']} ({state['checkpoint']})", file=sys.stderr)
+        if M.is_main():
+            print(f"resuming {run} from step {state['step']} ({state['checkpoint']})", file=sys.stderr)
     elif cfg.model:
         model, tok = M.load(cfg.model, device=device, dtype="float32")   # fp32 master weights
     else:
         extra = [r for path in (cfg.tokenizer_data or "").split(",") if path for r in load_examples(path)]
         tok = train_tokenizer((t for r in train_rows + extra for t in (r["query"], r["completion"])), cfg.vocab_size)
+        if M.distributed():   # every rank must hold the same tokenizer: rank 0's
+            from tokenizers import Tokenizer as HFTokenizer
+            tok = M.Tokenizer(HFTokenizer.from_str(M.all_gather_objects(tok.tk.to_str())[0]), EOS_TOKEN)
         model = init_model(cfg.init, tok, cfg.max_length, cfg.seed).to(device)
     model.train()
     model.gradient_checkpointing = cfg.grad_checkpointing
+    if M.distributed():   # FSDP2: fp32 shards are the master weights; bf16 compute where autocast would be on
+        bf16 = not isinstance(_autocast(device, cfg.autocast), nullcontext)
+        M.shard(model, compute_dtype=torch.bfloat16 if bf16 else None, forward_methods=("hidden_states", "logits"))
 
     train_ex, dropped = tokenize_examples(tok, train_rows, cfg.max_length, cfg.drop_long, name=cfg.data)
     val_ex, val_dropped = ([], 0) if not val_rows else tokenize_examples(
@@ -545,7 +566,8 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_ex)} training examples do not fill one batch of --batch-size {cfg.batch_size}; "
                          "lower --batch-size or add data")
-    _write_config(cfg, run)
+    if M.is_main():
+        _write_config(cfg, run)
     total_steps = steps_per_epoch * cfg.epochs
     peak_lr = cfg.lr if cfg.lr is not None else (PAPER_LR if cfg.model else FROM_SCRATCH_LR)
 
@@ -555,21 +577,52 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
     step, elapsed, tokens_seen = 0, 0.0, 0
     metrics_file = run / "metrics.jsonl"
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if M.distributed():   # the whole model's optimizer state: each rank keeps its shard
+            M.load_full_state(model, None, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         M.set_rng_state(state["rng"])
         step, elapsed, tokens_seen = state["step"], state["elapsed_s"], state["tokens"]
-    if metrics_file.exists():  # forget lines written after the checkpoint we resume from
+    if metrics_file.exists() and M.is_main():  # forget lines written after the checkpoint we resume from
         C.write_jsonl(metrics_file, [m for m in C.read_jsonl(metrics_file) if m["step"] <= step])
     n_params = sum(p.numel() for p in params)
-    print(f"sft: {len(train_ex)} train / {len(val_ex)} val examples, {steps_per_epoch} steps/epoch x {cfg.epochs} "
-          f"epochs = {total_steps} steps, {n_params / 1e6:.2f}M parameters on {device}", file=sys.stderr)
+    if M.is_main():
+        print(f"sft: {len(train_ex)} train / {len(val_ex)} val examples, {steps_per_epoch} steps/epoch x {cfg.epochs} "
+              f"epochs = {total_steps} steps, {n_params / 1e6:.2f}M parameters on {device}"
+              + (f", {world} processes" if M.distributed() else ""), file=sys.stderr)
 
     def make_state():
         return {"step": step, "epoch": step // steps_per_epoch, "optimizer": optimizer.state_dict(),
                 "rng": M.rng_state(), "elapsed_s": elapsed, "tokens": tokens_seen, "total_steps": total_steps}
 
+    def checkpoint_(name):
+        if not M.distributed():
+            return save_checkpoint(run, name, model, tok, make_state())
+        # torchrun: every rank all-gathers, rank 0 writes one model.save folder and one state file
+        full = M.gather_full(model, device="cpu", rank0_only=True)
+        state_ = dict(make_state(), optimizer=M.full_optimizer_state(model, optimizer), world_size=world)
+        if M.is_main():
+            save_checkpoint(run, name, full, tok, state_)
+        M.barrier()
+
+    def evaluate():
+        """(val loss, greedy accuracy); under torchrun each rank takes its share of both, on an
+        unsharded copy (generation cannot run in lockstep), and the sums are all-reduced."""
+        net = model if not M.distributed() else M.gather_full(model, device=device, dtype="float32")
+        val_loss = accuracy = None
+        if val_ex:
+            val_loss, _ = batch_loss(net, val_ex[rank::world], micro_batch_size=cfg.micro_batch_size,
+                                     pad_id=tok.pad_id, autocast=cfg.autocast, n_global=n_loss_tokens(val_ex))
+            val_loss = M.all_sum(val_loss)[0]
+        if problems:
+            accuracy, rows = greedy_accuracy(net, tok, problems[rank::world], max_new_tokens=cfg.eval_max_new_tokens,
+                                             batch_size=cfg.eval_batch_size, autocast=cfg.autocast)
+            if M.distributed():
+                accuracy = M.all_sum(sum(r["correct"] for r in rows))[0] / len(problems)
+        return val_loss, accuracy
+
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=step, desc="sft", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="sft", file=sys.stderr, dynamic_ncols=True, disable=not M.is_main())
     steps_run, saved_at = 0, step
     try:
         while step < total_steps:
@@ -583,9 +636,12 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss, n_tok = batch_loss(model, batch, micro_batch_size=cfg.micro_batch_size, pad_id=tok.pad_id,
-                                     autocast=cfg.autocast, backward=True)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            loss, n_tok = batch_loss(model, batch[rank::world], micro_batch_size=cfg.micro_batch_size,
+                                     pad_id=tok.pad_id, autocast=cfg.autocast, backward=True,
+                                     n_global=n_loss_tokens(batch))
+            loss, n_tok = M.all_sum(loss, n_tok)   # the ranks' shares of the batch (unchanged in one process)
+            n_tok = int(n_tok)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()   # a global norm under FSDP
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise FloatingPointError(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; "
                                          "lower --lr (the last checkpoint is intact)")
@@ -597,45 +653,44 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
             steps_run += 1
             elapsed += dt
             tokens_seen += n_tok
-            C.append_jsonl(metrics_file, _metric(kind="train", step=step, epoch=round(step / steps_per_epoch, 4),
-                                                 loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tok,
-                                                 tokens_per_s=round(n_tok / dt, 1), elapsed_s=round(elapsed, 2)))
+            if M.is_main():
+                C.append_jsonl(metrics_file, _metric(kind="train", step=step, epoch=round(step / steps_per_epoch, 4),
+                                                     loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tok,
+                                                     tokens_per_s=round(n_tok / dt, 1), elapsed_s=round(elapsed, 2)))
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:.0f}")
 
             if step % steps_per_epoch == 0:  # end of an epoch: evaluate, then checkpoint
                 e = step // steps_per_epoch
-                val_loss = accuracy = None
                 model.eval()
-                if val_ex:
-                    val_loss, _ = batch_loss(model, val_ex, micro_batch_size=cfg.micro_batch_size,
-                                             pad_id=tok.pad_id, autocast=cfg.autocast)
-                if problems:
-                    accuracy, _ = greedy_accuracy(model, tok, problems, max_new_tokens=cfg.eval_max_new_tokens,
-                                                  batch_size=cfg.eval_batch_size, autocast=cfg.autocast)
+                val_loss, accuracy = evaluate()
                 model.train()
-                C.append_jsonl(metrics_file, _metric(kind="eval", step=step, epoch=e, elapsed_s=round(elapsed, 2),
-                                                     val_loss=val_loss, accuracy=accuracy))
-                bar.write(f"epoch {e}: step {step}, train loss {loss:.4f}"
-                          + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
-                          + (f", greedy accuracy {accuracy:.3f} (n={len(problems)})" if accuracy is not None else ""))
-                save_checkpoint(run, f"epoch_{e}", model, tok, make_state())
+                if M.is_main():
+                    C.append_jsonl(metrics_file, _metric(kind="eval", step=step, epoch=e, elapsed_s=round(elapsed, 2),
+                                                         val_loss=val_loss, accuracy=accuracy))
+                    bar.write(f"epoch {e}: step {step}, train loss {loss:.4f}"
+                              + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
+                              + (f", greedy accuracy {accuracy:.3f} (n={len(problems)})" if accuracy is not None else ""))
+                checkpoint_(f"epoch_{e}")
                 saved_at = step
             elif cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(run, f"step_{step}", model, tok, make_state())
+                checkpoint_(f"step_{step}")
                 saved_at = step
             if cfg.stop_after and steps_run >= cfg.stop_after and step < total_steps:
                 if saved_at != step:
-                    save_checkpoint(run, f"step_{step}", model, tok, make_state())
+                    checkpoint_(f"step_{step}")
                 bar.close()
-                print(f"stopped after {steps_run} steps at step {step}/{total_steps}; rerun the same command to continue",
-                      file=sys.stderr)
+                if M.is_main():
+                    print(f"stopped after {steps_run} steps at step {step}/{total_steps}; rerun the same command to "
+                          "continue", file=sys.stderr)
                 return None
     finally:
         bar.close()
-    _publish_final(run / "checkpoints" / f"epoch_{cfg.epochs}", final)
-    print(f"done: {total_steps} steps, {tokens_seen / max(elapsed, 1e-9):.0f} tokens/s over {elapsed:.1f} s of "
-          f"training; model in {final}", file=sys.stderr)
+    if M.is_main():
+        _publish_final(run / "checkpoints" / f"epoch_{cfg.epochs}", final)
+        print(f"done: {total_steps} steps, {tokens_seen / max(elapsed, 1e-9):.0f} tokens/s over {elapsed:.1f} s of "
+              f"training; model in {final}", file=sys.stderr)
+    M.barrier()
     return final
 
 
@@ -756,6 +811,13 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: {cfg.out} keeps its last complete checkpoint; rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not M.is_collective_failure(e):
+            raise
+        print(M.collective_failure_message(e, cfg.out), file=sys.stderr)
+        return 1
+    finally:
+        M.close_distributed()
     return 0
 
 
