@@ -1274,12 +1274,19 @@ def all_sum(*values, op: str = "sum") -> tuple:
     return tuple(t.tolist())
 
 
+def all_true(flag: bool) -> bool:
+    """Whether `flag` holds on every rank (the flag itself without torchrun)."""
+    return flag if not distributed() else all_sum(0.0 if flag else 1.0)[0] == 0
+
+
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's [n, ...] tensor stacked in rank order ([sum n, ...]); dim 1 may differ between
     ranks and is right-padded with zeros to the widest. x itself without torchrun."""
     if not distributed():
         return x
     import torch.distributed as dist
+    if x.dtype == torch.bool:   # not every backend reduces bool tensors
+        return all_gather_rows(x.to(torch.uint8)).bool()
     dev = _comm_device()
     shape = torch.tensor(list(x.shape), device=dev)
     shapes = [torch.zeros_like(shape) for _ in range(world_size())]
@@ -1319,6 +1326,10 @@ def shard(model: nn.Module, compute_dtype=None, forward_methods=(), cpu_offload:
     fully_shard(model, **kw)
     for name in forward_methods:
         register_fsdp_forward_method(model, name)
+    # a critic's values are a view ([..., 0]) of its head's output; FSDP2 warns that an in-place op on a
+    # returned view would skip its backward hook. Nothing here modifies a model's output in place.
+    import warnings
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)   # sum over ranks: the losses are divided by global counts

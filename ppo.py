@@ -76,6 +76,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -192,6 +193,8 @@ class PPOConfig:
     gpu_memory_gb: float = _flag(0.0, "GPU memory for the automatic choices (0 = the device's; 80 without one)")
     threads: int = _flag(0, "CPU threads for torch (0 = torch's default)")
     print_budget: bool = _flag(False, "print the memory budget for these settings and exit (reads only config.json)")
+    dist_timeout: int = _flag(M.DIST_TIMEOUT_S, "under torchrun: seconds a collective waits for the other ranks before "
+                              "this one stops with an error (a rank died or hangs)")
 
 
 # Settings that may change when a run is resumed (speed and memory knobs, the run length, logging);
@@ -199,7 +202,8 @@ class PPOConfig:
 # come out of the generator, so a resume with a different one is valid but not bit-identical.
 _RESUMABLE_CHANGES = {"steps", "resume", "progress", "device", "threads", "max_bad_updates", "print_budget",
                       "val_every", "save_every", "state_checkpoints", "rollout_batch", "val_batch", "infer_batch",
-                      "logprob_chunk", "gpu_memory_gb", "optim_device", "ref_offload", "compile_rollout"}
+                      "logprob_chunk", "gpu_memory_gb", "optim_device", "ref_offload", "compile_rollout",
+                      "dist_timeout"}
 
 
 # -----------------------------------------------------------------------------
@@ -616,6 +620,14 @@ class Models:
     critic_opt: Optional[MasterAdamW]
     device: torch.device
     ref_offload: bool = False
+    sampler: Optional[M.Transformer] = None   # under torchrun: an unsharded copy of the policy that generates
+
+
+def sampling_policy(models: Models) -> M.Transformer:
+    """The model that generates: the policy itself, or under torchrun its unsharded copy refreshed
+    from the shards (FSDP would make every decode step a collective, so all ranks would have to
+    decode in lockstep; the copy lets each rank generate its own prompts at its own pace)."""
+    return models.policy if models.sampler is None else M.gather_full(models.policy, into=models.sampler)
 
 
 def rollout(policy, prompts, cfg: PPOConfig, *, eos_id, pad_id: int, generator, temperature=None,
@@ -670,7 +682,11 @@ def prepare_experience(exp: Experience, models: Models, cfg: PPOConfig):
         models.critic.eval()
         exp.values = per_batch(lambda ids, attn, m, Rm: response_values(models.critic, ids, attn, P, Rm), extra=1)
         exp.raw_advantages, exp.returns = compute_gae(exp.rewards, exp.values, mask, cfg.gamma, cfg.lam)
-        exp.advantages = masked_whiten(exp.raw_advantages, mask)
+        if M.distributed():   # whiten over the global batch, as one process would; keep this rank's rows
+            whitened = masked_whiten(M.all_gather_rows(exp.raw_advantages), M.all_gather_rows(mask))
+            exp.advantages = whitened[M.rank() * N:(M.rank() + 1) * N, :R]   # every rank holds N rows
+        else:
+            exp.advantages = masked_whiten(exp.raw_advantages, mask)
     else:
         exp.raw_advantages = grpo_advantages(exp.rewards.sum(1), cfg.samples)[:, None] * mask
         exp.advantages = exp.raw_advantages
@@ -678,23 +694,40 @@ def prepare_experience(exp: Experience, models: Models, cfg: PPOConfig):
 
 
 class _Accum:
-    """Weighted running means for update statistics."""
+    """Weighted running means for update statistics. Under torchrun, sums and weights are summed over
+    ranks (token-weighted means of the global batch), except `replicated` values, the same on every
+    rank already (a global loss or gradient norm)."""
 
     def __init__(self):
-        self.sums, self.weights = {}, {}
+        self.sums, self.weights, self.replicated = {}, {}, set()
 
-    def add(self, key, value, weight=1.0):
+    def add(self, key, value, weight=1.0, replicated=False):
         self.sums[key] = self.sums.get(key, 0.0) + float(value) * float(weight)
         self.weights[key] = self.weights.get(key, 0.0) + float(weight)
+        if replicated:
+            self.replicated.add(key)
 
     def means(self):
+        if M.distributed():
+            keys = sorted(k for k in self.sums if k not in self.replicated)
+            summed = M.all_sum(*(self.sums[k] for k in keys), *(self.weights[k] for k in keys))
+            self.sums.update(zip(keys, summed[:len(keys)]))
+            self.weights.update(zip(keys, summed[len(keys):]))
         return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
 
 
 def _normalizer(cfg, mb_tokens, micro_tokens, n_micro):
     # token-mean: every token of the mini-batch weighs the same, whatever the micro-batching.
     # micro-token-mean (the original, D-P2): each micro-batch's token mean, averaged over micro-batches.
+    # Under torchrun mb_tokens counts every rank's share and n_micro every rank's micro-batches, and
+    # the ranks' gradients are summed: the same update as one process (token-mean), or the original's
+    # mean over all GPUs' micro-batches (micro-token-mean).
     return mb_tokens if cfg.loss_agg == "token-mean" else micro_tokens * n_micro
+
+
+def _global_sum(x):
+    """A scalar tensor summed over ranks (x itself without torchrun)."""
+    return x if not M.distributed() else torch.tensor(M.all_sum(x)[0], dtype=x.dtype, device=x.device)
 
 
 def update_critic(critic: Critic, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float):
@@ -705,11 +738,12 @@ def update_critic(critic: Critic, opt: MasterAdamW, exp: Experience, cfg: PPOCon
     vmask = exp.attention_mask[:, P - 1:P - 1 + R].float() if cfg.value_post_eos else exp.response_mask
     stats, outcomes = _Accum(), []
     critic.train()
+    mini = cfg.critic_mini_batch // M.world_size()   # under torchrun: this rank's share of each mini-batch
     for _ in range(cfg.ppo_epochs):
-        for start in range(0, N, cfg.critic_mini_batch):
-            stop = min(start + cfg.critic_mini_batch, N)
+        for start in range(0, N, mini):
+            stop = min(start + mini, N)
             micros = _row_batches(start, stop, cfg.critic_micro_batch)
-            mb_tokens = vmask[start:stop].sum()
+            mb_tokens = _global_sum(vmask[start:stop].sum())
             opt.zero_grad()
             finite, mb_loss = True, 0.0
             for rows in micros:
@@ -717,19 +751,22 @@ def update_critic(critic: Critic, opt: MasterAdamW, exp: Experience, cfg: PPOCon
                 vm = vmask[rows, :Rm]
                 v = response_values(critic, ids, attn, P, Rm)
                 loss, clipfrac = value_loss(v, exp.values[rows, :Rm], exp.returns[rows, :Rm], vm, cfg.value_clip,
-                                            normalizer=_normalizer(cfg, mb_tokens, vm.sum(), len(micros)))
+                                            normalizer=_normalizer(cfg, mb_tokens, vm.sum(),
+                                                                   len(micros) * M.world_size()))
                 if not torch.isfinite(loss):
                     finite = False
-                    break
-                loss.backward()
+                    if not M.distributed():
+                        break
+                loss.backward()   # under FSDP every rank runs every backward (collectives); a NaN skips the step
                 mb_loss += loss.item()
                 stats.add("vf_clipfrac", clipfrac, vm.sum())
+            finite = M.all_true(finite)
             norm, ok = opt.step(lr, cfg.grad_clip) if finite else (float("nan"), False)
             if not ok:
                 opt.zero_grad()
             else:
-                stats.add("value_loss", mb_loss)
-                stats.add("critic_grad_norm", norm)
+                stats.add("value_loss", M.all_sum(mb_loss)[0], replicated=True)
+                stats.add("critic_grad_norm", norm, replicated=True)
             outcomes.append(ok)
     critic.eval()
     out = stats.means()
@@ -741,14 +778,14 @@ def update_actor(policy: M.Transformer, opt: MasterAdamW, exp: Experience, cfg: 
     """Clipped surrogate with an entropy bonus, in mini-batches of mini_batch_prompts x samples sequences."""
     N, R = exp.response_mask.shape
     P = exp.prompt_len
-    mb = cfg.mini_batch_prompts * cfg.samples
+    mb = cfg.mini_batch_prompts * cfg.samples // M.world_size()   # under torchrun: this rank's share
     stats, outcomes = _Accum(), []
     policy.train()
     for _ in range(cfg.ppo_epochs):
         for start in range(0, N, mb):
             stop = min(start + mb, N)
             micros = _row_batches(start, stop, cfg.micro_batch)
-            mb_tokens = exp.response_mask[start:stop].sum()
+            mb_tokens = _global_sum(exp.response_mask[start:stop].sum())
             opt.zero_grad()
             finite, mb_loss = True, 0.0
             for rows in micros:
@@ -756,14 +793,15 @@ def update_actor(policy: M.Transformer, opt: MasterAdamW, exp: Experience, cfg: 
                 m = exp.response_mask[rows, :Rm]
                 logp, ent = response_logprobs(policy, ids, attn, m, P, chunk=cfg.logprob_chunk,
                                               temperature=cfg.temperature, with_entropy=True)
-                norm_ = _normalizer(cfg, mb_tokens, m.sum(), len(micros))
+                norm_ = _normalizer(cfg, mb_tokens, m.sum(), len(micros) * M.world_size())
                 pg, clipfrac, ppo_kl = policy_loss(logp, exp.old_logp[rows, :Rm], exp.advantages[rows, :Rm], m,
                                                    cfg.clip_ratio, normalizer=norm_)
                 ent_term = entropy_bonus(ent, m, normalizer=norm_)
                 loss = pg - cfg.entropy_coef * ent_term
                 if not torch.isfinite(loss):
                     finite = False
-                    break
+                    if not M.distributed():
+                        break
                 loss.backward()
                 mb_loss += loss.item()
                 w = m.sum()
@@ -771,12 +809,13 @@ def update_actor(policy: M.Transformer, opt: MasterAdamW, exp: Experience, cfg: 
                 stats.add("ppo_kl", ppo_kl, w)
                 stats.add("entropy", masked_mean(ent.detach(), m), w)
                 stats.add("pg_loss", pg.item() * norm_ / w, w)   # reported as a token mean
+            finite = M.all_true(finite)
             norm, ok = opt.step(lr, cfg.grad_clip) if finite else (float("nan"), False)
             if not ok:
                 opt.zero_grad()
             else:
-                stats.add("actor_loss", mb_loss)
-                stats.add("actor_grad_norm", norm)
+                stats.add("actor_loss", M.all_sum(mb_loss)[0], replicated=True)
+                stats.add("actor_grad_norm", norm, replicated=True)
             outcomes.append(ok)
     policy.eval()
     out = stats.means()
@@ -785,8 +824,10 @@ def update_actor(policy: M.Transformer, opt: MasterAdamW, exp: Experience, cfg: 
 
 
 def _step_generator(seed: int, step: int, device) -> torch.Generator:
-    # one generator per iteration, derived from (seed, step): a resumed run samples what a straight one would
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % 2**63)
+    # one generator per iteration, derived from (seed, step): a resumed run samples what a straight one would.
+    # Under torchrun each rank draws its own stream (rank 0's is the single-process one); the samples then
+    # depend on the world size, since model.generate draws every row of a batch from one generator.
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step + M.rank() * 999_999_937) % 2**63)
 
 
 def _consecutive_bad(outcomes, count: int) -> int:
@@ -802,7 +843,7 @@ def ppo_iteration(models: Models, prompts, reward_fn: Callable, cfg: PPOConfig, 
     Returns (metrics, experience, (actor outcomes, critic outcomes)).
     """
     timer = _Timer(models.device)
-    gen = rollout(models.policy, prompts, cfg, eos_id=eos_id, pad_id=pad_id,
+    gen = rollout(sampling_policy(models), prompts, cfg, eos_id=eos_id, pad_id=pad_id,
                   generator=_step_generator(cfg.seed, step, models.device), batch_prompts=cfg.rollout_batch)
     t_rollout = timer.lap()
     responses = [row[:n].tolist() for row, n in zip(gen.tokens.cpu(), gen.lengths.tolist())]
@@ -821,6 +862,10 @@ def ppo_iteration(models: Models, prompts, reward_fn: Callable, cfg: PPOConfig, 
     actor_stats = update_actor(models.policy, models.actor_opt, exp, cfg, cfg.actor_lr * scale)
     t_actor = timer.lap()
 
+    local_exp = exp   # what ppo_iteration returns: this rank's rows
+    if M.distributed():   # metrics over the global batch: every rank's rows (and means of equal shares)
+        exp = _all_rows(exp)
+        extra = dict(zip(extra, (v / M.world_size() for v in M.all_sum(*extra.values()))))
     m = exp.response_mask
     lengths = m.sum(1)
     metrics = dict(
@@ -841,7 +886,14 @@ def ppo_iteration(models: Models, prompts, reward_fn: Callable, cfg: PPOConfig, 
     metrics.update(actor_stats)
     metrics.update(critic_stats)
     metrics["skipped_updates"] = sum(not ok for ok in outcomes[0] + outcomes[1])
-    return metrics, exp, outcomes
+    return metrics, local_exp, outcomes
+
+
+def _all_rows(exp: Experience) -> Experience:
+    """The per-response tensors of every rank's experience, stacked in rank order (for metrics)."""
+    keep = ("scores", "ended", "response_mask", "rollout_logp", "old_logp", "ref_logp", "kl", "values", "rewards",
+            "advantages", "returns", "raw_advantages")
+    return replace(exp, **{k: M.all_gather_rows(getattr(exp, k)) for k in keep if getattr(exp, k) is not None})
 
 
 class _Timer:
@@ -902,7 +954,8 @@ def countdown_reward(tokenizer: M.Tokenizer, problems, cfg: PPOConfig) -> Callab
 def validate(policy, tokenizer: M.Tokenizer, problems, cfg: PPOConfig, step: int, run: Optional[Path]) -> dict:
     """Decode the test problems (greedy, or one sample each at --val-temperature); pure accuracy and
     mean score (with its format credit) separately (D-R4). Writes completions/step_<N>.jsonl for
-    behavior classification."""
+    behavior classification. Under torchrun each rank decodes every W-th problem and rank 0 writes all."""
+    everything, problems = problems, problems[M.rank()::M.world_size()]
     prompts = encode_prompts(tokenizer, problems, cfg)
     device = policy.embed_tokens.weight.device
     # a stream of its own per step, apart from the rollouts', so validating never shifts training samples
@@ -918,7 +971,10 @@ def validate(policy, tokenizer: M.Tokenizer, problems, cfg: PPOConfig, step: int
         rows.append({"step": step, "nums": p["nums"], "target": p["target"],
                      "prompt": countdown.make_prompt(p["nums"], p["target"], cfg.template), "completion": text,
                      "score": s, "correct": correct, "format_ok": has_answer, "length": n})
-    if run is not None:
+    if M.distributed():   # back in the problems' order: rank r decoded problems r, r + W, r + 2W, ...
+        parts = M.all_gather_objects(list(zip(rows, ended)))
+        rows, ended = map(list, zip(*(part[i] for i in range(len(everything)) for part in parts if i < len(part))))
+    if run is not None and M.is_main():
         countdown.write_jsonl(run / "completions" / f"step_{step}.jsonl", rows)
     n = len(rows)
     return {"val_accuracy": sum(r["correct"] for r in rows) / n, "val_score": sum(r["score"] for r in rows) / n,
@@ -977,6 +1033,14 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> list:
         _ORDERS.clear()
         _ORDERS[key] = order
     return _ORDERS[key][j * batch:(j + 1) * batch]
+
+
+def rank_share(problems, group: int) -> list:
+    """This rank's problems of an iteration under torchrun (all of them in one process): the r-th
+    1/W of every consecutive `group` (a mini-batch of prompts), so that the ranks' k-th local
+    mini-batches together hold exactly the single-process k-th mini-batch's prompts."""
+    r, w = M.rank(), M.world_size()
+    return [p for i in range(0, len(problems), group) for p in problems[i:i + group][r * group // w:(r + 1) * group // w]]
 
 
 # -----------------------------------------------------------------------------
@@ -1133,6 +1197,8 @@ def _resolve_memory(cfg: PPOConfig, mc: M.ModelConfig) -> PPOConfig:
     gpu = c.gpu_memory_gb * 2**30 if c.gpu_memory_gb else (
         torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30)
     usable = 0.85 * gpu   # headroom for the allocator's fragmentation and CUDA's own context
+    if c.optim_device == "auto" and M.distributed():
+        c.optim_device = "device"   # FSDP: each GPU holds 1/N of the Adam state; the budget below is one process's
     if c.optim_device == "auto":
         trial = replace(c, optim_device="device", rollout_batch=c.rollout_batch or 1)
         c.optim_device = "device" if memory_budget(trial, mc)["device_peak"] <= usable else "cpu"
@@ -1187,19 +1253,30 @@ def _make_room_for_state(run: Path, step: int):
 
 
 def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOConfig, counters: dict) -> Path:
-    """checkpoints/step_<N>/{policy/, state.pt}, written in a temp folder and renamed into place."""
+    """checkpoints/step_<N>/{policy/, state.pt}, written in a temp folder and renamed into place.
+    Under torchrun every rank gathers its shards and rank 0 writes the same files, plus the fp32
+    policy (the master weights) and the world size in state.pt."""
     ck = run / "checkpoints"
     final = ck / f"step_{step}"
+    policy, trained = models.policy, None
+    if M.distributed():
+        policy = M.gather_full(models.policy, device="cpu", dtype=cfg.dtype, rank0_only=True)
+        if cfg.state_checkpoints != "none":
+            trained = _full_training_state(models)
+        if not M.is_main():
+            M.barrier()   # until rank 0 has written
+            return final
     tmp = ck / f".step_{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    M.save(models.policy, tokenizer, tmp / "policy")
+    M.save(policy, tokenizer, tmp / "policy")
     if cfg.state_checkpoints == "last":
         _make_room_for_state(run, step)
     if cfg.state_checkpoints != "none":
         state = {"step": step, "config": asdict(cfg), "counters": dict(counters), "rng": M.rng_state(),
-                 "actor_opt": models.actor_opt.state_dict(),
-                 "critic": models.critic.state_dict() if models.critic is not None else None,
-                 "critic_opt": models.critic_opt.state_dict() if models.critic_opt is not None else None}
+                 **(trained or {
+                     "actor_opt": models.actor_opt.state_dict(),
+                     "critic": models.critic.state_dict() if models.critic is not None else None,
+                     "critic_opt": models.critic_opt.state_dict() if models.critic_opt is not None else None})}
         torch.save(state, tmp / "state.pt")
     if final.exists():   # only after a resume re-reaches a step whose folder exists (identical content)
         old = ck / f".step_{step}.old-{os.getpid()}"
@@ -1212,7 +1289,19 @@ def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOCon
         for s, d in _step_dirs(run).items():
             if s != step and (d / "state.pt").is_file():
                 (d / "state.pt").unlink()
+    M.barrier()
     return final
+
+
+def _full_training_state(models: Models) -> dict:
+    """state.pt's trained parts gathered from the shards (on rank 0; every rank must call it)."""
+    def opt_state(net, opt):
+        return {"opt": M.full_optimizer_state(net, opt.opt)}
+    critic = models.critic is not None
+    return {"world_size": M.world_size(), "policy": M.full_state_dict(models.policy),
+            "actor_opt": opt_state(models.policy, models.actor_opt),
+            "critic": M.full_state_dict(models.critic) if critic else None,
+            "critic_opt": opt_state(models.critic, models.critic_opt) if critic else None}
 
 
 def load_training_state(ckpt: Path, models: Models) -> tuple:
@@ -1222,7 +1311,18 @@ def load_training_state(ckpt: Path, models: Models) -> tuple:
     host memory for 3B) once they are copied in; it lives only inside this function, so it is freed
     on return instead of for the whole run. (Adam's moments are adopted as they are, not copied.)
     """
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=M.distributed())
+    saved_world = state.get("world_size", 1)
+    if saved_world != M.world_size():
+        raise ValueError(f"{ckpt} was written by {saved_world} process(es) and this run has {M.world_size()}: its "
+                         f"rollout streams and mini-batch shares are per process; resume with torchrun --nproc-per-node "
+                         f"{saved_world}" + (" (or plain python)" if saved_world == 1 else ""))
+    if M.distributed():   # every rank reads the full state (memory-mapped) and keeps its shards
+        M.load_full_state(models.policy, state["policy"], models.actor_opt.opt, state["actor_opt"]["opt"])
+        if models.critic is not None:
+            M.load_full_state(models.critic, state["critic"], models.critic_opt.opt, state["critic_opt"]["opt"])
+        M.set_rng_state(state["rng"])
+        return state["step"], state["counters"]
     models.actor_opt.load_state_dict(state.pop("actor_opt"))
     if models.critic is not None:
         models.critic.load_state_dict(state.pop("critic"))
@@ -1310,27 +1410,44 @@ def _peak_memory_gb(device) -> float:
 
 
 def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
-    """(Models, tokenizer): policy from policy_path, critic backbone and reference from init_path."""
-    device = torch.device(cfg.device)
-    policy, tokenizer = M.load(policy_path, device=device, dtype=cfg.dtype)
+    """(Models, tokenizer): policy from policy_path, critic backbone and reference from init_path.
+
+    Under torchrun the three models are sharded with FSDP2 (model.shard). The single-process memory
+    plan maps onto it: the trained models' fp32 shards are MasterAdamW's master weights (so it runs
+    as plain AdamW on the shards), the all-gathered copies compute in --dtype, --optim-device cpu
+    becomes FSDP2's CPU offload (shards, gradients and the Adam step in host memory), and the
+    reference, 1/N of its size per GPU, stays on the GPU (--ref-offload does not apply).
+    """
+    device = M.init_distributed(cfg.device, cfg.dist_timeout)   # cuda:LOCAL_RANK under torchrun
+    dist = M.distributed()
+    policy, tokenizer = M.load(policy_path, device=device, dtype="float32" if dist else cfg.dtype)
     policy.gradient_checkpointing = cfg.grad_checkpointing
     ref = None
     if cfg.kl_coef > 0:
-        ref_device = "cpu" if (cfg.device == "cuda" and cfg.ref_offload) else device
+        ref_device = "cpu" if (cfg.device == "cuda" and cfg.ref_offload and not dist) else device
         ref, _ = M.load(init_path, device=ref_device, dtype=cfg.dtype)
         ref.requires_grad_(False)
     optim_device = "cpu" if cfg.optim_device == "cpu" else device
     adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                 master_device=optim_device)
     critic = critic_opt = None
+    shard = partial(M.shard, compute_dtype=cfg.dtype, cpu_offload=cfg.optim_device == "cpu")
     if cfg.adv == "gae":
-        backbone, _ = M.load(init_path, device=device, dtype=cfg.dtype)
+        backbone, _ = M.load(init_path, device=device, dtype="float32" if dist else cfg.dtype)
         backbone.gradient_checkpointing = cfg.grad_checkpointing
         critic = Critic(backbone, seed=cfg.seed).eval()
+        if dist:
+            shard(critic)
         critic_opt = MasterAdamW(critic.parameters(), lr=cfg.critic_lr, **adam)
+    sampler = None
+    if dist:
+        shard(policy, forward_methods=("hidden_states", "logits"))
+        sampler = M.gather_full(policy, device=device, dtype=cfg.dtype)
+        if ref is not None:
+            M.shard(ref, forward_methods=("hidden_states", "logits"))
     actor_opt = MasterAdamW(policy.parameters(), lr=cfg.actor_lr, **adam)
     models = Models(policy, critic, ref, actor_opt, critic_opt, device,
-                    ref_offload=cfg.device == "cuda" and cfg.ref_offload)
+                    ref_offload=cfg.device == "cuda" and cfg.ref_offload and not dist, sampler=sampler)
     return models, tokenizer
 
 
@@ -1346,16 +1463,26 @@ def _model_config(name_or_path) -> M.ModelConfig:
 def train(cfg: PPOConfig) -> dict:
     """Run (or resume) PPO as configured; returns the last metrics line."""
     cfg = _resolve(cfg)
-    with countdown.lock_dir(cfg.out, "ppo.py run folder"):  # one live writer per --out (under torchrun: rank 0 only)
+    M.init_distributed(cfg.device, cfg.dist_timeout)   # nothing without torchrun
+    with countdown.lock_dir(cfg.out, "ppo.py run folder") if M.is_main() else nullcontext():  # one writer per --out
         return _train(cfg)
 
 
 def _train(cfg: PPOConfig) -> dict:
     run = Path(cfg.out)
+    world = M.world_size()
+    for name, n in (("--mini-batch-prompts", cfg.mini_batch_prompts), ("--critic-mini-batch", cfg.critic_mini_batch)):
+        if n % world:
+            raise ValueError(f"{name} {n} does not split evenly over {world} processes; use a multiple of {world}")
     init_path = M.resolve_checkpoint(cfg.model)
     cfg = _resolve_memory(cfg, _model_config(init_path))
+    if not M.is_main():   # rank 0 checks the folder and writes the data files; the others then read them
+        M.barrier()
+        return _train_loop(cfg, run, latest_checkpoint(run), *load_problems(cfg, run), init_path)
     ckpt = _open_run(cfg, run)
-    print(format_budget(memory_budget(cfg, _model_config(init_path)), cfg), file=sys.stderr)
+    print(format_budget(memory_budget(cfg, _model_config(init_path)), cfg)
+          + (f"\n  (one process's plan; under torchrun each of the {world} GPUs holds 1/{world} of the weights, "
+             "gradients and Adam state)" if M.distributed() else ""), file=sys.stderr)
     seqs = cfg.batch_prompts * cfg.samples
     print(f"ppo: {cfg.adv}; per iteration {seqs} sequences, {seqs // (cfg.mini_batch_prompts * cfg.samples)} actor "
           + (f"and {math.ceil(seqs / cfg.critic_mini_batch)} critic " if cfg.adv == "gae" else "")
@@ -1363,6 +1490,11 @@ def _train(cfg: PPOConfig) -> dict:
           f"{'0 (original)' if cfg.lr_zero_first_step else 'as set'}; value loss on "
           f"{'response + post-EOS states (original)' if cfg.value_post_eos else 'response tokens'}", file=sys.stderr)
     train_set, test_set = load_problems(cfg, run)
+    M.barrier()
+    return _train_loop(cfg, run, ckpt, train_set, test_set, init_path)
+
+
+def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path) -> dict:
     val_set = test_set[:cfg.n_val] if cfg.n_val else test_set
 
     models, tokenizer = build_models(cfg, ckpt / "policy" if ckpt else init_path, init_path)
@@ -1385,7 +1517,8 @@ def _train(cfg: PPOConfig) -> dict:
     def log(line):
         row = {k: line.get(k) for k in METRIC_KEYS}
         row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # strict JSON
-        countdown.append_jsonl(run / "metrics.jsonl", row)
+        if M.is_main():
+            countdown.append_jsonl(run / "metrics.jsonl", row)
         return row
 
     row = {}
@@ -1393,30 +1526,33 @@ def _train(cfg: PPOConfig) -> dict:
     try:
         if start == 0 and cfg.val_before_train and cfg.val_every:
             t = time.perf_counter()
-            row = log({"step": 0, **validate(models.policy, tokenizer, val_set, cfg, 0, run),
+            row = log({"step": 0, **validate(sampling_policy(models), tokenizer, val_set, cfg, 0, run),
                        "time_val": time.perf_counter() - t, "elapsed_s": time.perf_counter() - t_run})
-            print(f"step 0: val accuracy {row['val_accuracy']:.3f}, val score {row['val_score']:.3f}", file=sys.stderr)
+            if M.is_main():
+                print(f"step 0: val accuracy {row['val_accuracy']:.3f}, val score {row['val_score']:.3f}", file=sys.stderr)
         from tqdm import tqdm
-        bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo", disable=not cfg.progress,
+        bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo",
+                   disable=not (cfg.progress and M.is_main()),
                    file=sys.stderr, dynamic_ncols=True)
         for step in bar:
             t_step = time.perf_counter()
             if models.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             problems = [train_set[i] for i in batch_indices(len(train_set), cfg.batch_prompts, step, cfg.seed)]
+            problems = rank_share(problems, cfg.mini_batch_prompts)   # all of them in one process
             prompts = encode_prompts(tokenizer, problems, cfg)
             reward_fn = countdown_reward(tokenizer, problems, cfg)
             metrics, _, (actor_ok, critic_ok) = ppo_iteration(models, prompts, reward_fn, cfg, step,
                                                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
             counters["actor_bad"] = _consecutive_bad(actor_ok, counters["actor_bad"])
             counters["critic_bad"] = _consecutive_bad(critic_ok, counters["critic_bad"])
-            if metrics["skipped_updates"]:
+            if metrics["skipped_updates"] and M.is_main():
                 print(f"step {step}: skipped {metrics['skipped_updates']} update(s) with a non-finite loss or gradient",
                       file=sys.stderr)
             metrics["time_step"] = time.perf_counter() - t_step
             if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
                 t = time.perf_counter()
-                metrics.update(validate(models.policy, tokenizer, val_set, cfg, step, run))
+                metrics.update(validate(sampling_policy(models), tokenizer, val_set, cfg, step, run))
                 metrics["time_val"] = time.perf_counter() - t
             metrics["peak_mem_gb"] = _peak_memory_gb(models.device)
             counters["elapsed_s"] = time.perf_counter() - t_run
@@ -1424,6 +1560,8 @@ def _train(cfg: PPOConfig) -> dict:
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}",
                             **({"val": f"{row['val_accuracy']:.3f}"} if row["val_accuracy"] is not None else {}))
             worst = max(counters["actor_bad"], counters["critic_bad"])
+            if M.distributed():   # a Ctrl-C that reached some ranks only stops them all after this step
+                stop["requested"] = not M.all_true(not stop["requested"])
             if step % cfg.save_every == 0 or step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates:
                 save_checkpoint(run, step, models, tokenizer, cfg, counters)
             if worst >= cfg.max_bad_updates:
@@ -1432,7 +1570,8 @@ def _train(cfg: PPOConfig) -> dict:
                     f"(--max-bad-updates {cfg.max_bad_updates}); see {run / 'metrics.jsonl'}. Lower the learning "
                     "rates, check the data, or resume from an earlier checkpoint with another --out")
             if stop["requested"]:
-                print(f"stopped after step {step}; checkpoint saved. Rerun the same command to continue.", file=sys.stderr)
+                if M.is_main():
+                    print(f"stopped after step {step}; checkpoint saved. Rerun the same command to continue.", file=sys.stderr)
                 break
         bar.close()
     finally:
@@ -1489,6 +1628,7 @@ def main(argv=None) -> int:
             print(format_budget(memory_budget(c, mc), c))
             return 0
         row = train(cfg)
+        quiet = not M.is_main()   # under torchrun only rank 0 reports
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, countdown.FolderLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1499,7 +1639,14 @@ def main(argv=None) -> int:
         print(f"\naborted; rerun the same command to resume from the newest checkpoint in {cfg.out}/checkpoints",
               file=sys.stderr)
         return 130
-    if row.get("val_accuracy") is not None:
+    except RuntimeError as e:
+        if not M.is_collective_failure(e):
+            raise
+        print(M.collective_failure_message(e, cfg.out), file=sys.stderr)
+        return 1
+    finally:
+        M.close_distributed()
+    if row.get("val_accuracy") is not None and not quiet:
         print(f"done: step {row['step']}, val accuracy {row['val_accuracy']:.3f}")
     return 0
 
