@@ -1197,8 +1197,10 @@ def _resolve_memory(cfg: PPOConfig, mc: M.ModelConfig) -> PPOConfig:
     gpu = c.gpu_memory_gb * 2**30 if c.gpu_memory_gb else (
         torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30)
     usable = 0.85 * gpu   # headroom for the allocator's fragmentation and CUDA's own context
-    if c.optim_device == "auto" and M.distributed():
-        c.optim_device = "device"   # FSDP: each GPU holds 1/N of the Adam state; the budget below is one process's
+    if M.distributed():   # the budget below is one process's plan; under FSDP each GPU holds 1/N of the weights
+        c.optim_device = "device" if c.optim_device == "auto" else c.optim_device   # and of the Adam state
+        c.rollout_batch = c.rollout_batch or c.batch_prompts // M.world_size()     # all of a rank's prompts at once
+        c.val_batch = c.val_batch or min(1024, c.rollout_batch * c.samples)
     if c.optim_device == "auto":
         trial = replace(c, optim_device="device", rollout_batch=c.rollout_batch or 1)
         c.optim_device = "device" if memory_budget(trial, mc)["device_peak"] <= usable else "cpu"

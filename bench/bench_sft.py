@@ -8,11 +8,20 @@
         full SFT of a random-init Llama-3.2-3B-shaped model (no download) on CUDA: fp32 master
         weights, bf16 autocast, fused AdamW, gradient checkpointing; prints the arithmetic estimate
         and the measured peak CUDA memory of a few steps (needs a GPU; says so and exits otherwise).
+    python bench/bench_sft.py processes [--nproc 2] [--size tiny] [--steps 20]
+        tokens/s of `python sft.py` (one process) and `torchrun --nproc-per-node N sft.py` (FSDP2 over
+        gloo on CPU, one thread per process) on the same data, read from each run's metrics.jsonl
+        (median over the steps after the first), and the largest weight difference of the results.
+        On a 2-core machine expect little or no gain: the point is the mechanics.
 """
 import argparse
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -109,6 +118,36 @@ def memory(args):
           f"{torch.cuda.get_device_properties(0).total_memory / 1e9:.1f} GB")
 
 
+def processes(args):
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "traces.jsonl"
+        C.write_jsonl(data, C.generate_traces(args.condition, args.steps * args.batch_size, seed=0))
+        flags = ["--init", args.size, "--data", str(data), "--val-fraction", "0", "--epochs", "1", "--batch-size",
+                 str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size), "--device", "cpu",
+                 "--num-threads", "1"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        results = {}
+        for n in (1, args.nproc):
+            launch = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                                                      str(n)]
+            t0 = time.perf_counter()
+            subprocess.run(launch + [str(root / "sft.py"), *flags, "--out", str(tmp / f"run{n}")], cwd=root, env=env,
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wall = time.perf_counter() - t0
+            steps = [m for m in C.read_jsonl(tmp / f"run{n}" / "metrics.jsonl") if m["kind"] == "train"]
+            results[n] = (statistics.median(m["tokens_per_s"] for m in steps[1:]), wall, steps[-1]["loss"])
+        weights = [M.load(tmp / f"run{n}" / "final", dtype="float32")[0].state_dict() for n in (1, args.nproc)]
+        dw = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])
+    print(f"{args.size} model from scratch, {args.condition} traces, {args.steps} steps of batch {args.batch_size} "
+          f"(micro-batch {args.micro_batch_size}), CPU, 1 thread per process, {os.cpu_count()} cores")
+    print(f"{'processes':>9} {'tokens/s (median step)':>23} {'vs 1':>6} {'wall s (incl. start)':>21} {'last loss':>10}")
+    for n, (tps, wall, loss) in results.items():
+        print(f"{n:>9} {tps:>23.0f} {tps / results[1][0]:>5.2f}x {wall:>21.1f} {loss:>10.6f}")
+    print(f"largest |weight difference| after {args.steps} steps, 1 vs {args.nproc} processes: {dw:.2e}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -125,8 +164,15 @@ def main():
     m.add_argument("--layers", type=int, default=28, help="decoder layers (28 = Llama-3.2-3B)")
     m.add_argument("--steps", type=int, default=3, help="optimizer steps")
     m.add_argument("--no-grad-checkpointing", action="store_true", help="keep all activations")
+    p = sub.add_parser("processes", help="tokens/s of sft.py in one process and under torchrun (CPU, gloo)")
+    p.add_argument("--nproc", type=int, default=2, help="processes of the torchrun run")
+    p.add_argument("--size", default="tiny", choices=list(sft.SIZES), help="from-scratch model size")
+    p.add_argument("--condition", default="negative_control", help="countdown.py trace condition")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward/backward")
     args = ap.parse_args()
-    throughput(args) if args.cmd == "throughput" else memory(args)
+    {"throughput": throughput, "memory": memory, "processes": processes}[args.cmd](args)
 
 
 if __name__ == "__main__":

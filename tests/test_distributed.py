@@ -141,7 +141,7 @@ def test_a_rank_that_hangs_or_dies_stops_the_other_with_a_clear_error(sft_setup,
     assert procs[0].returncode == 1, err[-3000:]
     assert "error: rank 0 of 2: a collective with the other processes failed" in err, err[-3000:]
     assert "Another rank probably died or hangs" in err
-    print(f"{fault}: rank 0 stopped {waited:.1f} s after start")
+    print(f"{fault}: rank 0 stopped {waited:.1f} s after start:", [x for x in err.splitlines() if "error:" in x][-1])
 
 
 # ---------------------------------------------------------------------------------------------
