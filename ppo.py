@@ -14,7 +14,9 @@ One step (paper_spec 2.2), with the paper's numbers:
   6. every 10 steps: greedy validation on the test set, its completions to JSONL, a checkpoint.
 
 Simplifications against the original (veRL on 4 GPUs with Ray, FSDP and vLLM), up front:
-  - One process on one device. Rollouts use model.generate (a plain-PyTorch KV cache), not vLLM,
+  - One process on one device, or N under torchrun with FSDP2 (README, "Several GPUs"): each rank
+    rolls out its share of every mini-batch's prompts, and whitening, loss denominators and metrics
+    are global, so the update does not depend on N. Rollouts use model.generate (a plain-PyTorch KV cache), not vLLM,
     so they are slower; the log-probs are recomputed afterwards anyway, as the original does.
   - No sequence packing and no balancing of micro-batches; each micro-batch is cut after its
     longest response, so padding costs little.

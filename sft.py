@@ -15,6 +15,9 @@ checkpoint and a held-out loss each epoch.
 
 Simplifications and deliberate differences from the original (veRL's fsdp_sft_trainer):
 - One process, one device; the global batch is built by gradient accumulation over micro-batches.
+  Under torchrun each of N processes takes every N-th example of the batch and FSDP2 shards the
+  model (model.py, "Several processes"); the loss keeps the whole batch's token count as its
+  denominator, so the update is the single-process one.
 - The loss is a token mean over the whole global batch (sum of CE over every micro-batch / all
   completion tokens of the batch), so the micro-batch size never changes the update. The original
   averaged per micro-batch token means, which weights tokens by how they were grouped.
