@@ -1042,7 +1042,8 @@ def rank_share(problems, group: int) -> list:
     1/W of every consecutive `group` (a mini-batch of prompts), so that the ranks' k-th local
     mini-batches together hold exactly the single-process k-th mini-batch's prompts."""
     r, w = M.rank(), M.world_size()
-    return [p for i in range(0, len(problems), group) for p in problems[i:i + group][r * group // w:(r + 1) * group // w]]
+    lo, hi = r * group // w, (r + 1) * group // w
+    return [p for i in range(0, len(problems), group) for p in problems[i:i + group][lo:hi]]
 
 
 # -----------------------------------------------------------------------------
@@ -1319,8 +1320,8 @@ def load_training_state(ckpt: Path, models: Models) -> tuple:
     saved_world = state.get("world_size", 1)
     if saved_world != M.world_size():
         raise ValueError(f"{ckpt} was written by {saved_world} process(es) and this run has {M.world_size()}: its "
-                         f"rollout streams and mini-batch shares are per process; resume with torchrun --nproc-per-node "
-                         f"{saved_world}" + (" (or plain python)" if saved_world == 1 else ""))
+                         "rollout streams and mini-batch shares are per process; resume with torchrun "
+                         f"--nproc-per-node {saved_world}" + (" (or plain python)" if saved_world == 1 else ""))
     if M.distributed():   # every rank reads the full state (memory-mapped) and keeps its shards
         M.load_full_state(models.policy, state["policy"], models.actor_opt.opt, state["actor_opt"]["opt"])
         if models.critic is not None:
@@ -1533,7 +1534,8 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
             row = log({"step": 0, **validate(sampling_policy(models), tokenizer, val_set, cfg, 0, run),
                        "time_val": time.perf_counter() - t, "elapsed_s": time.perf_counter() - t_run})
             if M.is_main():
-                print(f"step 0: val accuracy {row['val_accuracy']:.3f}, val score {row['val_score']:.3f}", file=sys.stderr)
+                print(f"step 0: val accuracy {row['val_accuracy']:.3f}, val score {row['val_score']:.3f}",
+                      file=sys.stderr)
         from tqdm import tqdm
         bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo",
                    disable=not (cfg.progress and M.is_main()),
@@ -1575,7 +1577,8 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
                     "rates, check the data, or resume from an earlier checkpoint with another --out")
             if stop["requested"]:
                 if M.is_main():
-                    print(f"stopped after step {step}; checkpoint saved. Rerun the same command to continue.", file=sys.stderr)
+                    print(f"stopped after step {step}; checkpoint saved. Rerun the same command to continue.",
+                          file=sys.stderr)
                 break
         bar.close()
     finally:

@@ -625,7 +625,8 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
         return val_loss, accuracy
 
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=step, desc="sft", file=sys.stderr, dynamic_ncols=True, disable=not M.is_main())
+    bar = tqdm(total=total_steps, initial=step, desc="sft", file=sys.stderr, dynamic_ncols=True,
+               disable=not M.is_main())
     steps_run, saved_at = 0, step
     try:
         while step < total_steps:
@@ -673,7 +674,8 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
                                                          val_loss=val_loss, accuracy=accuracy))
                     bar.write(f"epoch {e}: step {step}, train loss {loss:.4f}"
                               + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
-                              + (f", greedy accuracy {accuracy:.3f} (n={len(problems)})" if accuracy is not None else ""))
+                              + (f", greedy accuracy {accuracy:.3f} (n={len(problems)})"
+                                 if accuracy is not None else ""))
                 checkpoint_(f"epoch_{e}")
                 saved_at = step
             elif cfg.save_every and step % cfg.save_every == 0:

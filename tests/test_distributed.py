@@ -2,7 +2,6 @@
 weights and resumes only on its own world size; PPO under 2 processes runs, reduces its metrics
 and leaves one loadable checkpoint, with whitening over the global batch; a rank that hangs or dies
 makes the other one stop with a clear error instead of hanging."""
-import json
 import os
 import socket
 import subprocess
@@ -231,7 +230,8 @@ def test_ppo_two_processes_reduce_metrics_whiten_globally_and_leave_one_loadable
     assert state["world_size"] == 2 and state["step"] == 2
     full = {k: v for k, v in state["policy"].items() if k != "lm_head.weight"}
     assert all(torch.equal(policy.state_dict()[k], v) for k, v in full.items())   # fp32 masters = the saved folder
-    assert not torch.equal(policy.state_dict()["embed_tokens.weight"], M.load(ckpt)[0].state_dict()["embed_tokens.weight"])
+    initial = M.load(ckpt)[0].state_dict()
+    assert not torch.equal(policy.state_dict()["embed_tokens.weight"], initial["embed_tokens.weight"])
     assert set(state["critic"]) == set(ppo.Critic(M.load(ckpt)[0]).state_dict())
     # validation: every test problem once, in the test set's order, written by rank 0 alone
     comp = C.read_jsonl(out / "completions" / "step_2.jsonl")
