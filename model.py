@@ -1311,20 +1311,16 @@ def all_gather_objects(obj) -> list:
     return out
 
 
-def shard(model: nn.Module, compute_dtype=None, forward_methods=(), cpu_offload: bool = False) -> nn.Module:
+def shard(model: nn.Module, compute_dtype=None, forward_methods=()) -> nn.Module:
     """FSDP2 in place: one unit per transformer Block, then the root (embedding, norm, head, and a
     critic's value head). compute_dtype: the all-gathered parameters' dtype (None = the stored one);
     gradients are reduced in fp32. forward_methods: methods other than forward() that run the root's
-    parameters (Transformer.hidden_states, .logits), so FSDP all-gathers them there too.
-    cpu_offload keeps shards, gradients and the optimizer step in host memory (FSDP2's
-    CPUOffloadPolicy: the single-process --optim-device cpu)."""
-    from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy,
-                                        fully_shard, register_fsdp_forward_method)
+    parameters (Transformer.hidden_states, .logits), so FSDP all-gathers them there too."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mp = MixedPrecisionPolicy(param_dtype=parse_dtype(compute_dtype), reduce_dtype=torch.float32)
-    kw = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     for block in [m for m in model.modules() if isinstance(m, Block)]:
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     for name in forward_methods:
         register_fsdp_forward_method(model, name)
     # a critic's values are a view ([..., 0]) of its head's output; FSDP2 warns that an in-place op on a

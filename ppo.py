@@ -1419,9 +1419,9 @@ def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
 
     Under torchrun the three models are sharded with FSDP2 (model.shard). The single-process memory
     plan maps onto it: the trained models' fp32 shards are MasterAdamW's master weights (so it runs
-    as plain AdamW on the shards), the all-gathered copies compute in --dtype, --optim-device cpu
-    becomes FSDP2's CPU offload (shards, gradients and the Adam step in host memory), and the
-    reference, 1/N of its size per GPU, stays on the GPU (--ref-offload does not apply).
+    as plain AdamW on the shards, on the GPU: each holds 1/N of the Adam state), the all-gathered
+    copies compute in --dtype, and the reference, 1/N of its size per GPU, stays on the GPU
+    (--ref-offload does not apply).
     """
     device = M.init_distributed(cfg.device, cfg.dist_timeout)   # cuda:LOCAL_RANK under torchrun
     dist = M.distributed()
@@ -1436,7 +1436,7 @@ def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
     adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                 master_device=optim_device)
     critic = critic_opt = None
-    shard = partial(M.shard, compute_dtype=cfg.dtype, cpu_offload=cfg.optim_device == "cpu")
+    shard = partial(M.shard, compute_dtype=cfg.dtype)
     if cfg.adv == "gae":
         backbone, _ = M.load(init_path, device=device, dtype="float32" if dist else cfg.dtype)
         backbone.gradient_checkpointing = cfg.grad_checkpointing
@@ -1479,6 +1479,10 @@ def _train(cfg: PPOConfig) -> dict:
     for name, n in (("--mini-batch-prompts", cfg.mini_batch_prompts), ("--critic-mini-batch", cfg.critic_mini_batch)):
         if n % world:
             raise ValueError(f"{name} {n} does not split evenly over {world} processes; use a multiple of {world}")
+    if M.distributed() and cfg.optim_device == "cpu":
+        # FSDP2's CPUOffloadPolicy would also need a gloo group beside NCCL for the offloaded shards: not done
+        raise ValueError("--optim-device cpu is not supported under torchrun: FSDP already puts 1/N of the Adam "
+                         "state on each GPU; use --optim-device auto or device, or more GPUs")
     init_path = M.resolve_checkpoint(cfg.model)
     cfg = _resolve_memory(cfg, _model_config(init_path))
     if not M.is_main():   # rank 0 checks the folder and writes the data files; the others then read them
