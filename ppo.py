@@ -16,7 +16,8 @@ One step (paper_spec 2.2), with the paper's numbers:
 Simplifications against the original (veRL on 4 GPUs with Ray, FSDP and vLLM), up front:
   - One process on one device, or N under torchrun with FSDP2 (README, "Several GPUs"): each rank
     rolls out its share of every mini-batch's prompts, and whitening, loss denominators and metrics
-    are global, so the update does not depend on N. Rollouts use model.generate (a plain-PyTorch KV cache), not vLLM,
+    are global, so the update does not depend on N.
+    Rollouts use model.generate (a plain-PyTorch KV cache), not vLLM,
     so they are slower; the log-probs are recomputed afterwards anyway, as the original does.
   - No sequence packing and no balancing of micro-batches; each micro-batch is cut after its
     longest response, so padding costs little.
@@ -710,12 +711,13 @@ class _Accum:
             self.replicated.add(key)
 
     def means(self):
+        sums, weights = dict(self.sums), dict(self.weights)
         if M.distributed():
-            keys = sorted(k for k in self.sums if k not in self.replicated)
-            summed = M.all_sum(*(self.sums[k] for k in keys), *(self.weights[k] for k in keys))
-            self.sums.update(zip(keys, summed[:len(keys)]))
-            self.weights.update(zip(keys, summed[len(keys):]))
-        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+            keys = sorted(k for k in sums if k not in self.replicated)
+            summed = M.all_sum(*(sums[k] for k in keys), *(weights[k] for k in keys))
+            sums.update(zip(keys, summed[:len(keys)]))
+            weights.update(zip(keys, summed[len(keys):]))
+        return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
 
 
 def _normalizer(cfg, mb_tokens, micro_tokens, n_micro):
@@ -1663,4 +1665,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    M.exit_process(main())

@@ -536,7 +536,8 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
 
     state = None
     if state_file is not None:
-        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
+        # under torchrun every rank reads the file: memory-mapped, the ranks share one copy in the page cache
+        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=M.distributed())
         if state.get("world_size", 1) != world:
             raise ValueError(f"{run} was checkpointed by {state.get('world_size', 1)} process(es) and this is {world}: "
                              "its optimizer state is laid out per process; resume with torchrun --nproc-per-node "
@@ -827,4 +828,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    M.exit_process(main())

@@ -30,7 +30,7 @@ def _env(**extra):
 def torchrun(script, args, nproc=2, timeout=180):
     """`python -m torch.distributed.run --nproc-per-node N script args` -> CompletedProcess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(_free_port()), str(ROOT / script), *map(str, args)]
+           str(_free_port()), str(script if os.path.isabs(script) else ROOT / script), *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -103,7 +103,7 @@ def test_sft_two_processes_give_the_single_process_weights_and_resume_only_on_th
 
 _FAULTY_SFT = """
 import os, sys, time
-import sft
+import model as M, sft
 calls = [0]
 real = sft.batch_loss
 def batch_loss(*a, **kw):
@@ -114,7 +114,7 @@ def batch_loss(*a, **kw):
         os._exit(3)
     return real(*a, **kw)
 sft.batch_loss = batch_loss
-sys.exit(sft.main(sys.argv[2:]))
+M.exit_process(sft.main(sys.argv[2:]))   # as sft.py's own main guard
 """
 
 
@@ -149,7 +149,7 @@ def test_a_rank_that_hangs_or_dies_stops_the_other_with_a_clear_error(sft_setup,
 # ppo.py under torchrun, recording what each rank saw: its problems and its experience per step
 _RECORDING_PPO = """
 import os, sys, torch
-import ppo
+import model as M, ppo
 rank, record = os.environ["RANK"], sys.argv[1]
 real_iteration, real_reward = ppo.ppo_iteration, ppo.countdown_reward
 seen = {}
@@ -163,7 +163,7 @@ def ppo_iteration(models, prompts, reward_fn, cfg, step, **kw):
                os.path.join(record, f"rank{rank}_step{step}.pt"))
     return metrics, exp, outcomes
 ppo.countdown_reward, ppo.ppo_iteration = countdown_reward, ppo_iteration
-sys.exit(ppo.main(sys.argv[2:]))
+M.exit_process(ppo.main(sys.argv[2:]))   # as ppo.py's own main guard
 """
 
 
@@ -182,9 +182,7 @@ def test_ppo_two_processes_reduce_metrics_whiten_globally_and_leave_one_loadable
     out = tmp_path / "run"
     script = tmp_path / "recording_ppo.py"
     script.write_text(_RECORDING_PPO)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(script), str(record), *_ppo_args(ckpt, out)]
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    r = torchrun(script, [record, *_ppo_args(ckpt, out)])
     assert r.returncode == 0, r.stderr[-4000:]
 
     train = C.read_jsonl(out / "data" / "train.jsonl")
@@ -272,6 +270,7 @@ state = {**{"policy." + k: v for k, v in M.full_state_dict(models.policy).items(
 if M.is_main():
     torch.save({"weights": state, "stats": stats}, out)
 M.close_distributed()
+M.exit_process(0)
 """
 
 
@@ -285,9 +284,7 @@ def test_one_ppo_update_under_two_processes_equals_the_single_process_update(tmp
     one = subprocess.run([sys.executable, str(script), str(ckpt), str(tmp_path / "one.pt"), loss_agg], cwd=ROOT,
                          env=_env(), capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(_free_port()), str(script), str(ckpt), str(tmp_path / "two.pt"), loss_agg],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    r = torchrun(script, [ckpt, tmp_path / "two.pt", loss_agg])
     assert r.returncode == 0, r.stderr[-3000:]
     (a, sa), (b, sb) = (torch.load(tmp_path / f"{n}.pt").values() for n in ("one", "two"))
     init = {"policy." + k: v for k, v in M.load(ckpt)[0].state_dict().items()}
