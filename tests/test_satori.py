@@ -202,10 +202,10 @@ def test_bradley_terry_loss_and_pairs_by_hand():
     assert ppo.preference_pairs([False, False, True, True], 2) == []   # no pair crosses prompts
 
 
-def _toy_orm(seed=0):
+def _toy_orm(seed=0, vocab=16):
     torch.manual_seed(seed)
     from conftest import make_config
-    mc = make_config(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    mc = make_config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                      num_attention_heads=2, num_key_value_heads=1)
     orm = ppo.Critic(M.Transformer(mc), seed=seed).eval()
     opt = ppo.MasterAdamW(orm.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -252,6 +252,22 @@ def test_orm_learns_to_rank_right_above_wrong_from_the_policys_pairs():
     assert ppo.update_orm(orm, opt, [[1, 9]] * 4, [False] * 4, cfg, 0) == {}   # no pairs: no step
 
 
+def test_countdown_reward_adds_the_orms_sigmoid_score_of_prompt_and_response():
+    orm, _ = _toy_orm(vocab=400)
+    tok = make_tokenizer()
+    cfg = ppo._resolve(ppo.PPOConfig(device="cpu", samples=2, rule_reward="satori"))
+    p = {"nums": [3, 5, 7], "target": 22}
+    prompts = [[5, 6, 7], [8]]
+    right, wrong = tok.encode("<answer> 3 * 5 + 7 </answer>"), tok.encode("<answer> 3 + 5 + 7 </answer>")
+    responses = [right, wrong, wrong, right]
+    scores, extra = ppo.countdown_reward(tok, [p, p], cfg, orm=orm, prompts=prompts)(responses)
+    seqs = [[5, 6, 7] + right, [5, 6, 7] + wrong, [8] + wrong, [8] + right]
+    with torch.no_grad():
+        bonus = [torch.sigmoid(orm(torch.tensor([q]))[0, -1]).item() for q in seqs]
+    assert scores == pytest.approx([0 + bonus[0], -1 + bonus[1], -1 + bonus[2], 0 + bonus[3]], abs=1e-6)
+    assert extra["preference_bonus_mean"] == pytest.approx(sum(bonus) / 4, abs=1e-6)
+
+
 # -- the whole loop ------------------------------------------------------------------------------
 
 def _coat_checkpoint(tmp_path):
@@ -262,14 +278,18 @@ def _coat_checkpoint(tmp_path):
 
 
 class _FilledBuffers(ppo.RestartBuffers):
-    """Buffers that start with one right and one wrong hand-made trajectory (a random tiny policy
-    never writes a complete COAT trajectory of its own)."""
+    """Buffers that start with one right and one wrong hand-made trajectory. A random tiny policy
+    never writes a COAT trajectory of its own, so each of its responses enters wrapped in two steps:
+    the restarts of later steps then depend on every earlier rollout (and on a correct resume)."""
 
     def __init__(self, size):
         super().__init__(size)
         p = {"nums": [3, 5, 7], "target": 22, "id": -1}
-        self.add(p, TRAJ, correct=True)
-        self.add(p, TRAJ.replace("3 * 5 + 7 </answer>", "3 + 5 + 7 </answer>"), correct=False)
+        ppo.RestartBuffers.add(self, p, TRAJ, correct=True)
+        ppo.RestartBuffers.add(self, p, TRAJ.replace("3 * 5 + 7 </answer>", "3 + 5 + 7 </answer>"), correct=False)
+
+    def add(self, problem, text, correct):
+        super().add(problem, f"\n{CONT} {text!r} {CONT} {len(text)}.\n</think>", correct)
 
 
 def _rae_cfg(ck, out, steps):
@@ -293,7 +313,7 @@ def test_rae_run_restarts_half_its_batch_checkpoints_the_buffers_and_resumes_exa
     assert all(r["reward_mean"] <= 0.5 * 0.5 + 0 for r in rows[1:])
     s1 = torch.load(straight / "checkpoints" / "step_4" / "state.pt", weights_only=True)
     s2 = torch.load(split / "checkpoints" / "step_4" / "state.pt", weights_only=True)
-    assert len(s1["rae"]["pos"]) >= 1 and len(s1["rae"]["neg"]) >= 1 and s1["rae"] == s2["rae"]
+    assert len(s1["rae"]["pos"]) == 1 and len(s1["rae"]["neg"]) == 1 + 4 * 2 * 2 and s1["rae"] == s2["rae"]
     assert all(torch.equal(s1["orm"][k], s2["orm"][k]) for k in s1["orm"])
     w1 = M.load(straight / "checkpoints" / "step_4" / "policy")[0].state_dict()
     w2 = M.load(split / "checkpoints" / "step_4" / "policy")[0].state_dict()
@@ -364,3 +384,40 @@ def test_restarts_teach_a_toy_policy_to_repair_after_reflect():
     assert len(restart_acc) == 39 and max(restart_acc[:3]) < 0.25
     assert sum(restart_acc[-5:]) / 5 > 0.6, restart_acc
     assert before < 0.1 and repair_rate() > 0.6
+
+
+def test_save_correct_writes_sft_rows_and_a_resume_drops_the_steps_it_redoes(tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo, "_judge", lambda text, p, cfg: (1.0, True, True))   # every answer right
+    ck = make_checkpoint(tmp_path / "ck")
+    cfg = ppo.PPOConfig(model=str(ck), out=str(tmp_path / "run"), device="cpu", batch_prompts=2, samples=2,
+                        mini_batch_prompts=1, micro_batch=2, max_response=4, max_prompt=1024, steps=2, val_every=0,
+                        n_train=8, n_test=2, save_every=2, progress=False, seed=3, save_correct=True)
+    ppo.train(cfg)
+    path = tmp_path / "run" / "correct.jsonl"
+    rows = C.read_jsonl(path)
+    train = C.read_jsonl(tmp_path / "run" / "data" / "train.jsonl")
+    assert [r["step"] for r in rows] == [1] * 4 + [2] * 4
+    for r in rows:
+        assert r["query"] == C.make_prompt(r["nums"], r["target"]) and isinstance(r["completion"], str)
+        assert any(t["nums"] == r["nums"] and t["target"] == r["target"] for t in train)
+    C.append_jsonl(path, dict(rows[0], step=3))   # a step that ran after the last checkpoint
+    ppo.train(cfg)                                 # resumes at step 2: nothing to do, step 3 forgotten
+    assert C.read_jsonl(path) == rows
+
+
+def test_a_run_started_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    ck = make_checkpoint(tmp_path / "ck")
+    cfg = ppo.PPOConfig(model=str(ck), out=str(tmp_path / "run"), device="cpu", batch_prompts=2, samples=2,
+                        mini_batch_prompts=1, micro_batch=2, max_response=4, max_prompt=1024, steps=1, val_every=0, n_train=4,
+                        n_test=2, progress=False)
+    ppo.train(cfg)
+    cfg_path = tmp_path / "run" / "config.json"
+    saved = json.loads(cfg_path.read_text())
+    for k in ("rule_reward", "rae", "reflection_bonus", "preference_bonus", "save_correct"):
+        del saved[k]                              # as config.json was written before Satori's flags
+    cfg_path.write_text(json.dumps(saved))
+    ppo.train(ppo.PPOConfig(**{**cfg.__dict__, "steps": 2}))
+    assert [r["step"] for r in C.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    cfg_path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="rule_reward: 'paper' -> 'satori'"):
+        ppo.train(ppo.PPOConfig(**{**cfg.__dict__, "steps": 3, "rule_reward": "satori"}))
