@@ -1085,10 +1085,12 @@ def fill_restart_buffers(buffers: RestartBuffers, rows, problems, origins, sampl
 def save_correct_rows(path: Path, rows, problems, origins, step: int, cfg: PPOConfig):
     """Append the right answers to the batch's own prompts as SFT rows (a restart's continuation is
     not a whole trajectory), one file write per step."""
-    new = [{"query": countdown.make_prompt(p["nums"], p["target"], cfg.template), "completion": text,
-            "nums": p["nums"], "target": p["target"], "step": step}
-           for i, (_, text, correct) in enumerate(rows)
-           if correct and origins[i // cfg.samples] is None for p in [problems[i // cfg.samples]]]
+    new = []
+    for i, (_, text, correct) in enumerate(rows):
+        p = problems[i // cfg.samples]
+        if correct and origins[i // cfg.samples] is None:
+            new.append({"query": countdown.make_prompt(p["nums"], p["target"], cfg.template), "completion": text,
+                        "nums": p["nums"], "target": p["target"], "step": step})
     if new:
         with open(path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in new))
@@ -1514,14 +1516,14 @@ def _open_run(cfg: PPOConfig, run: Path) -> Optional[Path]:
     if ckpt is None and cfg.resume:
         raise ValueError(f"--resume: {run} has no checkpoint with training state to resume from")
     step = int(ckpt.name[5:]) if ckpt else 0
-    for metrics in (run / "metrics.jsonl", run / "correct.jsonl"):
-        if metrics.is_file():   # lines after the checkpoint describe steps that will be redone (identically)
-            rows = countdown.read_jsonl(metrics)
+    for log in (run / "metrics.jsonl", run / "correct.jsonl"):
+        if log.is_file():   # lines after the checkpoint describe steps that will be redone (identically)
+            rows = countdown.read_jsonl(log)
             keep = [r for r in rows if r.get("step", 0) < step or (ckpt and r.get("step") == step)]
             if len(keep) != len(rows):
-                print(f"{metrics}: dropping {len(rows) - len(keep)} line(s) after the checkpoint at step {step}; "
+                print(f"{log}: dropping {len(rows) - len(keep)} line(s) after the checkpoint at step {step}; "
                       "those steps are redone", file=sys.stderr)
-                countdown.write_jsonl(metrics, keep)
+                countdown.write_jsonl(log, keep)
     _write_json(cfg_path, new)
     print(f"resuming {run} from step {step}" if ckpt else f"{run}: no checkpoint yet, starting from step 0",
           file=sys.stderr)
