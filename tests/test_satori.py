@@ -421,3 +421,33 @@ def test_a_run_started_before_a_setting_existed_resumes_with_its_default(tmp_pat
     cfg_path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="rule_reward: 'paper' -> 'satori'"):
         ppo.train(ppo.PPOConfig(**{**cfg.__dict__, "steps": 3, "rule_reward": "satori"}))
+
+
+# -- COAT from LLM-written traces (curate.py controls --kind coat) ---------------------------------
+
+def test_curate_coat_marks_the_steps_of_a_free_text_trace():
+    import curate
+    query = C.make_prompt([3, 5, 7], 22)
+    think = ("\nLet me try 3 + 5 = 8. Then 8 + 7 = 15. 15 is not 22.\nLet's try something else. "
+             "3 * 5 = 15. 15 + 7 = 22. That matches the target.\n")
+    row = {"query": query, "completion": think + "</think>\n<answer> 3 * 5 + 7 </answer>", "nums": [3, 5, 7],
+           "target": 22}
+    (got,), dropped = curate.coat([row, {"query": "q", "completion": "no thoughts"}])
+    assert dropped == 1
+    assert got["completion"] == (f"\n{CONT} Let me try 3 + 5 = 8. Then 8 + 7 = 15. {REFL} 15 is not 22.\n"
+                                 f"{EXPL} Let's try something else. {CONT} 3 * 5 = 15. 15 + 7 = 22. "
+                                 f"{REFL} That matches the target.\n</think>\n<answer> 3 * 5 + 7 </answer>")
+
+
+def test_curate_coat_on_synthetic_traces_puts_one_token_per_behavior_instance():
+    """The rules judge is exact on countdown's wording, so there the conversion must place exactly
+    one reflect per verification and one explore per backtrack, and keep every word."""
+    import curate
+    rows = C.generate_traces("all_strategies", 150, seed=4)
+    got, dropped = curate.coat(rows)
+    assert dropped == 0
+    for r, g in zip(rows, got):
+        assert g["completion"].count(REFL) == r["behaviors"]["verification"]
+        assert g["completion"].count(EXPL) == r["behaviors"]["backtracking"]
+        assert re.sub(r"<\|(continue|reflect|explore)\|> ", "", g["completion"]) == r["completion"]
+        assert C.score(g["completion"], r["nums"], r["target"]) == 1.0
