@@ -910,6 +910,15 @@ def count_behaviors_rules(text, nums=None, target=None):
     """{behavior: number of sentences that show it}, by the rules above. nums and target (the
     problem) enable bare-restart backtracking and the target-aware subgoal/backward rules."""
     counts = dict.fromkeys(BEHAVIORS, 0)
+    for _, hit in behavior_sentences(text, nums, target):
+        for b in BEHAVIORS:
+            counts[b] += hit[b]
+    return counts
+
+
+def behavior_sentences(text, nums=None, target=None) -> list:
+    """[(sentence, {behavior: shown?})] in order: the rules' view of each sentence of text."""
+    out = []
     given = {}
     for n in nums or ():
         given[int(n)] = given.get(int(n), 0) + 1
@@ -958,9 +967,8 @@ def count_behaviors_rules(text, nums=None, target=None):
                         used[x] = used.get(x, 0) + 1
                 avail[c] = avail.get(c, 0) + 1
                 seen_step, announced = True, False
-        for b in BEHAVIORS:
-            counts[b] += hit[b]
-    return counts
+        out.append((sentence, hit))
+    return out
 
 
 # -----------------------------------------------------------------------------------------------

@@ -792,7 +792,7 @@ def _progress_bar(total, desc):
 
 CONDITIONS = (
     "all_strategies", "only_backtracking", "backtracking_verification", "backtracking_subgoal",
-    "backtracking_backward", "negative_control", "empty_cot", "dots", "no_positive",
+    "backtracking_backward", "negative_control", "empty_cot", "dots", "no_positive", "coat",
 )
 BEHAVIORS = ("verification", "backtracking", "subgoal", "backward")
 _ALL = frozenset(BEHAVIORS)
@@ -806,6 +806,7 @@ ALLOWED_BEHAVIORS: dict[str, frozenset] = {
     "empty_cot": frozenset(),
     "dots": frozenset(),
     "no_positive": _ALL,  # all_strategies whose every final answer is wrong
+    "coat": _ALL,  # all_strategies written in Satori's Chain-of-Action-Thought form (below)
 }
 
 BEHAVIOR_PHRASES: dict[str, tuple[str, ...]] = {
@@ -900,6 +901,19 @@ _CONCLUDE = ("So the answer is {expr}.", "The expression is {expr}.", "Putting i
           "So {expr} uses every number once.", "So the final expression is {expr}.", "The answer: {expr}.")
 
 
+# Satori's Chain-of-Action-Thought (COAT, Shen et al. 2025). Every step of a trace opens with a
+# meta-action token that says what kind of step it is: <|continue|> goes on, <|reflect|> checks the
+# steps before, <|explore|> abandons the current path for another. Plain CoT is COAT with only
+# <|continue|>. The `coat` condition writes the all_strategies search of a problem, the same text
+# word for word, with these tokens at its step boundaries: a verification opens with reflect, a
+# backtrack with explore, everything else with continue (a restated state or a "so I need x" goes
+# on the step before it, unopened). The tokens carry no behavior marker, so the counts stand.
+# sft.py --add-tokens coat puts them in a tokenizer as single tokens; ppo.py --rae restarts
+# trajectories at their boundaries.
+COAT_TOKENS = {"continue": "<|continue|>", "reflect": "<|reflect|>", "explore": "<|explore|>"}
+_BEHAVIOR_META = {"verification": "reflect", "backtracking": "explore"}
+
+
 def _join(vals) -> str:
     vals = [str(v) for v in vals]
     return vals[0] if len(vals) == 1 else ", ".join(vals[:-1]) + " and " + vals[-1]
@@ -935,6 +949,7 @@ class _Narrator:
         self.nums, self.t, self.rng, self.budget = list(nums), target, rng, budget
         self.allowed = ALLOWED_BEHAVIORS[condition]
         self.lines: list[str] = []
+        self.metas: list = []  # per line: the COAT meta-action that opens it, or None
         self.breaks: set[int] = set()  # line indices that start a paragraph
         self.counts = dict.fromkeys(BEHAVIORS, 0)
         self.dead_ends = 0
@@ -942,19 +957,25 @@ class _Narrator:
         self.first = True  # the next step is the first of an attempt
         self.equations: list[str] = []  # every arithmetic fact stated, for arithmetic_drill
 
-    def text(self) -> str:
-        return "".join(("\n" if i in self.breaks else " ") + line for i, line in enumerate(self.lines))[1:]
+    def text(self, coat: bool = False) -> str:
+        """The trace; coat=True opens every step with its meta-action token."""
+        def line(i):
+            meta = self.metas[i] if coat else None
+            return (COAT_TOKENS[meta] + " " if meta else "") + self.lines[i]
+        return "".join(("\n" if i in self.breaks else " ") + line(i) for i in range(len(self.lines)))[1:]
 
     # -- writing -------------------------------------------------------------------------------
-    def say(self, templates, **kw):
+    def say(self, templates, meta="continue", **kw):
+        """One line; `meta` is the COAT action that opens it (None: it goes on the step before)."""
         self.lines.append(self.rng.choice(templates).format(**kw))
+        self.metas.append(meta)
 
     def behavior(self, name, templates, **kw):
         """Write one instance of a behavior, if the condition speaks it; returns whether it did."""
         if name not in self.allowed:
             return False
         self.counts[name] += 1
-        self.say(templates, **kw)
+        self.say(templates, meta=_BEHAVIOR_META.get(name, "continue"), **kw)
         return True
 
     def step(self, a, op, b, c):
@@ -967,6 +988,7 @@ class _Narrator:
             if prefix and text[0].isalpha():
                 text = text[0].lower() + text[1:]
             self.lines.append(prefix + text)
+            self.metas.append("continue")
         self.first = False
 
     def new_paragraph(self):
@@ -1049,7 +1071,7 @@ class _Narrator:
             nxt = self.narrate(items, move)
             # the state is restated after every step: a small model keeps track of the numbers by
             # copying the last statement, not by replaying the whole attempt
-            self.say(_LEFT, state=_join(v for v, _ in nxt))
+            self.say(_LEFT, meta=None, state=_join(v for v, _ in nxt))
             tree = self.dfs(nxt, goal, full, root=False)
             if tree is not None:
                 return tree
@@ -1122,7 +1144,7 @@ class _Narrator:
             if depth == 0:
                 self.new_paragraph()
             self.behavior("backward", templates, g=goal, inv=inv, fwd=fwd, x=x)
-            self.say(_NEED, x=x, rest=prev_rest)
+            self.say(_NEED, meta=None, x=x, rest=prev_rest)
             self.first = True
             sub = self.backward(x, rest, depth + 1)
             if sub is not None:
@@ -1195,9 +1217,10 @@ def count_tokens(text: str, tokenizer=None) -> int:
     return len(getattr(ids, "ids", ids))
 
 
-def _reasoning(nums, target, condition, rng):
+def _reasoning(nums, target, condition, rng, coat: bool = False):
     """(think text, answer tree, behavior counts, dead ends) for a condition that writes
-    reasoning, or None when this problem gives no trace of the condition (see TRACE_BUDGET)."""
+    reasoning, or None when this problem gives no trace of the condition (see TRACE_BUDGET).
+    coat: write it in COAT form (meta-action tokens at the step boundaries)."""
     if condition == "negative_control":
         trees = _Search(nums, _NATURAL, find_all=True).find((1 << len(nums)) - 1, target)
         tree = rng.choice(trees)
@@ -1223,16 +1246,17 @@ def _reasoning(nums, target, condition, rng):
     if rng.random() < 0.4:
         w.behavior("verification", _DOUBLE_CHECK, steps=_spell_steps(tree, nums))
     w.say(_CONCLUDE, expr=_format(tree, lambda i: str(nums[i]), pretty=True))
-    return "\n" + w.text() + "\n", tree, w.counts, w.dead_ends
+    return "\n" + w.text(coat) + "\n", tree, w.counts, w.dead_ends
 
 
 def _trace(row, condition, seed, tokenizer=None):
     """One trace record for a problem row, or None when the problem gives no trace."""
     nums, target = row["nums"], row["target"]
-    # empty_cot and dots post-process the all_strategies trace of the same problem, as the paper did
-    source = "all_strategies" if condition in ("empty_cot", "dots") else condition
+    # empty_cot and dots post-process the all_strategies trace of the same problem, as the paper did;
+    # coat writes that same trace with its meta-action tokens
+    source = "all_strategies" if condition in ("empty_cot", "dots", "coat") else condition
     rng = random.Random(f"countdown-trace:{source}:{seed}:{row['id']}")
-    got = _reasoning(nums, target, source, rng)
+    got = _reasoning(nums, target, source, rng, coat=condition == "coat")
     if got is None:
         return None
     think, tree, counts, dead_ends = got

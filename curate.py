@@ -282,7 +282,37 @@ def no_positive(rows):
     return [r for r in rows if countdown.score(r["completion"], r["nums"], r["target"]) < 1.0]
 
 
+def coat(rows):
+    """Satori's Chain-of-Action-Thought form of LLM-written traces: the first <think> is split into
+    sentences, which the rules judge labels (classify.behavior_sentences); a backtracking sentence
+    opens an <|explore|> step, a verification one a <|reflect|> step, and each run of other
+    sentences one <|continue|> step. Rows without a <think> are dropped. -> (rows, n_dropped).
+    On free text the labels are only as good as the rules (README, classify.py)."""
+    out, dropped = [], 0
+    for r in rows:
+        text, moved = _full_text(r)
+        think = _FIRST_THINK.search(text)
+        if think is None:
+            dropped += 1
+            continue
+        body, pos, parts, last = think.group(1), 0, [], None
+        for sentence, hit in classify.behavior_sentences(body, r.get("nums"), r.get("target")):
+            start = body.find(sentence, pos) if sentence else -1
+            if start < 0:
+                continue
+            kind = "explore" if hit["backtracking"] else "reflect" if hit["verification"] else "continue"
+            parts.append(body[pos:start])
+            if kind != "continue" or last != "continue":
+                parts.append(countdown.COAT_TOKENS[kind] + " ")
+            parts.append(sentence)
+            pos, last = start + len(sentence), kind
+        new_body = "".join(parts) + body[pos:]
+        out.append(_with_text(r, text[:think.start(1)] + new_body + text[think.end(1):], moved))
+    return out, dropped
+
+
 CONTROLS = ("empty_cot", "dots", "no_positive")
+DERIVED = CONTROLS + ("coat",)  # what `curate.py controls` derives from a generated set
 
 
 # -----------------------------------------------------------------------------------------------
@@ -855,6 +885,8 @@ def _cmd_controls(args):
         new, dropped = empty_cot(rows), 0
     elif args.kind == "dots":
         new, dropped = dots(rows, load_tokenizer(args.tokenizer))
+    elif args.kind == "coat":
+        new, dropped = coat(rows)
     else:
         new = no_positive(rows)
         dropped = len(rows) - len(new)
@@ -928,11 +960,12 @@ def build_parser():
     add_judge_args(q, default_api="anthropic", temperature=0.5, max_tokens=1024)
 
     c = sub.add_parser("controls", formatter_class=fmt,
-                       help="empty_cot / dots / no_positive from a generated set")
+                       help="empty_cot / dots / no_positive controls, or coat, from a generated set")
     c.add_argument("--input", required=True, help="SFT JSONL from `curate.py priming`")
-    c.add_argument("--kind", required=True, choices=CONTROLS,
+    c.add_argument("--kind", required=True, choices=DERIVED,
                    help="empty_cot: thoughts emptied; dots: thoughts -> N ' .' (N = think tokens); "
-                        "no_positive: keep every example scoring < 1")
+                        "no_positive: keep every example scoring < 1; coat: Satori's meta-action "
+                        "tokens at the step boundaries (from all_strategies)")
     c.add_argument("--out", required=True, help="output JSONL")
     c.add_argument("--tokenizer", default="",
                    help="tokenizer.json (or its folder) to count think tokens for dots; default: "

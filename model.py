@@ -481,6 +481,38 @@ class Tokenizer:
         _write_json(out_dir / "tokenizer_config.json", cfg)
 
 
+def add_tokens(model: "Transformer", tokenizer: Tokenizer, tokens) -> list:
+    """Add `tokens` to the tokenizer as single, never-split tokens and give the model a row for each
+    id past its embedding; returns their ids. Tokens already present keep their ids.
+
+    They are added as plain (not special) tokens, so decode(..., skip_special_tokens=True) keeps
+    them: Satori's meta-actions are part of the reasoning a reader and the reward look at. A new
+    row starts at the mean of the existing embeddings (and head rows, when untied): the logits of
+    the old tokens do not change, and a new token starts as an average token, not a random one.
+    """
+    from tokenizers import AddedToken
+    new = [t for t in tokens if tokenizer.tk.token_to_id(t) is None]
+    if new:
+        tokenizer.tk.add_tokens([AddedToken(t, special=False, normalized=False, single_word=False) for t in new])
+    ids = [tokenizer.tk.token_to_id(t) for t in tokens]
+    old_rows = model.embed_tokens.weight.shape[0]
+    rows = max(old_rows, max(ids) + 1)
+    if rows > old_rows:
+        with torch.no_grad():
+            def grow(w):
+                extra = w.mean(0, keepdim=True).expand(rows - old_rows, -1)
+                return nn.Parameter(torch.cat([w, extra]), requires_grad=w.requires_grad)
+            model.embed_tokens.weight = grow(model.embed_tokens.weight)
+            model.embed_tokens.num_embeddings = rows
+            if model.config.tie_word_embeddings:
+                model.lm_head.weight = model.embed_tokens.weight
+            else:
+                model.lm_head.weight = grow(model.lm_head.weight)
+            model.lm_head.out_features = rows
+        model.config.vocab_size = rows
+    return ids
+
+
 # -----------------------------------------------------------------------------
 # Checkpoint files: read safetensors, load a folder, save a folder
 

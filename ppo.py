@@ -71,9 +71,11 @@ checkpoints and exits, a second one aborts (checkpoints are written to a temp fo
 """
 
 import argparse
+import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -131,6 +133,24 @@ class PPOConfig:
     format_score: float = _flag(0.1, "reward for a parsable but wrong <answer> on the last line")
     correct_score: float = _flag(1.0, "reward for a correct answer")
     lenient: bool = _flag(False, "take the last <answer> anywhere in the response, not only on the last line")
+    rule_reward: str = _flag("paper", "outcome reward: paper (correct-score / format-score / 0) or satori (0 right, "
+                             "-1 wrong)", choices=("paper", "satori"))
+    # Satori (optional; README "Satori"): Restart-and-Explore over COAT trajectories, reflection bonus
+    rae: bool = _flag(False, "Restart-and-Explore: part of each batch restarts from the policy's own past "
+                      "trajectories, cut back at a COAT step boundary and followed by <|reflect|> (needs a "
+                      "format-tuned model: sft.py --add-tokens coat)")
+    rae_ratio: float = _flag(0.5, "fraction of each batch's prompts that are restarts (once the buffers hold some)")
+    rae_max_back: int = _flag(4, "T, the COAT steps cut back, is drawn uniformly from 0..min(this, steps - 1)")
+    rae_buffer: int = _flag(1024, "trajectories kept in each restart buffer, D+ (correct) and D- (wrong); the "
+                            "oldest go first")
+    reflection_bonus: float = _flag(0.0, "beta: +beta when a restart from a wrong trajectory ends right, -beta when "
+                                    "one from a right trajectory ends wrong (Satori: 0.5)")
+    preference_bonus: bool = _flag(False, "add sigmoid(r_psi(x, y)) to the reward, r_psi an outcome reward model (the "
+                                   "critic's architecture) trained Bradley-Terry on right-vs-wrong pairs of the policy's "
+                                   "own samples, one step per iteration (one more model in memory; not in the budget)")
+    orm_lr: float = _flag(0.0, "learning rate of the outcome reward model (0 = --critic-lr)")
+    save_correct: bool = _flag(False, "append the rollouts that answered their own problem right to <out>/correct.jsonl "
+                               "as SFT rows (query, completion): the data of Satori's distillation round")
     # algorithm
     adv: str = _flag("gae", "advantage estimator: gae (PPO with a critic, the paper) or grpo (group-normalized "
                      "sequence rewards, no critic: saves a model's worth of memory)", choices=("gae", "grpo"))
@@ -624,6 +644,8 @@ class Models:
     device: torch.device
     ref_offload: bool = False
     sampler: Optional[M.Transformer] = None   # under torchrun: an unsharded copy of the policy that generates
+    orm: Optional[Critic] = None            # Satori's outcome reward model (--preference-bonus)
+    orm_opt: Optional[MasterAdamW] = None
 
 
 def sampling_policy(models: Models) -> M.Transformer:
@@ -938,20 +960,44 @@ def response_text(tokenizer: M.Tokenizer, ids) -> str:
 
 
 def _judge(text, p, cfg):
-    """(score, correct, format ok) of one response; format ok = an <answer> the reward could read."""
+    """(score, correct, format ok) of one response; format ok = an <answer> the reward could read.
+    The score is the paper's (correct / format / 0) or, with --rule-reward satori, 0 right, -1 wrong."""
     s = countdown.score(text, p["nums"], p["target"], cfg.format_score, cfg.correct_score, cfg.lenient)
     has_answer = countdown.score(text, p["nums"], p["target"], 1.0, 1.0, cfg.lenient) > 0
-    return s, countdown.is_correct(text, p["nums"], p["target"], cfg.lenient), has_answer
+    correct = countdown.is_correct(text, p["nums"], p["target"], cfg.lenient)
+    if cfg.rule_reward == "satori":
+        s = 0.0 if correct else -1.0
+    return s, correct, has_answer
 
 
-def countdown_reward(tokenizer: M.Tokenizer, problems, cfg: PPOConfig) -> Callable:
-    """reward_fn for ppo_iteration: rows i*samples .. i*samples+samples-1 answer problems[i]."""
+def countdown_reward(tokenizer: M.Tokenizer, problems, cfg: PPOConfig, origins=None, orm=None,
+                     prompts=None) -> Callable:
+    """reward_fn for ppo_iteration: rows i*samples .. i*samples+samples-1 answer problems[i].
+    Satori's options: origins[i] (--rae) is None for a problem's own prompt, "+" / "-" for a
+    restart cut from a right / wrong trajectory; restarts get the reflection bonus and are measured
+    apart. orm (--preference-bonus, with the prompts' token ids): sigmoid(r_psi) joins every score."""
+    origins = origins or [None] * len(problems)
+
     def reward_fn(responses):
         judged = [_judge(response_text(tokenizer, ids), problems[i // cfg.samples], cfg)
                   for i, ids in enumerate(responses)]
-        n = len(judged)
-        return [j[0] for j in judged], {"accuracy": sum(j[1] for j in judged) / n,
-                                        "format_rate": sum(j[2] for j in judged) / n}
+        origin = [origins[i // cfg.samples] for i in range(len(judged))]
+        scores = [s + reflection_bonus(o, ok, cfg.reflection_bonus) for (s, ok, _), o in zip(judged, origin)]
+        extra = {}
+        if orm is not None:
+            seqs = [list(prompts[i // cfg.samples]) + list(r) for i, r in enumerate(responses)]
+            bonus = preference_bonus(orm, seqs, tokenizer.pad_id, cfg.infer_batch)
+            scores = [s + b for s, b in zip(scores, bonus)]
+            extra["preference_bonus_mean"] = sum(bonus) / len(bonus)
+        own = [j for j, o in zip(judged, origin) if o is None]
+        extra.update(accuracy=sum(j[1] for j in own) / max(len(own), 1),
+                     format_rate=sum(j[2] for j in own) / max(len(own), 1))
+        if len(own) < len(judged):  # Satori's restarts: how often they end right, per buffer
+            for sign, name in (("+", "restart_pos_accuracy"), ("-", "restart_neg_accuracy")):
+                got = [j[1] for j, o in zip(judged, origin) if o == sign]
+                extra[name] = sum(got) / len(got) if got else None
+            extra["restart_frac"] = 1 - len(own) / len(judged)
+        return scores, extra
     return reward_fn
 
 
@@ -984,6 +1030,190 @@ def validate(policy, tokenizer: M.Tokenizer, problems, cfg: PPOConfig, step: int
     return {"val_accuracy": sum(r["correct"] for r in rows) / n, "val_score": sum(r["score"] for r in rows) / n,
             "val_format_rate": sum(r["format_ok"] for r in rows) / n,
             "val_response_length": sum(r["length"] for r in rows) / n, "val_truncated_frac": 1 - sum(ended) / n}
+
+
+# -----------------------------------------------------------------------------
+# Satori (optional): Restart-and-Explore and the reflection bonus
+#
+# A COAT trajectory is a chain of steps, each opened by a meta-action token (countdown.COAT_TOKENS).
+# After each rollout, the trajectories of the batch's own prompts go to two buffers, D+ (right
+# answers) and D- (wrong ones). A restart takes one of them, keeps its first n - T steps (T >= 0
+# drawn per restart; n = its steps), appends <|reflect|>, and hands that to the policy as a prompt:
+# the policy learns to check work in progress, and to repair it (from D-) or keep it (from D+).
+# The reflection bonus makes those two lessons explicit: +beta when a restart from D- ends right,
+# -beta when one from D+ ends wrong; nothing otherwise.
+
+
+def reflection_bonus(origin: Optional[str], correct: bool, beta: float) -> float:
+    """Satori's bonus for one response: origin None (a plain prompt), "+" or "-" (the restart's buffer)."""
+    if origin == "-" and correct:
+        return beta
+    if origin == "+" and not correct:
+        return -beta
+    return 0.0
+
+
+_COAT_STEP = re.compile("|".join(re.escape(t) for t in countdown.COAT_TOKENS.values()))
+
+
+def cut_back(text: str, back: int) -> Optional[str]:
+    """The reasoning of a COAT response with its last `back` steps removed and <|reflect|> appended,
+    or None when it has no complete reasoning (no </think>) or fewer than back + 1 steps."""
+    end = text.find("</think>")
+    if end < 0:
+        return None
+    starts = [m.start() for m in _COAT_STEP.finditer(text, 0, end)]
+    if back < 0 or len(starts) < back + 1:
+        return None
+    cuts = starts + [end]                      # step i is text[cuts[i]:cuts[i + 1]]
+    return text[:cuts[len(starts) - back]].rstrip() + " " + countdown.COAT_TOKENS["reflect"]
+
+
+def coat_steps(text: str) -> int:
+    """Steps (meta-action tokens) in the reasoning of a response."""
+    end = text.find("</think>")
+    return len(_COAT_STEP.findall(text, 0, end if end >= 0 else len(text)))
+
+
+@dataclass
+class Restart:
+    problem: dict
+    prompt_ids: list      # the problem's prompt, the kept steps and <|reflect|>
+    origin: str           # "+" (cut from a right trajectory) or "-" (a wrong one)
+    back: int             # T, the steps cut back
+
+
+class RestartBuffers:
+    """D+ and D-: (problem, response text) of past trajectories with complete reasoning, newest last."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pos: list = []
+        self.neg: list = []
+
+    def add(self, problem: dict, text: str, correct: bool):
+        if coat_steps(text) == 0 or "</think>" not in text:
+            return                              # nothing to restart from
+        buf = self.pos if correct else self.neg
+        buf.append((problem, text))
+        del buf[:-self.size]
+
+    def state_dict(self) -> dict:
+        return {"pos": [[p, t] for p, t in self.pos], "neg": [[p, t] for p, t in self.neg]}
+
+    def load_state_dict(self, d: dict):
+        self.pos = [(p, t) for p, t in d["pos"]][-self.size:]
+        self.neg = [(p, t) for p, t in d["neg"]][-self.size:]
+
+
+def sample_restarts(buffers: RestartBuffers, k: int, rng: random.Random, tokenizer: M.Tokenizer,
+                    cfg: PPOConfig) -> list:
+    """Up to k restarts: a buffer at random (each half the time while both hold trajectories), a
+    trajectory of it uniformly, T uniformly in 0..min(--rae-max-back, steps - 1). Restarts longer
+    than --max-prompt tokens are skipped."""
+    out = []
+    for _ in range(4 * k):                     # a few spare draws for the skipped ones
+        if len(out) == k or not (buffers.pos or buffers.neg):
+            break
+        origin = rng.choice([b for b, buf in (("+", buffers.pos), ("-", buffers.neg)) if buf])
+        problem, text = rng.choice(buffers.pos if origin == "+" else buffers.neg)
+        back = rng.randint(0, min(cfg.rae_max_back, coat_steps(text) - 1))
+        prefix = cut_back(text, back)
+        ids = encode_prompts(tokenizer, [problem], cfg)[0] + tokenizer.encode(prefix)
+        if len(ids) <= cfg.max_prompt:
+            out.append(Restart(problem, ids, origin, back))
+    return out
+
+
+def judged_rows(exp: Experience, prompts, problems, tokenizer: M.Tokenizer, cfg: PPOConfig) -> list:
+    """(prompt + response token ids, response text, correct?) of every row of an iteration."""
+    P, out = exp.prompt_len, []
+    for i, n in enumerate(exp.response_mask.sum(1).long().tolist()):
+        ids = exp.input_ids[i, P:P + n].tolist()
+        text = response_text(tokenizer, ids)
+        out.append((list(prompts[i // cfg.samples]) + ids, text, _judge(text, problems[i // cfg.samples], cfg)[1]))
+    return out
+
+
+def fill_restart_buffers(buffers: RestartBuffers, rows, problems, origins, samples: int):
+    """Put this batch's trajectories of its own prompts (not the restarts' continuations) in D+ / D-."""
+    for i, (_, text, correct) in enumerate(rows):
+        if origins[i // samples] is None:
+            buffers.add(problems[i // samples], text, correct)
+
+
+def save_correct_rows(path: Path, rows, problems, origins, step: int, cfg: PPOConfig):
+    """Append the right answers to the batch's own prompts as SFT rows (a restart's continuation is
+    not a whole trajectory), one file write per step."""
+    new = []
+    for i, (_, text, correct) in enumerate(rows):
+        p = problems[i // cfg.samples]
+        if correct and origins[i // cfg.samples] is None:
+            new.append({"query": countdown.make_prompt(p["nums"], p["target"], cfg.template), "completion": text,
+                        "nums": p["nums"], "target": p["target"], "step": step})
+    if new:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in new))
+
+
+# The preference bonus. An outcome reward model r_psi (the critic's architecture; its score is the
+# head's output at the last token) learns from the policy's own samples: for a prompt with a right
+# response y+ and a wrong one y-, Bradley-Terry models P(y+ preferred) = sigmoid(r(y+) - r(y-)), and
+# the loss is -log of it, averaged over every such pair in the batch. sigmoid(r_psi(x, y)) in (0, 1)
+# joins the rule reward; each batch is scored before the ORM trains on it.
+
+
+def bradley_terry_loss(r_pos, r_neg):
+    """-log sigmoid(r+ - r-), the mean over pairs."""
+    return -F.logsigmoid(r_pos - r_neg).mean()
+
+
+def orm_scores(orm: Critic, sequences, pad_id: int) -> torch.Tensor:
+    """r_psi of each token list (prompt + response): the head at its last token. Right-padded and
+    unmasked: in a causal model no real token attends to the padding after it."""
+    device = orm.score.weight.device
+    lengths = torch.tensor([len(q) for q in sequences], device=device)
+    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, q in enumerate(sequences):
+        ids[i, :len(q)] = torch.as_tensor(q, dtype=torch.long)
+    return orm(ids.to(device))[torch.arange(len(sequences), device=device), lengths - 1]
+
+
+@torch.no_grad()
+def preference_bonus(orm: Critic, sequences, pad_id: int, batch: int) -> list:
+    orm.eval()
+    return [b for i in range(0, len(sequences), batch)
+            for b in torch.sigmoid(orm_scores(orm, sequences[i:i + batch], pad_id)).tolist()]
+
+
+def preference_pairs(correct, group: int) -> list:
+    """(right row, wrong row) for every such pair within each prompt's group of samples."""
+    return [(i, j) for g in range(0, len(correct), group) for i in range(g, g + group)
+            for j in range(g, g + group) if correct[i] and not correct[j]]
+
+
+def update_orm(orm: Critic, opt: MasterAdamW, sequences, correct, cfg: PPOConfig, pad_id: int) -> dict:
+    """One optimizer step on the Bradley-Terry loss of the batch's pairs, a prompt group at a time."""
+    pairs = preference_pairs(correct, cfg.samples)
+    if not pairs:
+        return {}
+    orm.train()
+    opt.zero_grad()
+    loss_sum, ranked = 0.0, 0
+    for g in range(0, len(sequences), cfg.samples):
+        group = [(i - g, j - g) for i, j in pairs if g <= i < g + cfg.samples]
+        if group:
+            r = orm_scores(orm, sequences[g:g + cfg.samples], pad_id)
+            pos, neg = r[[i for i, _ in group]], r[[j for _, j in group]]
+            loss = bradley_terry_loss(pos, neg) * (len(group) / len(pairs))   # the mean over all pairs
+            loss.backward()
+            loss_sum += loss.item()
+            ranked += int((pos > neg).sum())
+    norm, ok = opt.step(cfg.orm_lr or cfg.critic_lr, cfg.grad_clip)
+    if not ok:
+        opt.zero_grad()
+    orm.eval()
+    return {"orm_loss": loss_sum, "orm_pair_accuracy": ranked / len(pairs)}
 
 
 # -----------------------------------------------------------------------------
@@ -1170,7 +1400,7 @@ def _resolve(cfg: PPOConfig) -> PPOConfig:
         if getattr(c, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
     for name in ("n_train", "n_test", "n_val", "val_every", "rollout_batch", "val_batch", "threads", "kl_coef",
-                 "entropy_coef", "weight_decay", "gpu_memory_gb", "val_temperature"):
+                 "entropy_coef", "weight_decay", "gpu_memory_gb", "val_temperature", "orm_lr"):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
     if c.batch_prompts % c.mini_batch_prompts:
@@ -1189,6 +1419,13 @@ def _resolve(cfg: PPOConfig) -> PPOConfig:
         raise ValueError("--gamma and --lam must be in [0, 1]")
     if c.clip_ratio <= 0 or c.value_clip <= 0 or c.grad_clip <= 0:
         raise ValueError("--clip-ratio, --value-clip and --grad-clip must be > 0")
+    if not 0 <= c.rae_ratio < 1:
+        raise ValueError(f"--rae-ratio must be in [0, 1), got {c.rae_ratio}: some prompts must be new problems, "
+                         "or the buffers would never be refilled")
+    if c.rae_max_back < 0 or c.rae_buffer < 1:
+        raise ValueError("--rae-max-back must be >= 0 and --rae-buffer >= 1")
+    if c.reflection_bonus and not c.rae:
+        raise ValueError("--reflection-bonus rewards restarts, which only --rae makes; add --rae")
     return c
 
 
@@ -1259,7 +1496,8 @@ def _make_room_for_state(run: Path, step: int):
         p.unlink()
 
 
-def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOConfig, counters: dict) -> Path:
+def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOConfig, counters: dict,
+                    rae: Optional[RestartBuffers] = None) -> Path:
     """checkpoints/step_<N>/{policy/, state.pt}, written in a temp folder and renamed into place.
     Under torchrun every rank gathers its shards and rank 0 writes the same files, plus the fp32
     policy (the master weights) and the world size in state.pt."""
@@ -1283,7 +1521,10 @@ def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOCon
                  **(trained or {
                      "actor_opt": models.actor_opt.state_dict(),
                      "critic": models.critic.state_dict() if models.critic is not None else None,
-                     "critic_opt": models.critic_opt.state_dict() if models.critic_opt is not None else None})}
+                     "critic_opt": models.critic_opt.state_dict() if models.critic_opt is not None else None}),
+                 "rae": rae.state_dict() if rae is not None else None,
+                 "orm": models.orm.state_dict() if models.orm is not None else None,
+                 "orm_opt": models.orm_opt.state_dict() if models.orm is not None else None}
         torch.save(state, tmp / "state.pt")
     if final.exists():   # only after a resume re-reaches a step whose folder exists (identical content)
         old = ck / f".step_{step}.old-{os.getpid()}"
@@ -1311,7 +1552,7 @@ def _full_training_state(models: Models) -> dict:
             "critic_opt": opt_state(models.critic, models.critic_opt) if critic else None}
 
 
-def load_training_state(ckpt: Path, models: Models) -> tuple:
+def load_training_state(ckpt: Path, models: Models, rae: Optional[RestartBuffers] = None) -> tuple:
     """Restore the critic, both optimizers and the RNGs from ckpt/state.pt; returns (step, counters).
 
     The loaded dict holds a second copy of the fp32 master weights and of the critic (~29 GiB of
@@ -1334,12 +1575,16 @@ def load_training_state(ckpt: Path, models: Models) -> tuple:
     if models.critic is not None:
         models.critic.load_state_dict(state.pop("critic"))
         models.critic_opt.load_state_dict(state.pop("critic_opt"))
+    if rae is not None and state.get("rae") is not None:
+        rae.load_state_dict(state["rae"])
+    if models.orm is not None and state.get("orm") is not None:
+        models.orm.load_state_dict(state.pop("orm"))
+        models.orm_opt.load_state_dict(state.pop("orm_opt"))
     M.set_rng_state(state["rng"])
     return state["step"], state["counters"]
 
 
 def _write_json(path: Path, obj):
-    import json
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -1347,7 +1592,6 @@ def _write_json(path: Path, obj):
 
 def _open_run(cfg: PPOConfig, run: Path) -> Optional[Path]:
     """Create the run folder, or check it belongs to this config and return its newest checkpoint."""
-    import json
     cfg_path = run / "config.json"
     if not cfg_path.is_file() and run.exists() and any(p.name != countdown.LOCK_FILE for p in run.iterdir()):
         raise ValueError(f"{run} exists, is not empty and has no config.json: it is not a ppo.py run; choose another --out")
@@ -1359,7 +1603,9 @@ def _open_run(cfg: PPOConfig, run: Path) -> Optional[Path]:
         return None
     saved = json.loads(cfg_path.read_text(encoding="utf-8"))
     new = asdict(cfg)
-    diff = [k for k in new if k not in _RESUMABLE_CHANGES and saved.get(k) != new[k]]
+    # a setting added to ppo.py after the run started is absent from its config.json: it ran with the default
+    default = asdict(PPOConfig())
+    diff = [k for k in new if k not in _RESUMABLE_CHANGES and saved.get(k, default[k]) != new[k]]
     if diff and not _step_dirs(run) and not (run / "metrics.jsonl").is_file():
         # an attempt that died before recording anything (a typo in a path, say): nothing to lose
         print(f"{run}: the earlier attempt recorded nothing; starting over with the new settings", file=sys.stderr)
@@ -1367,7 +1613,7 @@ def _open_run(cfg: PPOConfig, run: Path) -> Optional[Path]:
         _write_json(cfg_path, new)
         return None
     if diff:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k in diff)
+        detail = ", ".join(f"{k}: {saved.get(k, default[k])!r} -> {new[k]!r}" for k in diff)
         raise ValueError(f"{run} holds a run with different settings ({detail}); rerun with the same flags to "
                          "resume it, or choose another --out")
     ckpt = latest_checkpoint(run)
@@ -1377,14 +1623,14 @@ def _open_run(cfg: PPOConfig, run: Path) -> Optional[Path]:
     if ckpt is None and cfg.resume:
         raise ValueError(f"--resume: {run} has no checkpoint with training state to resume from")
     step = int(ckpt.name[5:]) if ckpt else 0
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():   # lines after the checkpoint describe steps that will be redone (identically)
-        rows = countdown.read_jsonl(metrics)
-        keep = [r for r in rows if r.get("step", 0) < step or (ckpt and r.get("step") == step)]
-        if len(keep) != len(rows):
-            print(f"{metrics}: dropping {len(rows) - len(keep)} line(s) after the checkpoint at step {step}; "
-                  "those steps are redone", file=sys.stderr)
-            countdown.write_jsonl(metrics, keep)
+    for log in (run / "metrics.jsonl", run / "correct.jsonl"):
+        if log.is_file():   # lines after the checkpoint describe steps that will be redone (identically)
+            rows = countdown.read_jsonl(log)
+            keep = [r for r in rows if r.get("step", 0) < step or (ckpt and r.get("step") == step)]
+            if len(keep) != len(rows):
+                print(f"{log}: dropping {len(rows) - len(keep)} line(s) after the checkpoint at step {step}; "
+                      "those steps are redone", file=sys.stderr)
+                countdown.write_jsonl(log, keep)
     _write_json(cfg_path, new)
     print(f"resuming {run} from step {step}" if ckpt else f"{run}: no checkpoint yet, starting from step 0",
           file=sys.stderr)
@@ -1402,7 +1648,8 @@ METRIC_KEYS = (
     "actor_grad_norm", "critic_grad_norm", "actor_lr", "critic_lr", "skipped_updates",
     "val_accuracy", "val_score", "val_format_rate", "val_response_length", "val_truncated_frac",
     "time_rollout", "time_reward", "time_prepare", "time_critic", "time_actor", "time_val", "time_step",
-    "tokens_per_s", "peak_mem_gb", "elapsed_s")
+    "tokens_per_s", "peak_mem_gb", "elapsed_s", "restart_frac", "restart_pos_accuracy", "restart_neg_accuracy",
+    "preference_bonus_mean", "orm_loss", "orm_pair_accuracy")
 
 
 class TrainingStopped(RuntimeError):
@@ -1455,11 +1702,14 @@ def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
     actor_opt = MasterAdamW(policy.parameters(), lr=cfg.actor_lr, **adam)
     models = Models(policy, critic, ref, actor_opt, critic_opt, device,
                     ref_offload=cfg.device == "cuda" and cfg.ref_offload and not dist, sampler=sampler)
+    if cfg.preference_bonus:  # Satori's outcome reward model: a critic-shaped scorer with a head of its own
+        backbone, _ = M.load(init_path, device=device, dtype=cfg.dtype)
+        models.orm = Critic(backbone, seed=cfg.seed + 1).eval()
+        models.orm_opt = MasterAdamW(models.orm.parameters(), lr=cfg.orm_lr or cfg.critic_lr, **adam)
     return models, tokenizer
 
 
 def _model_config(name_or_path) -> M.ModelConfig:
-    import json
     p = Path(name_or_path)
     if p.is_file() and p.suffix == ".json":
         return M.ModelConfig.from_hf(json.loads(p.read_text(encoding="utf-8")))
@@ -1485,6 +1735,9 @@ def _train(cfg: PPOConfig) -> dict:
         # FSDP2's CPUOffloadPolicy would also need a gloo group beside NCCL for the offloaded shards: not done
         raise ValueError("--optim-device cpu is not supported under torchrun: FSDP already puts 1/N of the Adam "
                          "state on each GPU; use --optim-device auto or device, or more GPUs")
+    if M.distributed() and (cfg.rae or cfg.preference_bonus or cfg.save_correct):
+        raise ValueError("--rae, --preference-bonus and --save-correct run in one process only: their restart buffers, "
+                         "outcome reward model and correct.jsonl are not shared across ranks yet; drop torchrun")
     init_path = M.resolve_checkpoint(cfg.model)
     cfg = _resolve_memory(cfg, _model_config(init_path))
     if not M.is_main():   # rank 0 checks the folder and writes the data files; the others then read them
@@ -1509,10 +1762,18 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
     val_set = test_set[:cfg.n_val] if cfg.n_val else test_set
 
     models, tokenizer = build_models(cfg, ckpt / "policy" if ckpt else init_path, init_path)
+    rae = None
+    if cfg.rae:
+        missing = [t for t in countdown.COAT_TOKENS.values() if tokenizer.tk.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"--rae restarts at COAT meta-action tokens, and {cfg.model}'s tokenizer lacks "
+                             f"{', '.join(missing)}: format-tune it first (sft.py --add-tokens coat --data "
+                             "<countdown.py traces --condition coat>)")
+        rae = RestartBuffers(cfg.rae_buffer)
     counters = {"actor_bad": 0, "critic_bad": 0, "elapsed_s": 0.0}
     start = 0
     if ckpt is not None:
-        start, saved_counters = load_training_state(ckpt, models)
+        start, saved_counters = load_training_state(ckpt, models, rae)
         counters.update(saved_counters)
 
     stop = {"requested": False}
@@ -1553,9 +1814,27 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
             problems = [train_set[i] for i in batch_indices(len(train_set), cfg.batch_prompts, step, cfg.seed)]
             problems = rank_share(problems, cfg.mini_batch_prompts)   # all of them in one process
             prompts = encode_prompts(tokenizer, problems, cfg)
-            reward_fn = countdown_reward(tokenizer, problems, cfg)
-            metrics, _, (actor_ok, critic_ok) = ppo_iteration(models, prompts, reward_fn, cfg, step,
-                                                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+            origins = [None] * len(problems)
+            if rae is not None:  # Satori: the batch's last prompts restart from past trajectories
+                restarts = sample_restarts(rae, round(cfg.rae_ratio * len(problems)),
+                                           random.Random(f"rae:{cfg.seed}:{step}"), tokenizer, cfg)
+                keep = len(problems) - len(restarts)
+                problems = problems[:keep] + [r.problem for r in restarts]
+                prompts = prompts[:keep] + [r.prompt_ids for r in restarts]
+                origins = origins[:keep] + [r.origin for r in restarts]
+            reward_fn = countdown_reward(tokenizer, problems, cfg, origins, models.orm, prompts)
+            metrics, exp, (actor_ok, critic_ok) = ppo_iteration(models, prompts, reward_fn, cfg, step,
+                                                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+            if rae is not None or models.orm is not None or cfg.save_correct:  # Satori: this batch's outcomes
+                rows = judged_rows(exp, prompts, problems, tokenizer, cfg)
+                if rae is not None:
+                    fill_restart_buffers(rae, rows, problems, origins, cfg.samples)
+                if cfg.save_correct:
+                    save_correct_rows(run / "correct.jsonl", rows, problems, origins, step, cfg)
+                if models.orm is not None:
+                    metrics.update(update_orm(models.orm, models.orm_opt, [r[0] for r in rows], [r[2] for r in rows],
+                                              cfg, tokenizer.pad_id))
+            del exp
             counters["actor_bad"] = _consecutive_bad(actor_ok, counters["actor_bad"])
             counters["critic_bad"] = _consecutive_bad(critic_ok, counters["critic_bad"])
             if metrics["skipped_updates"] and M.is_main():
@@ -1575,7 +1854,7 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
             if M.distributed():   # a Ctrl-C that reached some ranks only stops them all after this step
                 stop["requested"] = not M.all_true(not stop["requested"])
             if step % cfg.save_every == 0 or step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates:
-                save_checkpoint(run, step, models, tokenizer, cfg, counters)
+                save_checkpoint(run, step, models, tokenizer, cfg, counters, rae)
             if worst >= cfg.max_bad_updates:
                 raise TrainingStopped(
                     f"stopped at step {step}: {worst} optimizer updates in a row had a non-finite loss or gradient "

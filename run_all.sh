@@ -4,6 +4,8 @@
 #   bash run_all.sh tiny     offline, 2-core CPU, <= 30 min: the miniature study with one seed, one
 #                            behavior-primed condition (all_strategies) and one control (empty_cot)
 #   bash run_all.sh mini     offline, 2-core CPU, <= 3 h: the miniature study, five conditions x two seeds
+#   bash run_all.sh satori   offline, 2-core CPU, ~2.5 h after mini: Satori (COAT format tuning, PPO with
+#                            Restart-and-Explore, a self-improvement round) against mini's best condition
 #   bash run_all.sh paper    one 80 GB GPU, days: Qwen2.5-3B and Llama-3.2-3B base PPO, then Llama
 #                            primed on each behavior condition, then PPO on each, then behavior counts
 #
@@ -77,23 +79,34 @@ study() {
     # 3. priming SFT per condition and seed: N_TRACES traces x 2 epochs at batch 32, the same number of
     #    optimizer steps for every condition (the paper: 1,000 x 5 epochs at batch 64 = 75 steps; a
     #    model from scratch knows none of the traces' words and needs more: README, "variants tried")
-    for s in $SEEDS; do for c in $CONDITIONS; do
-        [ -e $D/sft/${c}_s$s/final/config.json ] || background sft_${c}_s$s \
-            $PY sft.py --model $D/base/final --data $D/data/$c.jsonl --eval-problems $D/data/test.jsonl \
-                --eval-n 0 --out $D/sft/${c}_s$s --epochs 2 --batch-size 32 --lr 2e-3 --val-fraction 0 \
-                --seed $s --device $DEVICE --num-threads $THREADS
-    done; done
+    for s in $SEEDS; do for c in $CONDITIONS; do prime ${c}_s$s $D/base/final $D/data/$c.jsonl $s; done; done
     finish
     # 4. PPO from every primed model: same settings, same validation problems, sampled at T = 1
-    for s in $SEEDS; do for c in $CONDITIONS; do
-        background ppo_${c}_s$s $PY ppo.py --model $D/sft/${c}_s$s/final --out $D/ppo/${c}_s$s --seed $s \
-            --train-data $D/data/train.jsonl --test-data $D/data/test.jsonl --steps $PPO_STEPS \
-            --device $DEVICE --threads $THREADS --no-progress $PPO
-    done; done
+    for s in $SEEDS; do for c in $CONDITIONS; do rl ${c}_s$s $D/sft/${c}_s$s/final $s; done; done
     finish
     # 5. the report: results.json, results.md, accuracy/behaviors/response_length PNGs
-    $PY classify.py report $D/ppo/*_s* --out $D
+    [ -n "${REPORT-1}" ] || return 0       # REPORT= (empty): another stage reports these runs
+    local runs=""
+    for s in $SEEDS; do for c in $CONDITIONS; do runs="$runs $D/ppo/${c}_s$s"; done; done
+    $PY classify.py report $runs --out $D
     echo "[run_all] done: $D/results.md, $D/results.json and figures in $D/"
+}
+
+# prime NAME MODEL DATA SEED [FLAGS...]: the study's priming SFT into $D/sft/NAME, in the background
+prime() {
+    local name=$1 model=$2 data=$3 seed=$4; shift 4
+    [ -e $D/sft/$name/final/config.json ] || background sft_$name \
+        $PY sft.py --model $model --data $data --eval-problems $D/data/test.jsonl --eval-n 0 --out $D/sft/$name \
+            --epochs 2 --batch-size 32 --lr 2e-3 --val-fraction 0 --seed $seed --device $DEVICE \
+            --num-threads $THREADS "$@"
+}
+
+# rl NAME MODEL SEED [FLAGS...]: the study's PPO into $D/ppo/NAME, in the background
+rl() {
+    local name=$1 model=$2 seed=$3; shift 3
+    background ppo_$name $PY ppo.py --model $model --out $D/ppo/$name --seed $seed \
+        --train-data $D/data/train.jsonl --test-data $D/data/test.jsonl --steps $PPO_STEPS \
+        --device $DEVICE --threads $THREADS --no-progress $PPO "$@"
 }
 
 # PPO for tiny models: far larger learning rates than the paper's 1e-6 / 1e-5 (a 1M-parameter model
@@ -112,6 +125,35 @@ mini)
     D=runs/mini CONDITIONS="all_strategies only_backtracking no_positive empty_cot dots" SEEDS="1 2"
     N_TEST=400 BASE_EPOCHS=1 N_TRACES=4000 N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=100 PPO=$TINY_PPO
     study
+    ;;
+satori)
+    # Satori beside the behavior study (README, "Satori"): mini's base, problems, budgets and PPO, and
+    # mini's best behavior-primed condition (only_backtracking) as the comparison; all reused when
+    # `mini` has run. Then COAT format tuning (the all_strategies searches written with meta-action
+    # tokens, the tokens added to the base), PPO from it without and with Restart-and-Explore plus
+    # the reflection bonus, and one round of iterative self-improvement: each RAE policy's right
+    # answers during RL distilled into its format-tuned model by SFT, then the same RL again.
+    D=runs/mini CONDITIONS="only_backtracking" SEEDS="1 2" N_TEST=400 BASE_EPOCHS=1 N_TRACES=4000
+    N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=100 PPO=$TINY_PPO REPORT=
+    study
+    SATORI="--rae --reflection-bonus 0.5"
+    skip_if_exists $D/data/coat.jsonl || \
+        $PY countdown.py traces --condition coat --n $N_TRACES --seed 2 --out $D/data/coat.jsonl
+    for s in $SEEDS; do prime coat_s$s $D/base/final $D/data/coat.jsonl $s --add-tokens coat; done
+    finish
+    for s in $SEEDS; do
+        rl coat_s$s $D/sft/coat_s$s/final $s
+        rl coat_rae_s$s $D/sft/coat_s$s/final $s $SATORI --save-correct
+    done
+    finish
+    for s in $SEEDS; do prime coat_round2_s$s $D/sft/coat_s$s/final $D/ppo/coat_rae_s$s/correct.jsonl $s; done
+    finish
+    for s in $SEEDS; do rl coat_round2_s$s $D/sft/coat_round2_s$s/final $s $SATORI; done
+    finish
+    mkdir -p $D/satori
+    $PY classify.py report $D/ppo/only_backtracking_s* $D/ppo/coat_s* $D/ppo/coat_rae_s* $D/ppo/coat_round2_s* \
+        --out $D/satori
+    echo "[run_all] done: $D/satori/results.md, results.json and figures"
     ;;
 paper)
     CONDITIONS="all_strategies only_backtracking backtracking_verification backtracking_subgoal backtracking_backward"
@@ -173,7 +215,7 @@ paper)
     echo "[run_all] done: runs/ppo/*/metrics.jsonl (accuracy), runs/ppo/*/labels/summary.csv (behaviors)"
     ;;
 *)
-    echo "usage: bash run_all.sh tiny|mini|paper   (see the comments at the top of this file)" >&2
+    echo "usage: bash run_all.sh tiny|mini|satori|paper   (see the comments at the top of this file)" >&2
     exit 2
     ;;
 esac

@@ -128,6 +128,9 @@ class SFTConfig:
     tokenizer_data: Optional[str] = _flag(None, "comma-separated JSONL files whose text also trains the from-scratch "
                                           "tokenizer, not the model (--init only): e.g. the priming traces a base "
                                           "model will be fine-tuned on later, so their words are tokens too")
+    add_tokens: Optional[str] = _flag(None, "comma-separated tokens to add to the tokenizer as single tokens, the "
+                                      "embedding grown to fit (model.add_tokens); 'coat' = Satori's meta-actions "
+                                      "<|continue|>,<|reflect|>,<|explore|> for COAT format tuning")
     num_threads: int = _flag(0, "CPU threads for torch (0 = torch's default)")
     dist_timeout: int = _flag(M.DIST_TIMEOUT_S, "under torchrun: seconds a collective waits for the other ranks "
                               "before this one stops with an error (a rank died or hangs)")
@@ -455,6 +458,8 @@ def _check_config(cfg: SFTConfig):
         raise ValueError("give exactly one of --model (fine-tune a checkpoint) and --init (train from scratch)")
     if cfg.tokenizer_data and not cfg.init:
         raise ValueError("--tokenizer-data trains a new tokenizer, so it needs --init; a --model keeps its own")
+    if cfg.add_tokens:
+        _tokens_to_add(cfg.add_tokens)
     for name in ("epochs", "batch_size", "micro_batch_size", "max_length"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -471,6 +476,9 @@ def _open_run(cfg: SFTConfig, run: Path) -> Optional[Path]:
     if cfg_file.exists():
         saved = json.loads(cfg_file.read_text())
         new = asdict(cfg)
+        # a setting added to sft.py after the run started is absent from its config.json: it ran with the default
+        default = asdict(SFTConfig())
+        saved = {**{k: v for k, v in default.items() if k not in saved}, **saved}
         diff = sorted(k for k in set(saved) | set(new) if k not in _RESUMABLE_CHANGES and saved.get(k) != new.get(k))
         if diff:
             changes = ", ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in diff)
@@ -504,6 +512,16 @@ def train(cfg: SFTConfig) -> Optional[Path]:
     M.init_distributed(_resolve_device(cfg.device), cfg.dist_timeout)   # nothing without torchrun
     with C.lock_dir(cfg.out, "sft.py run folder") if M.is_main() else nullcontext():  # one writer per --out
         return _train(cfg)
+
+
+def _tokens_to_add(spec: str) -> list:
+    """--add-tokens: 'coat' (Satori's meta-action tokens) or a comma-separated list."""
+    if spec == "coat":
+        return list(C.COAT_TOKENS.values())
+    tokens = [t for t in spec.split(",") if t]
+    if not tokens or any(t != t.strip() for t in tokens):
+        raise ValueError(f"--add-tokens {spec!r}: give 'coat' or comma-separated tokens without spaces around them")
+    return tokens
 
 
 def _train(cfg: SFTConfig) -> Optional[Path]:
@@ -554,6 +572,9 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
             from tokenizers import Tokenizer as HFTokenizer
             tok = M.Tokenizer(HFTokenizer.from_str(M.all_gather_objects(tok.tk.to_str())[0]), EOS_TOKEN)
         model = init_model(cfg.init, tok, cfg.max_length, cfg.seed).to(device)
+    if cfg.add_tokens and state is None:  # a resumed run's checkpoint has them already
+        added = M.add_tokens(model, tok, _tokens_to_add(cfg.add_tokens))
+        print(f"tokens {cfg.add_tokens} have ids {added}; vocabulary {model.config.vocab_size}", file=sys.stderr)
     model.train()
     model.gradient_checkpointing = cfg.grad_checkpointing
     if M.distributed():   # FSDP2: fp32 shards are the master weights; bf16 compute where autocast would be on

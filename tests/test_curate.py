@@ -91,7 +91,7 @@ def test_priming_writes_sft_examples_and_tops_up_failures(api, tmp_path, monkeyp
 
 
 def test_priming_prompts_cover_the_llm_conditions():
-    llm = set(countdown.CONDITIONS) - set(curate.CONTROLS)
+    llm = set(countdown.CONDITIONS) - set(curate.DERIVED)
     assert set(curate.PRIMING_CONDITIONS) == llm
     for c, p in curate.PRIMING_SYSTEM_PROMPTS.items():
         assert "<think>" in p and "<answer>" in p and "target" in p

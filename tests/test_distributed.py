@@ -153,9 +153,9 @@ import model as M, ppo
 rank, record = os.environ["RANK"], sys.argv[1]
 real_iteration, real_reward = ppo.ppo_iteration, ppo.countdown_reward
 seen = {}
-def countdown_reward(tokenizer, problems, cfg):
+def countdown_reward(tokenizer, problems, cfg, *args):
     seen["problems"] = [dict(p) for p in problems]
-    return real_reward(tokenizer, problems, cfg)
+    return real_reward(tokenizer, problems, cfg, *args)
 def ppo_iteration(models, prompts, reward_fn, cfg, step, **kw):
     metrics, exp, outcomes = real_iteration(models, prompts, reward_fn, cfg, step, **kw)
     keep = ("scores", "response_mask", "kl", "rewards", "values", "returns", "raw_advantages", "advantages")
@@ -297,3 +297,11 @@ def test_one_ppo_update_under_two_processes_equals_the_single_process_update(tmp
     assert sa["actor_outcomes"] == sb["actor_outcomes"] == [True, True]
     for k in ("actor_loss", "value_loss", "actor_grad_norm", "critic_grad_norm", "pg_loss", "entropy", "vf_clipfrac"):
         assert sb[k] == pytest.approx(sa[k], rel=1e-5, abs=1e-7), k
+
+
+def test_satoris_options_are_refused_under_torchrun(tmp_path):
+    """--rae, --preference-bonus and --save-correct keep per-process state; two processes would
+    silently diverge, so they are refused with a message that says so."""
+    ckpt = make_checkpoint(tmp_path / "ck")
+    r = torchrun("ppo.py", _ppo_args(ckpt, tmp_path / "run") + ["--save-correct"])
+    assert r.returncode != 0 and "run in one process only" in r.stderr and "drop torchrun" in r.stderr
