@@ -49,6 +49,17 @@ def make_checkpoint(path, model_type: str = "llama", seed: int = 0, **overrides)
     return M.save(model, tok, path)
 
 
+def load_weights(path) -> dict:
+    """A checkpoint folder's weights in float32, by name."""
+    m, _ = M.load(path, dtype="float32")
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
 @pytest.fixture
 def tiny_tokenizer():
     return make_tokenizer()

@@ -15,7 +15,7 @@ import countdown as C
 import model as M
 import ppo
 import sft
-from conftest import ROOT, make_checkpoint
+from conftest import ROOT, load_weights, make_checkpoint, max_abs_diff
 from test_sft import _rows
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -38,16 +38,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _weights(path):
-    m, _ = M.load(path, dtype="float32")
-    return {k: v.clone() for k, v in m.state_dict().items()}
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +72,12 @@ def test_sft_two_processes_give_the_single_process_weights_and_resume_only_on_th
     r = torchrun("sft.py", _sft_args(d, ckpt, d / "two"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" in r.stderr
-    one, two = _weights(d / "one" / "final"), _weights(d / "two" / "final")
+    one, two = load_weights(d / "one" / "final"), load_weights(d / "two" / "final")
     assert one.keys() == two.keys()
-    dw = _max_diff(one, two)
+    dw = max_abs_diff(one, two)
     print(f"SFT, 6 AdamW steps, 1 vs 2 processes (stopped and resumed): max |dw| = {dw:.3g}")
     assert dw <= 1e-5
-    assert any((one[k] - _weights(ckpt)[k]).abs().max() > 1e-3 for k in one)   # it trained at all
+    assert any((one[k] - load_weights(ckpt)[k]).abs().max() > 1e-3 for k in one)   # it trained at all
     # rank 0 alone wrote the log: one line per step and per epoch, as the single-process run
     m1, m2 = C.read_jsonl(d / "one" / "metrics.jsonl"), C.read_jsonl(d / "two" / "metrics.jsonl")
     assert [m["step"] for m in m2] == [m["step"] for m in m1]
@@ -289,7 +279,7 @@ def test_one_ppo_update_under_two_processes_equals_the_single_process_update(tmp
     (a, sa), (b, sb) = (torch.load(tmp_path / f"{n}.pt").values() for n in ("one", "two"))
     init = {"policy." + k: v for k, v in M.load(ckpt)[0].state_dict().items()}
     assert max((a[k] - init[k]).abs().max().item() for k in init) > 1e-4      # the update moved the weights
-    dw = _max_diff(a, b)
+    dw = max_abs_diff(a, b)
     print(f"one PPO update ({loss_agg}), 1 vs 2 processes: max |dw| = {dw:.3g}; "
           + ", ".join(f"{k} {sa[k]:.6g} / {sb[k]:.6g}" for k in ("actor_grad_norm", "critic_grad_norm", "actor_loss")))
     assert dw <= 1e-5

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import countdown as C
 import model as M
 import sft
-from conftest import lock_held_elsewhere, make_checkpoint
+from conftest import load_weights, lock_held_elsewhere, make_checkpoint, max_abs_diff
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -44,16 +44,6 @@ def _cfg(tmp_path, name, data, **kw):
                 micro_batch_size=2, device="cpu", lr=1e-3)
     base.update(kw)
     return sft.SFTConfig(**base)
-
-
-def _weights(path):
-    m, _ = M.load(path, dtype="float32")
-    return {k: v.clone() for k, v in m.state_dict().items()}
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +173,11 @@ def test_micro_batch_size_does_not_change_the_update(ckpt, tmp_path):
     C.write_jsonl(data, _rows(8, seed=7))
     outs = [sft.train(_cfg(tmp_path, f"mb{mb}", data, model=str(ckpt), batch_size=8, micro_batch_size=mb,
                            warmup_ratio=0.0)) for mb in (1, 8)]
-    w1, w8, w0 = _weights(outs[0]), _weights(outs[1]), _weights(ckpt)
-    assert _max_diff(w1, w0) > 5e-4               # the step did move the weights (lr 1e-3)
+    w1, w8, w0 = load_weights(outs[0]), load_weights(outs[1]), load_weights(ckpt)
+    assert max_abs_diff(w1, w0) > 5e-4               # the step did move the weights (lr 1e-3)
     # Adam's first step is ~ lr * g / (|g| + eps): for entries with |g| near eps, float summation
     # order moves the update by a small fraction of lr, hence 1% of lr rather than 1e-7
-    assert _max_diff(w1, w8) < 1e-5
+    assert max_abs_diff(w1, w8) < 1e-5
     logged = [C.read_jsonl(o.parent / "metrics.jsonl")[0] for o in outs]
     assert logged[0]["loss"] == pytest.approx(logged[1]["loss"], rel=1e-6)
     assert logged[0]["grad_norm"] == pytest.approx(logged[1]["grad_norm"], rel=1e-5)
@@ -254,7 +244,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(ckpt, data12, str
     assert sft.latest_state(tmp_path / "run").name == "step_3.pt"
     cfg.stop_after = 0
     resumed = sft.train(cfg)                                # the same command again: resumes at step 3
-    assert _max_diff(_weights(final), _weights(resumed)) == 0.0
+    assert max_abs_diff(load_weights(final), load_weights(resumed)) == 0.0
     got = C.read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert _train_losses(got) == _train_losses(metrics)     # every step once, the same losses and lrs
     assert [m["lr"] for m in got if m["kind"] == "train"] == [sft.lr_at(s, 6, 1e-3, 0.2) for s in range(6)]
@@ -306,7 +296,7 @@ def test_ctrl_c_while_saving_leaves_no_half_checkpoint(ckpt, data12, straight, t
     monkeypatch.setattr(torch, "save", real_save)
     # 3. the last rerun finishes with exactly the weights of the uninterrupted run; no temp files remain
     assert sft.main(argv) == 0
-    assert _max_diff(_weights(final), _weights(run / "final")) == 0.0
+    assert max_abs_diff(load_weights(final), load_weights(run / "final")) == 0.0
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
 
 
