@@ -994,10 +994,13 @@ def sample_next(logits, temperature: float, top_p: float, generator=None, rows=s
         logits = logits / temperature
     probs = torch.softmax(logits, dim=-1)                # one fused pass; the log-prob is read off it below
     if top_p < 1.0:
-        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p. The set is
+        # found in sorted order and mapped back to token order, so each draw belongs to a token, not
+        # to a sorted position: a rounding-level change of the probabilities (a compiled kernel's)
+        # that swaps two nearly equal ones in the sort swaps nothing else.
         sp, si = probs.sort(dim=-1, descending=True)
-        sp = sp.masked_fill((sp.cumsum(-1) - sp) >= top_p, 0.0)
-        tok = si.gather(-1, _sample_index(sp, generator, rows, total_rows, noise)[:, None])[:, 0]
+        out = (sp.cumsum(-1) - sp) >= top_p
+        tok = _sample_index(probs.masked_fill(out.scatter(-1, si, out), 0.0), generator, rows, total_rows, noise)
     else:
         tok = _sample_index(probs, generator, rows, total_rows, noise)
     # log p(tok): a drawn token has p > 0, and fp32 keeps p's relative precision down to ~1e-38
