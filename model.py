@@ -1046,8 +1046,10 @@ def _decode_step(model, cache: KVCache, tok, pos, slot, attend: int, temperature
 
 def _compiled_step():
     # compiled once per process; torch.compile recompiles per new (rows, cache length, length
-    # bucket, sampling settings, dtype)
+    # bucket, sampling settings, dtype): a few buckets times a few shapes (rollout, validation)
+    # exceed dynamo's default of 8 graphs per function, which fullgraph=True turns into an error
     global _compiled_decode_step
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if _compiled_decode_step is None:
         _compiled_decode_step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return _compiled_decode_step

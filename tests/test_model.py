@@ -426,6 +426,26 @@ def test_compiled_bucketed_decode_matches_eager_with_one_graph_per_bucket(tiny, 
     M.release_static_cache()
 
 
+def test_compiled_step_may_hold_more_graphs_than_dynamos_default(tiny, monkeypatch):
+    """Buckets x row counts x sampling settings exceed dynamo's default of 8 graphs per function, which
+    fullgraph=True turns into an error; generate raises the limit. 3 row counts x 4 buckets: 12 graphs."""
+    from torch._dynamo.utils import counters
+    model, tok = tiny
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(M, "_STATIC_LEN_MULTIPLE", 8)
+    monkeypatch.setattr(M, "_compiled_decode_step", torch.compile(M._decode_step, backend="aot_eager",
+                                                                  fullgraph=True, dynamic=False))
+    for n in (1, 2, 3):
+        M.release_static_cache()
+        M.generate(model, PROMPTS, max_new_tokens=40, n_samples=n, temperature=0, eos_id=-1, pad_id=tok.pad_id,
+                   compile=True)
+    assert counters["stats"]["unique_graphs"] == 12
+    torch._dynamo.reset()
+    M.release_static_cache()
+
+
 def _nucleus(p, top_p):
     """The top-p distribution by hand: the most likely tokens until their mass reaches top_p, renormalized."""
     keep, mass = set(), 0.0
