@@ -209,6 +209,14 @@ class KVCache:
             self.k[i], self.v[i] = self.k[i][keep], self.v[i][keep]
         self.key_valid = self.key_valid[keep]
 
+    def compact_rows(self, keep):
+        """Move rows `keep` (an index tensor of n rows) to the first n rows, in place: the tensors keep
+        their addresses (the fast path's cache), rows n and beyond hold stale data from then on."""
+        n = len(keep)
+        for t in self.k + self.v:
+            t[:n] = t[keep]               # t[keep] is a copy of n rows of one layer, so overlaps are safe
+        self.key_valid[:n] = self.key_valid[keep]
+
     def fill_from(self, prefill: "KVCache", n: int):
         """Copy a prefill cache of B rows and P slots into this one's first P slots, n copies of each
         row (B * n rows here), in place: this cache's tensors keep their addresses."""
@@ -249,10 +257,16 @@ class Attention(nn.Module):
                 # we attend over the cache's first L slots, L = the mask's length (a length bucket
                 # at least as long as the filled prefix, see _attend_len); the mask hides slots not
                 # written yet. Every step of one bucket has identical shapes, which CUDA graphs require.
+                # After compaction the step runs only the cache's first B rows: this step's k/v are
+                # padded to all rows (the others are finished, their slot is never read), so the
+                # write stays one in-place index_copy_ into the whole cache tensor.
+                R = kc.shape[0]
+                if B < R:
+                    k, v = F.pad(k, (0, 0, 0, 0, 0, 0, 0, R - B)), F.pad(v, (0, 0, 0, 0, 0, 0, 0, R - B))
                 kc.index_copy_(2, start, k)
                 vc.index_copy_(2, start, v)
                 L = mask.shape[-1]
-                k, v = kc[:, :, :L], vc[:, :, :L]
+                k, v = kc[:B, :, :L], vc[:B, :, :L]
         # grouped-query attention: each group of G = n_heads // n_kv query heads shares one k/v head
         G = self.n_heads // self.n_kv
         if T == 1:
@@ -371,7 +385,7 @@ class Transformer(nn.Module):
         right, or none, needs no mask: causal attention is exact for the real tokens). With a KV cache,
         the mask comes from cache.key_valid and input_ids sit at slots cache_start..cache_start+T-1;
         a tensor cache_start (one slot, T = 1) selects the static-shape decode step used by generate,
-        which attends over the cache's first cache_len slots (default: all of them).
+        which attends over the cache's first cache_len slots (default: all of them) of its first B rows.
         """
         B, T = input_ids.shape
         static = cache is not None and not isinstance(cache_start, int)
@@ -383,7 +397,7 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(cache_start, cache_start + T, device=input_ids.device).expand(B, T)
         if static:
-            mask = cache.key_valid[:, None, None, :cache_len]  # [B, 1, 1, L]: one query per row sees its valid slots
+            mask = cache.key_valid[:B, None, None, :cache_len]  # [B, 1, 1, L]: one query per row sees its valid slots
         elif cache is not None and (cache.padded or (T > 1 and cache_start > 0)):
             mask = attention_mask_4d(cache.key_valid[:, :cache_start + T], cache_start, T)
         elif cache is not None:
@@ -1023,6 +1037,8 @@ def sample_next(logits, temperature: float, top_p: float, generator=None, rows=s
 _STATIC_LEN_MULTIPLE = 256
 _DONE_CHECK_EVERY = 16     # fast path: look at "all rows done?" (a host sync) every 16 steps only
 _COMPACT_BELOW = 0.75      # default path: drop finished rows from the cache once <= 3/4 of its rows are left
+_ROW_HALVINGS = 3          # fast path: at a done check, unfinished rows move to the cache's first R/2, R/4
+                           # or R/8 rows when they fit, and the step runs only those (one graph per size)
 _compiled_decode_step = None
 _static_cache: Optional[KVCache] = None   # the fast path's one KV cache, reused by every call that fits it
 
@@ -1035,13 +1051,26 @@ def _attend_len(filled: int, cache_len: int) -> int:
     return min(L, cache_len)
 
 
-def _decode_step(model, cache: KVCache, tok, pos, slot, attend: int, temperature: float, top_p: float, noise):
-    """The next token per row and its log-prob ([R] each), from one new token per row: tok, pos
-    [R, 1]; slot [1] is its cache slot; attend (a Python int: one graph per value) the number of
-    slots attended; noise [R, V] the sampler's draws (None when greedy)."""
+def _active_rows(left: int, R: int) -> int:
+    """How many of the fast path's R cache rows the step runs when `left` rows are unfinished:
+    the smallest of R, R/2, ..., R/2^_ROW_HALVINGS (rounded up) that holds them."""
+    n = R
+    for k in range(1, _ROW_HALVINGS + 1):
+        if -(-R // 2 ** k) < left:
+            break
+        n = -(-R // 2 ** k)
+    return n
+
+
+def _decode_step(model, cache: KVCache, tok, pos, slot, attend: int, temperature: float, top_p: float, noise,
+                 rows=slice(None)):
+    """The next token per row and its log-prob ([B] each), from one new token for each of the
+    cache's first B rows: tok, pos [B, 1]; slot [1] is its cache slot; attend (a Python int: one
+    graph per value) the number of slots attended; noise [R, V] the sampler's draws for all R rows
+    (None when greedy), of which these rows use rows `rows` (after compaction, an index tensor)."""
     cache.key_valid.index_fill_(1, slot, True)
     h = model.hidden_states(tok, position_ids=pos, cache=cache, cache_start=slot, cache_len=attend)
-    return sample_next(model.logits(h[:, -1]), temperature, top_p, noise=noise)
+    return sample_next(model.logits(h[:, -1]), temperature, top_p, rows=rows, noise=noise)
 
 
 def _compiled_step():
@@ -1168,8 +1197,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="generate", file=sys.stderr, leave=False)
-        # the rows still in the cache: all of them on the fast path (fixed shapes); on the default
-        # path finished rows are dropped (a cache of fewer rows), so they stop costing a forward
+        # the rows the decode step runs: on the default path finished rows are dropped (a cache of
+        # fewer rows), so they stop costing a forward; the fast path moves unfinished rows to the
+        # front of its cache at a done check and runs R/2, R/4, ... rows (a few fixed shapes)
         rows = slice(None)
         drawn = None   # the fast path's step returns the next tokens and log-probs, sampled in the graph
         for t in steps:
@@ -1187,14 +1217,23 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
             if t == max_new_tokens - 1:
                 break
             if static:
-                if (t + 1) % _DONE_CHECK_EVERY == 0 and done.all():
-                    break
+                if (t + 1) % _DONE_CHECK_EVERY == 0:
+                    left = R - int(done.sum())         # the one host sync, every 16 steps
+                    if left == 0:
+                        break
+                    n = _active_rows(left, R)
+                    if n < len(tok):
+                        # compaction: unfinished rows first, then finished ones as filler up to n rows
+                        keep = torch.sort(fin.to(torch.uint8), stable=True).indices[:n]
+                        rows = (torch.arange(R, device=device) if isinstance(rows, slice) else rows)[keep]
+                        cache.compact_rows(keep)
+                        tok = tok[keep]
                 if compile:
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
                 if noise is not None:
                     exponential_noise(None, generator, out=noise)  # the draws the default path makes here
-                drawn = step(model, cache, tok[:, None], next_pos[:, None], slot, _attend_len(P + t + 1, S),
-                             temperature, top_p, noise)
+                drawn = step(model, cache, tok[:, None], next_pos[rows][:, None], slot, _attend_len(P + t + 1, S),
+                             temperature, top_p, noise, rows)
                 slot += 1
             else:
                 left = len(fin) - int(fin.sum())   # one host sync per step, as "all done?" needs anyway

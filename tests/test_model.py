@@ -446,6 +446,52 @@ def test_compiled_step_may_hold_more_graphs_than_dynamos_default(tiny, monkeypat
     M.release_static_cache()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=3)])
+def test_fast_path_compacts_finished_rows_without_changing_any_output(monkeypatch, sampling, compiled):
+    """At its done checks (every 16 steps) the fast path moves unfinished rows to the front of its
+    cache and runs 9, 5 or 3 of its 18 rows; every row's tokens, log-probs and length are the default
+    path's. Compiled: one graph per (rows, length bucket) pair that occurs."""
+    from conftest import make_config
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = M.Transformer(make_config(vocab_size=64)).eval()
+    model.init_weights(std=0.3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 64, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (9,), generator=g)]
+    kw = dict(max_new_tokens=60, n_samples=2, pad_id=0, **sampling)
+    free = M.generate(model, prompts, eos_id=-1, **kw)
+    eos = []   # tokens that first appear (in any row) early: most rows end within 16 or 32 steps
+    for c in (1, 4, 9, 20, 35):
+        eos += sorted({int(x) for x in free.tokens[:, c]} - {int(x) for x in free.tokens[:, :c].flatten()})[:1]
+    want = M.generate(model, prompts, eos_id=eos, **kw)
+    monkeypatch.setattr(M, "_STATIC_LEN_MULTIPLE", 8)
+    torch._dynamo.reset()
+    counters.clear()
+    M.release_static_cache()
+    rows_seen = []
+    step = torch.compile(M._decode_step, backend="aot_eager", fullgraph=True, dynamic=False) if compiled else M._decode_step
+
+    def recording_step(*a):
+        rows_seen.append(a[2].shape[0])
+        return step(*a)
+    monkeypatch.setattr(M, "_compiled_decode_step", recording_step)
+    if not compiled:
+        monkeypatch.setattr(M, "_decode_step", recording_step)
+    got = M.generate(model, prompts, eos_id=eos, static=True, compile=compiled, **kw)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
+    print(rows_seen, want.lengths.tolist())
+    assert rows_seen[0] == 18 and min(rows_seen) < 18 and set(rows_seen) <= {18, 9, 5, 3}
+    assert rows_seen == sorted(rows_seen, reverse=True)
+    if compiled:
+        P = max(map(len, prompts))
+        pairs = {(r, M._attend_len(P + j + 1, M._static_cache.key_valid.shape[1])) for j, r in enumerate(rows_seen)}
+        assert counters["stats"]["unique_graphs"] == len(pairs)
+    torch._dynamo.reset()
+    M.release_static_cache()
+
+
 def _nucleus(p, top_p):
     """The top-p distribution by hand: the most likely tokens until their mass reaches top_p, renormalized."""
     keep, mass = set(), 0.0
