@@ -481,7 +481,6 @@ def test_fast_path_compacts_finished_rows_without_changing_any_output(monkeypatc
     got = M.generate(model, prompts, eos_id=eos, static=True, compile=compiled, **kw)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
     assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
-    print(rows_seen, want.lengths.tolist())
     assert rows_seen[0] == 18 and min(rows_seen) < 18 and set(rows_seen) <= {18, 9, 5, 3}
     assert rows_seen == sorted(rows_seen, reverse=True)
     if compiled:
