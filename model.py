@@ -1134,10 +1134,13 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     n_samples times, so samples of one prompt share its prefill. Row i*n_samples + j is sample j
     of prompt i. Each row stops at its first EOS.
 
-    static=True runs the decode steps with fixed shapes and checks for "all rows done" only every
-    few steps, so a GPU never waits for the host; compile=True (implies static) also compiles the
-    step with torch.compile(mode="reduce-overhead"), which captures it as a CUDA graph on a GPU.
-    The tokens are the same as on the default path (up to the float rounding of compiled kernels).
+    static=True runs the decode steps with fixed shapes (attention over length buckets of the
+    filled cache, the sampler inside the step) and checks for "all rows done" only every few steps,
+    so a GPU never waits for the host; there it also moves unfinished rows to the front of the cache
+    and runs only those (R/2, R/4 or R/8 rows). compile=True (implies static) also compiles the
+    step with torch.compile(mode="reduce-overhead"), which captures it as a CUDA graph on a GPU:
+    one graph per (rows, length bucket) pair met. The tokens, log-probs and lengths are the default
+    path's (up to the float rounding of compiled kernels).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
