@@ -185,6 +185,7 @@ def main():
     ap.add_argument("--greedy-only", action="store_true", help="CPU mode: skip the T = 1 sampling cases")
     ap.add_argument("--sampled-only", action="store_true", help="CPU mode: skip the greedy cases")
     ap.add_argument("--ppo", action="store_true", help="CPU mode: add the PPO-like case (8 x 4 rows, 192 + 512 tokens)")
+    ap.add_argument("--ppo-only", action="store_true", help="CPU mode: only the PPO-like case")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -202,7 +203,9 @@ def main():
         cases = [] if args.sampled_only else [(1, args.prompt_len, new), (64, args.prompt_len, new)]
         if not args.greedy_only:
             cases += [(1, args.prompt_len, new, 1.0), (64, args.prompt_len, new, 1.0)]
-        if args.ppo:
+        if args.ppo_only:
+            cases = []
+        if args.ppo or args.ppo_only:
             cases += [(8, 192, 512, 1.0, 4)]
         compile_ours = args.cpu_compile
     hf, ours = build_models(cfg, device, dtype)
