@@ -446,7 +446,11 @@ def test_compiled_step_may_hold_more_graphs_than_dynamos_default(tiny, monkeypat
     M.release_static_cache()
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+INDUCTOR = pytest.param("inductor", marks=pytest.mark.skipif(
+    not os.environ.get("MODEL_TEST_INDUCTOR"), reason="inductor builds C++ for minutes on CPU; set MODEL_TEST_INDUCTOR=1"))
+
+
+@pytest.mark.parametrize("compiled", [False, "aot_eager", INDUCTOR])
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=3)])
 def test_fast_path_compacts_finished_rows_without_changing_any_output(monkeypatch, sampling, compiled):
     """At its done checks (every 16 steps) the fast path moves unfinished rows to the front of its
@@ -470,7 +474,7 @@ def test_fast_path_compacts_finished_rows_without_changing_any_output(monkeypatc
     counters.clear()
     M.release_static_cache()
     rows_seen = []
-    step = torch.compile(M._decode_step, backend="aot_eager", fullgraph=True, dynamic=False) if compiled else M._decode_step
+    step = torch.compile(M._decode_step, backend=compiled, fullgraph=True, dynamic=False) if compiled else M._decode_step
 
     def recording_step(*a):
         rows_seen.append(a[2].shape[0])
