@@ -1027,7 +1027,7 @@ def sample_next(logits, temperature: float, top_p: float, generator=None, rows=s
 # first L slots under the key mask, where L is a length bucket: the filled length rounded up to
 # 256, 512, 1024, ... (capped at the cache's length). Within a bucket every step has the same
 # shapes; torch.compile makes one graph per bucket, a handful per cache, and the attention reads
-# at most twice the filled prefix instead of the whole preallocated cache (the eager path slices
+# at most twice the filled prefix (or 256 slots) instead of the whole preallocated cache (the eager path slices
 # to the filled prefix exactly, which is cheaper on CPU but changes shape every step). The step
 # also samples (sample_next, compiled into the same graph): at top_p = 1 a softmax, a divide by
 # exponential noise and an argmax, no sort; the noise is drawn before the step into a buffer of
@@ -1227,7 +1227,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
                     n = _active_rows(left, R)
                     if n < len(tok):
                         # compaction: unfinished rows first, then finished ones as filler up to n rows
-                        keep = torch.sort(fin.to(torch.uint8), stable=True).indices[:n]
+                        keep = torch.sort(fin.int(), stable=True).indices[:n]
                         rows = (torch.arange(R, device=device) if isinstance(rows, slice) else rows)[keep]
                         cache.compact_rows(keep)
                         tok = tok[keep]
