@@ -433,14 +433,14 @@ def test_compiled_step_may_hold_more_graphs_than_dynamos_default(tiny, monkeypat
     model, tok = tiny
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     monkeypatch.setattr(M, "_STATIC_LEN_MULTIPLE", 8)
     monkeypatch.setattr(M, "_compiled_decode_step", torch.compile(M._decode_step, backend="aot_eager",
                                                                   fullgraph=True, dynamic=False))
-    for n in (1, 2, 3):
-        M.release_static_cache()
-        M.generate(model, PROMPTS, max_new_tokens=40, n_samples=n, temperature=0, eos_id=-1, pad_id=tok.pad_id,
-                   compile=True)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        for n in (1, 2, 3):
+            M.release_static_cache()
+            M.generate(model, PROMPTS, max_new_tokens=40, n_samples=n, temperature=0, eos_id=-1, pad_id=tok.pad_id,
+                       compile=True)
     assert counters["stats"]["unique_graphs"] == 12
     torch._dynamo.reset()
     M.release_static_cache()
