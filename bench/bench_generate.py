@@ -186,6 +186,7 @@ def main():
     ap.add_argument("--sampled-only", action="store_true", help="CPU mode: skip the greedy cases")
     ap.add_argument("--ppo", action="store_true", help="CPU mode: add the PPO-like case (8 x 4 rows, 192 + 512 tokens)")
     ap.add_argument("--ppo-only", action="store_true", help="CPU mode: only the PPO-like case")
+    ap.add_argument("--ppo-prompts", type=int, default=8, help="prompts (x 4 samples) of the PPO-like case")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -206,7 +207,7 @@ def main():
         if args.ppo_only:
             cases = []
         if args.ppo or args.ppo_only:
-            cases += [(8, 192, 512, 1.0, 4)]
+            cases += [(args.ppo_prompts, 192, 512, 1.0, 4)]
         compile_ours = args.cpu_compile
     hf, ours = build_models(cfg, device, dtype)
     n_params = sum(p.numel() for p in ours.parameters())
