@@ -209,6 +209,14 @@ class KVCache:
             self.k[i], self.v[i] = self.k[i][keep], self.v[i][keep]
         self.key_valid = self.key_valid[keep]
 
+    def compact_rows(self, keep):
+        """Move rows `keep` (an index tensor of n rows) to the first n rows, in place: the tensors keep
+        their addresses (the fast path's cache), rows n and beyond hold stale data from then on."""
+        n = len(keep)
+        for t in self.k + self.v:
+            t[:n] = t[keep]               # t[keep] is a copy of n rows of one layer, so overlaps are safe
+        self.key_valid[:n] = self.key_valid[keep]
+
     def fill_from(self, prefill: "KVCache", n: int):
         """Copy a prefill cache of B rows and P slots into this one's first P slots, n copies of each
         row (B * n rows here), in place: this cache's tensors keep their addresses."""
@@ -246,11 +254,19 @@ class Attention(nn.Module):
                 k, v = kc[:, :, :start + T], vc[:, :, :start + T]
             else:
                 # static shapes (the compiled decode step): `start` is a one-element slot tensor, and
-                # we attend over the whole preallocated cache; the mask hides slots not written yet.
-                # Every step then has identical shapes, which CUDA graphs require.
+                # we attend over the cache's first L slots, L = the mask's length (a length bucket
+                # at least as long as the filled prefix, see _attend_len); the mask hides slots not
+                # written yet. Every step of one bucket has identical shapes, which CUDA graphs require.
+                # After compaction the step runs only the cache's first B rows: this step's k/v are
+                # padded to all rows (the others are finished, their slot is never read), so the
+                # write stays one in-place index_copy_ into the whole cache tensor.
+                R = kc.shape[0]
+                if B < R:
+                    k, v = F.pad(k, (0, 0, 0, 0, 0, 0, 0, R - B)), F.pad(v, (0, 0, 0, 0, 0, 0, 0, R - B))
                 kc.index_copy_(2, start, k)
                 vc.index_copy_(2, start, v)
-                k, v = kc, vc
+                L = mask.shape[-1]
+                k, v = kc[:B, :, :L], vc[:B, :, :L]
         # grouped-query attention: each group of G = n_heads // n_kv query heads shares one k/v head
         G = self.n_heads // self.n_kv
         if T == 1:
@@ -362,13 +378,14 @@ class Transformer(nn.Module):
         return self
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *,
-                      cache: Optional[KVCache] = None, cache_start: int = 0):
+                      cache: Optional[KVCache] = None, cache_start: int = 0, cache_len: Optional[int] = None):
         """Final normed hidden states [B, T, D].
 
         attention_mask [B, T]: 1 for real tokens, 0 for padding (left or right; padding only on the
         right, or none, needs no mask: causal attention is exact for the real tokens). With a KV cache,
         the mask comes from cache.key_valid and input_ids sit at slots cache_start..cache_start+T-1;
-        a tensor cache_start (one slot, T = 1) selects the static-shape decode step used by generate.
+        a tensor cache_start (one slot, T = 1) selects the static-shape decode step used by generate,
+        which attends over the cache's first cache_len slots (default: all of them) of its first B rows.
         """
         B, T = input_ids.shape
         static = cache is not None and not isinstance(cache_start, int)
@@ -380,7 +397,7 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(cache_start, cache_start + T, device=input_ids.device).expand(B, T)
         if static:
-            mask = cache.key_valid[:, None, None, :]  # [B, 1, 1, S]: one query per row sees its valid slots
+            mask = cache.key_valid[:B, None, None, :cache_len]  # [B, 1, 1, L]: one query per row sees its valid slots
         elif cache is not None and (cache.padded or (T > 1 and cache_start > 0)):
             mask = attention_mask_4d(cache.key_valid[:, :cache_start + T], cache_start, T)
         elif cache is not None:
@@ -977,7 +994,15 @@ class Generation:
     lengths: torch.Tensor   # [rows] valid new tokens, EOS included
 
 
-def _sample_index(probs, generator=None, rows=slice(None), total_rows: Optional[int] = None):
+def exponential_noise(shape, generator=None, device=None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """E ~ Exp(1) float32 draws of the given shape [rows, V] (into `out` when given), for _sample_index.
+    A draw that rounds to 0 is raised to the smallest float: 0/0 would be NaN, which argmax picks."""
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=device)
+    return out.exponential_(1.0, generator=generator).clamp_min_(torch.finfo(out.dtype).tiny)
+
+
+def _sample_index(probs, generator=None, rows=slice(None), total_rows: Optional[int] = None, noise=None):
     """One index per row, drawn with probability proportional to probs [R, V].
 
     argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i / sum(p) (the "exponential
@@ -987,23 +1012,25 @@ def _sample_index(probs, generator=None, rows=slice(None), total_rows: Optional[
     When probs holds only some rows (`rows` of `total_rows`, the unfinished ones), the draws are
     made for all total_rows and these rows' are used: each row gets the draws it would have got in
     the full batch, so dropping finished rows never changes what the others sample.
+    noise: the draws [total_rows, V], made beforehand by exponential_noise (the compiled decode
+    step takes them as an input: no generator inside the graph, same stream as here).
     """
-    n = probs.shape[0] if total_rows is None else total_rows
-    q = torch.empty((n, probs.shape[1]), dtype=probs.dtype, device=probs.device).exponential_(1.0, generator=generator)
-    q = q[rows]
-    q.clamp_min_(torch.finfo(q.dtype).tiny)  # a draw that rounds to 0 would make 0/0 = NaN, which argmax picks
-    return (probs / q).argmax(dim=-1)
+    if noise is None:
+        n = probs.shape[0] if total_rows is None else total_rows
+        noise = exponential_noise((n, probs.shape[1]), generator, probs.device)
+    return (probs / noise[rows]).argmax(dim=-1)
 
 
 def sample_next(logits, temperature: float, top_p: float, generator=None, rows=slice(None),
-                total_rows: Optional[int] = None):
+                total_rows: Optional[int] = None, noise=None):
     """Pick one token per row from logits [R, V]; return (tokens [R], their log-probs [R]).
-    (rows, total_rows: these logits are rows `rows` of a batch of total_rows; see _sample_index.)
+    (rows, total_rows, noise: these logits are rows `rows` of a batch of total_rows; see _sample_index.)
 
     The log-prob is log softmax(logits / T) before top-p truncation, i.e. the policy's own
     probability at temperature T (at T = 1, top_p = 1 exactly what PPO recomputes later).
     It is read off the softmax the draw needs anyway (greedy: logit[tok] - logsumexp), which skips
-    writing a full [R, V] log-softmax.
+    writing a full [R, V] log-softmax. At top_p = 1 nothing is sorted: one softmax, one divide, one
+    argmax, which torch.compile fuses into the decode step.
     """
     logits = logits.float()
     if temperature == 0:
@@ -1013,58 +1040,99 @@ def sample_next(logits, temperature: float, top_p: float, generator=None, rows=s
         logits = logits / temperature
     probs = torch.softmax(logits, dim=-1)                # one fused pass; the log-prob is read off it below
     if top_p < 1.0:
-        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p. The set is
+        # found in sorted order and mapped back to token order, so each draw belongs to a token, not
+        # to a sorted position: a rounding-level change of the probabilities (a compiled kernel's)
+        # that swaps two nearly equal ones in the sort swaps nothing else.
         sp, si = probs.sort(dim=-1, descending=True)
-        sp = sp.masked_fill((sp.cumsum(-1) - sp) >= top_p, 0.0)
-        tok = si.gather(-1, _sample_index(sp, generator, rows, total_rows)[:, None])[:, 0]
+        out = (sp.cumsum(-1) - sp) >= top_p
+        tok = _sample_index(probs.masked_fill(out.scatter(-1, si, out), 0.0), generator, rows, total_rows, noise)
     else:
-        tok = _sample_index(probs, generator, rows, total_rows)
+        tok = _sample_index(probs, generator, rows, total_rows, noise)
     # log p(tok): a drawn token has p > 0, and fp32 keeps p's relative precision down to ~1e-38
     return tok, probs.gather(-1, tok[:, None])[:, 0].log()
 
 
 # The fast path (static=True / compile=True), gpt-fast style. A CUDA graph replays a fixed
 # sequence of kernels on fixed buffers, so the decode step must not change shape from one token
-# to the next: it writes one cache slot chosen by a tensor index and attends over the whole
-# preallocated cache under the key mask (the eager path instead slices the cache to the filled
-# prefix, which is cheaper on CPU but changes shape every step). The cache length is rounded up
-# so that calls with slightly different prompt lengths reuse one compiled graph.
+# to the next: it writes one cache slot chosen by a tensor index, and attends over the cache's
+# first L slots under the key mask, where L is a length bucket: the filled length rounded up to
+# 256, 512, 1024, ... (capped at the cache's length). Within a bucket every step has the same
+# shapes; torch.compile makes one graph per bucket, a handful per cache, and the attention reads
+# at most twice the filled prefix (or 256 slots) instead of the whole preallocated cache (the eager path slices
+# to the filled prefix exactly, which is cheaper on CPU but changes shape every step). The step
+# also samples (sample_next, compiled into the same graph): at top_p = 1 a softmax, a divide by
+# exponential noise and an argmax, no sort; the noise is drawn before the step into a buffer of
+# the cache, from the caller's generator, so the tokens are those the default path draws.
+# The cache length is rounded up to a multiple of 256, and a cache that is long enough is
+# reused, so calls with slightly different prompt lengths reuse the same graphs.
 _STATIC_LEN_MULTIPLE = 256
 _DONE_CHECK_EVERY = 16     # fast path: look at "all rows done?" (a host sync) every 16 steps only
 _COMPACT_BELOW = 0.75      # default path: drop finished rows from the cache once <= 3/4 of its rows are left
+_ROW_HALVINGS = 3          # fast path: at a done check, unfinished rows move to the cache's first R/2, R/4
+                           # or R/8 rows when they fit, and the step runs only those (one graph per size)
 _compiled_decode_step = None
 _static_cache: Optional[KVCache] = None   # the fast path's one KV cache, reused by every call that fits it
 
 
-def _decode_step(model, cache: KVCache, tok, pos, slot):
-    """Logits [R, V] for one new token per row: tok, pos [R, 1]; slot [1] is its cache slot."""
+def _attend_len(filled: int, cache_len: int) -> int:
+    """The length bucket a decode step attends over: the smallest 256 * 2^k >= filled, capped at cache_len."""
+    L = _STATIC_LEN_MULTIPLE
+    while L < filled:
+        L *= 2
+    return min(L, cache_len)
+
+
+def _active_rows(left: int, R: int) -> int:
+    """How many of the fast path's R cache rows the step runs when `left` rows are unfinished:
+    the smallest of R, R/2, ..., R/2^_ROW_HALVINGS (rounded up) that holds them."""
+    n = R
+    for k in range(1, _ROW_HALVINGS + 1):
+        if -(-R // 2 ** k) < left:
+            break
+        n = -(-R // 2 ** k)
+    return n
+
+
+def _decode_step(model, cache: KVCache, tok, pos, slot, attend: int, temperature: float, top_p: float, noise,
+                 rows=slice(None)):
+    """The next token per row and its log-prob ([B] each), from one new token for each of the
+    cache's first B rows: tok, pos [B, 1]; slot [1] is its cache slot; attend (a Python int: one
+    graph per value) the number of slots attended; noise [R, V] the sampler's draws for all R rows
+    (None when greedy), of which these rows use rows `rows` (after compaction, an index tensor)."""
     cache.key_valid.index_fill_(1, slot, True)
-    h = model.hidden_states(tok, position_ids=pos, cache=cache, cache_start=slot)
-    return model.logits(h[:, -1])
+    h = model.hidden_states(tok, position_ids=pos, cache=cache, cache_start=slot, cache_len=attend)
+    return sample_next(model.logits(h[:, -1]), temperature, top_p, rows=rows, noise=noise)
 
 
 def _compiled_step():
-    # compiled once per process; torch.compile recompiles per new (rows, cache length, dtype)
+    # compiled once per process; torch.compile recompiles per new (rows, cache length, length
+    # bucket, sampling settings, dtype): a few buckets times a few shapes (rollout, validation)
+    # exceed dynamo's default of 8 graphs per function, which fullgraph=True turns into an error
     global _compiled_decode_step
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if _compiled_decode_step is None:
         _compiled_decode_step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return _compiled_decode_step
 
 
 def static_cache(config: ModelConfig, rows: int, max_len: int, dtype, device, mark_static: bool) -> KVCache:
-    """The fast path's KV cache: one per process, reused (zeroed) by every call of the same shape.
+    """The fast path's KV cache: one per process, reused (zeroed) by every call with the same rows
+    and at most its length. It also holds `noise`, the sampler's [rows, vocab] float32 draws.
 
     A compiled step treats the cache as a static input. A fresh cache per call would, where
     mark_static_address guards on the tensor (its default up to torch 2.6), recompile the step and
     keep every old cache alive through the guards (a 3B model at 256 rows: ~12 GB a call), and a
-    CUDA graph would be re-recorded for each new address. Reusing one cache avoids both; a call of
-    another shape frees the old cache before allocating its own. release_static_cache() frees it.
+    CUDA graph would be re-recorded for each new address. Reusing one cache avoids both; a longer
+    one costs no attention (the step attends over length buckets of the filled prefix). A call
+    that does not fit frees the old cache before allocating its own. release_static_cache() frees it.
     """
     global _static_cache
-    key = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, rows, max_len, dtype,
+    key = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.vocab_size, rows, dtype,
            torch.device(device).type)
     c = _static_cache
-    if c is not None and getattr(c, "key", None) == key and c.key_valid.device == torch.device(device):
+    if (c is not None and getattr(c, "key", None) == key and c.key_valid.device == torch.device(device)
+            and c.key_valid.shape[1] >= max_len):
         with torch.no_grad():
             for t in c.k + c.v:
                 t.zero_()   # not needed for correctness (masked slots weigh 0) but never NaN-risky
@@ -1073,8 +1141,9 @@ def static_cache(config: ModelConfig, rows: int, max_len: int, dtype, device, ma
     _static_cache = c = None   # drop the old cache before the new one exists: never two at once
     c = KVCache(config, rows, max_len, dtype, device)
     c.key = key
+    c.noise = torch.empty(rows, config.vocab_size, dtype=torch.float32, device=device)
     if mark_static:   # the cache is mutated in place: CUDA graphs may keep its addresses
-        for t in c.k + c.v + [c.key_valid]:
+        for t in c.k + c.v + [c.key_valid, c.noise]:
             torch._dynamo.mark_static_address(t, guard=False)
     _static_cache = c
     return c
@@ -1097,10 +1166,13 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     n_samples times, so samples of one prompt share its prefill. Row i*n_samples + j is sample j
     of prompt i. Each row stops at its first EOS.
 
-    static=True runs the decode steps with fixed shapes and checks for "all rows done" only every
-    few steps, so a GPU never waits for the host; compile=True (implies static) also compiles the
-    step with torch.compile(mode="reduce-overhead"), which captures it as a CUDA graph on a GPU.
-    The tokens are the same as on the default path (up to the float rounding of compiled kernels).
+    static=True runs the decode steps with fixed shapes (attention over length buckets of the
+    filled cache, the sampler inside the step) and checks for "all rows done" only every few steps,
+    so a GPU never waits for the host; there it also moves unfinished rows to the front of the cache
+    and runs only those (R/2, R/4 or R/8 rows). compile=True (implies static) also compiles the
+    step with torch.compile(mode="reduce-overhead"), which captures it as a CUDA graph on a GPU:
+    one graph per (rows, length bucket) pair met. The tokens, log-probs and lengths are the default
+    path's (up to the float rounding of compiled kernels).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
@@ -1154,15 +1226,22 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         if static:
             step = _compiled_step() if compile else _decode_step
             slot = torch.full((1,), P, dtype=torch.long, device=device)
+            S = cache.key_valid.shape[1]        # a reused cache may be longer than this call needs
+            noise = cache.noise if temperature > 0 else None
         steps = range(max_new_tokens)
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="generate", file=sys.stderr, leave=False)
-        # the rows still in the cache: all of them on the fast path (fixed shapes); on the default
-        # path finished rows are dropped (a cache of fewer rows), so they stop costing a forward
+        # the rows the decode step runs: on the default path finished rows are dropped (a cache of
+        # fewer rows), so they stop costing a forward; the fast path moves unfinished rows to the
+        # front of its cache at a done check and runs R/2, R/4, ... rows (a few fixed shapes)
         rows = slice(None)
+        drawn = None   # the fast path's step returns the next tokens and log-probs, sampled in the graph
         for t in steps:
-            tok, lp = sample_next(logits, temperature, top_p, generator, rows, R)
+            if drawn is None:
+                tok, lp = sample_next(logits, temperature, top_p, generator, rows, R)
+            else:
+                tok, lp = drawn
             fin = done[rows]
             tok = torch.where(fin, pad_id, tok)
             tokens[rows, t] = tok
@@ -1173,11 +1252,23 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
             if t == max_new_tokens - 1:
                 break
             if static:
-                if (t + 1) % _DONE_CHECK_EVERY == 0 and done.all():
-                    break
+                if (t + 1) % _DONE_CHECK_EVERY == 0:
+                    left = R - int(done.sum())         # the one host sync, every 16 steps
+                    if left == 0:
+                        break
+                    n = _active_rows(left, R)
+                    if n < len(tok):
+                        # compaction: unfinished rows first, then finished ones as filler up to n rows
+                        keep = torch.sort(fin.int(), stable=True).indices[:n]
+                        rows = (torch.arange(R, device=device) if isinstance(rows, slice) else rows)[keep]
+                        cache.compact_rows(keep)
+                        tok = tok[keep]
                 if compile:
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
-                logits = step(model, cache, tok[:, None], next_pos[:, None], slot)
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+                if noise is not None:
+                    exponential_noise(None, generator, out=noise)  # the draws the default path makes here
+                drawn = step(model, cache, tok[:, None], next_pos[rows][:, None], slot, _attend_len(P + t + 1, S),
+                             temperature, top_p, noise, rows)
                 slot += 1
             else:
                 left = len(fin) - int(fin.sum())   # one host sync per step, as "all done?" needs anyway

@@ -6,6 +6,9 @@ CPU (default): a small random Llama (58M parameters), batch 1 and batch 64, 64 p
 128 new tokens, greedy and with T = 1 sampling (what PPO rollouts do); --ppo adds a PPO-like case:
 8 prompts x 4 samples (ours shares each prompt's prefill, transformers' num_return_sequences does
 not), 192-token prompts (a Countdown prompt is ~150-200) and 512 new tokens, at T = 1.
+--cpu-static adds the fast path run eagerly (static=True, what compile=True compiles; inductor on
+this CPU needs minutes of C++ builds per length bucket, --cpu-compile), with and without its
+length-bucketed attention.
 --gpu: Qwen2.5-3B's config in bfloat16 at batch 1 and batch 256 x 512 new tokens; our eager and
 compiled (static shapes + CUDA graphs) paths against transformers, plus the memory bandwidth our
 batch-1 decode achieves against the card's peak. --smoke runs that GPU code path on CPU with a tiny
@@ -82,7 +85,7 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def runners(hf, ours, ids, compile_ours: bool, temperature: float = 0.0, n_samples: int = 1):
+def runners(hf, ours, ids, compile_ours: bool, temperature: float = 0.0, n_samples: int = 1, static_ours=False):
     """name -> f(n_new) running one generation of n_new tokens for the prompts ids [B, P] (n_samples
     each): greedy at temperature 0, else plain sampling at that temperature (no top-k, no top-p)."""
     prompts = ids.tolist()
@@ -95,21 +98,33 @@ def runners(hf, ours, ids, compile_ours: bool, temperature: float = 0.0, n_sampl
                               num_return_sequences=n_samples, **sample)
             return out[:, ids.shape[1]:]
 
-    def run_ours(compile):
-        return lambda n: M.generate(ours, prompts, max_new_tokens=n, n_samples=n_samples, temperature=temperature,
-                                    eos_id=-1, pad_id=0, seed=0, compile=compile).tokens
+    def run_ours(whole_cache=False, **fast):
+        def run(n):
+            attend_len = M._attend_len
+            if whole_cache:   # the fast path as it was: every step attends over the whole cache
+                M._attend_len = lambda filled, cache_len: cache_len
+            try:
+                return M.generate(ours, prompts, max_new_tokens=n, n_samples=n_samples, temperature=temperature,
+                                  eos_id=-1, pad_id=0, seed=0, **fast).tokens
+            finally:
+                M._attend_len = attend_len
+        return run
 
-    out = {"transformers": run_hf, "ours": run_ours(False)}
+    out = {"transformers": run_hf, "ours": run_ours()}
+    if static_ours:
+        out["ours static, whole cache"] = run_ours(whole_cache=True, static=True)
+        out["ours static"] = run_ours(static=True)
     if compile_ours:
-        out["ours compiled"] = run_ours(True)
+        out["ours compiled"] = run_ours(compile=True)
     return out
 
 
-def bench_case(hf, ours, batch, prompt_len, new_tokens, device, repeats, compile_ours, temperature=0.0, n_samples=1):
+def bench_case(hf, ours, batch, prompt_len, new_tokens, device, repeats, compile_ours, temperature=0.0, n_samples=1,
+               static_ours=False):
     """batch prompts x n_samples rows; decode tok/s counts every row's tokens."""
     vocab = ours.config.vocab_size
     ids = torch.randint(1, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
-    fns = runners(hf, ours, ids, compile_ours, temperature, n_samples)
+    fns = runners(hf, ours, ids, compile_ours, temperature, n_samples, static_ours)
     rows_n = batch * n_samples
     outs = {name: f(new_tokens) for name, f in fns.items()}  # warm-up (and compilation), same shapes
     for f in fns.values():
@@ -159,13 +174,19 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="run the --gpu code path on CPU with a tiny config")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both implementations")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cpu-compile", action="store_true", help="CPU mode: also time our compiled path")
+    ap.add_argument("--cpu-compile", action="store_true", help="CPU mode: also time our compiled path (inductor "
+                    "builds C++ for each length bucket's graph first: minutes on a 2-core CPU)")
+    ap.add_argument("--cpu-static", action="store_true", help="CPU mode: also time the fast path without compiling "
+                    "(static=True: length-bucketed attention, the sampler as the compiled step runs it), and "
+                    "the same path attending over the whole preallocated cache, as it did before the buckets")
     ap.add_argument("--peak-gbps", type=float, default=None, help="the card's peak memory bandwidth")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 on CPU, 512 with --gpu")
     ap.add_argument("--greedy-only", action="store_true", help="CPU mode: skip the T = 1 sampling cases")
     ap.add_argument("--sampled-only", action="store_true", help="CPU mode: skip the greedy cases")
     ap.add_argument("--ppo", action="store_true", help="CPU mode: add the PPO-like case (8 x 4 rows, 192 + 512 tokens)")
+    ap.add_argument("--ppo-only", action="store_true", help="CPU mode: only the PPO-like case")
+    ap.add_argument("--ppo-prompts", type=int, default=8, help="prompts (x 4 samples) of the PPO-like case")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -183,8 +204,10 @@ def main():
         cases = [] if args.sampled_only else [(1, args.prompt_len, new), (64, args.prompt_len, new)]
         if not args.greedy_only:
             cases += [(1, args.prompt_len, new, 1.0), (64, args.prompt_len, new, 1.0)]
-        if args.ppo:
-            cases += [(8, 192, 512, 1.0, 4)]
+        if args.ppo_only:
+            cases = []
+        if args.ppo or args.ppo_only:
+            cases += [(args.ppo_prompts, 192, 512, 1.0, 4)]
         compile_ours = args.cpu_compile
     hf, ours = build_models(cfg, device, dtype)
     n_params = sum(p.numel() for p in ours.parameters())
@@ -198,7 +221,8 @@ def main():
     for batch, plen, new, *rest in cases:
         temperature = rest[0] if len(rest) > 0 else 0.0
         n_samples = rest[1] if len(rest) > 1 else 1
-        rows = bench_case(hf, ours, batch, plen, new, device, args.repeats, compile_ours, temperature, n_samples)
+        rows = bench_case(hf, ours, batch, plen, new, device, args.repeats, compile_ours, temperature, n_samples,
+                          static_ours=args.cpu_static and device == "cpu" and not args.smoke)
         if temperature == 0:
             results[batch] = (rows, plen, new)
         base = rows["transformers"]["decode"]
@@ -210,8 +234,7 @@ def main():
     if device == "cuda" or args.smoke:
         rows, plen, new = results[1]
         r = rows["ours compiled"]
-        cache_len = -(-(plen + new) // M._STATIC_LEN_MULTIPLE) * M._STATIC_LEN_MULTIPLE
-        gbps = bytes_per_decode_step(ours, 1, cache_len) / r["step_s"] / 1e9
+        gbps = bytes_per_decode_step(ours, 1, plen + new // 2) / r["step_s"] / 1e9   # the mean filled length
         peak, source = peak_bandwidth_gbps(args.peak_gbps) if device == "cuda" else (None, "n/a on CPU")
         share = f"{gbps / peak:.0%} of peak {peak:,.0f} GB/s ({source})" if peak else f"peak: {source}"
         print(f"\nbatch-1 compiled decode: {1 / r['step_s']:.1f} tok/s, achieved memory bandwidth "

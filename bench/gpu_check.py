@@ -4,9 +4,10 @@ bench/gpu_check.py: ONE command that checks and measures the one-GPU path, with 
     python bench/gpu_check.py                          # on a CUDA machine (an 80 GB H100 or an H200)
     python bench/gpu_check.py --device cpu --tiny      # the same code on CPU with tiny configs (~1 min)
 
-Expected wall time on an H100/H200: about 7-8 minutes (an estimate from the arithmetic below; this
-script has not run on a GPU yet): ~3 min of torch.compile for two decode shapes and the decode
-timings, ~4 min for the PPO iteration, under a minute for the rest. It prints one markdown table
+Expected wall time on an H100/H200: about 8-10 minutes (an estimate from the arithmetic below; this
+script has not run on a GPU yet): ~4-5 min of torch.compile for six decode graphs (the 3B config's
+length buckets 512, 1024 and 1280 and its batch-1 graph, two row counts of the 0.5B config) and the
+decode timings, ~4 min for the PPO iteration, under a minute for the rest. It prints one markdown table
 as it goes, writes it to --out, and exits 1 if a correctness check fails (0 otherwise; a missed
 speed goal is reported, not fatal).
 
@@ -17,10 +18,14 @@ every response runs to its length limit: the worst case.
   correctness (0.5B config)  bf16 logits against fp32 (relative L2 error, tolerance 5e-2); a PPO
                              rollout's log-probs against ppo.py's recomputation (fp32, 1e-3); the
                              CPU-offloaded MasterAdamW against torch's AdamW on the same gradients
-                             (equal: a GPU->host copy read before it lands would differ)
+                             (equal: a GPU->host copy read before it lands would differ); compiled
+                             vs eager T = 1 tokens (fp32) with rows ending at different steps (the
+                             sampler inside the compiled step, finished rows compacted)
   decode (3B config, bf16)   batch 1 (256 prompt + 256 new, greedy) and batch 256 (256 prompt +
                              1,024 new, T = 1 sampling): tokens/s of transformers' generate, ours
-                             eager (batch 1) and ours compiled; compiled vs eager greedy tokens equal
+                             eager (batch 1) and ours compiled (attention over length buckets of the
+                             filled cache: 512, 1024, 1280 here, one graph each, compiled in the
+                             warm-up run); compiled vs eager greedy tokens equal
                              (a split at a near-tie of the top-2 logits, gap < 0.1 in bf16, is
                              allowed and shown); achieved bandwidth = (weights + filled KV cache
                              bytes) per step / step time, against the card's peak.
@@ -170,6 +175,34 @@ def check_rollout_logprobs(rep, policy, device, tiny):
             "ok" if err < TOL_LOGP_FP32 else "FAIL")
 
 
+def check_compiled_sampling(rep, policy, device):
+    """Compiled vs eager at T = 1 (fp32) with rows ending at different steps: the sampler inside the
+    compiled step (its noise drawn from the same generator) and the compaction of finished rows at
+    the done check (16 rows -> 8 after step 16). Two graphs of one length bucket."""
+    prompts = _prompts(8, policy.config.vocab_size, 8, 48, seed=2)
+    kw = dict(max_new_tokens=48, n_samples=2, temperature=1.0, pad_id=0, seed=0)
+    free = M.generate(policy, prompts, eos_id=-1, **kw)
+    # row r's EOS is the token it draws at step r (rows 0-7) or 32 + r (rows 8-15)
+    eos = sorted({int(free.tokens[r, r if r < 8 else 32 + r]) for r in range(16)})
+    eager = M.generate(policy, prompts, eos_id=eos, **kw)
+    rows = []
+    inner = M._compiled_step()
+    M._compiled_decode_step = lambda *a: rows.append(a[2].shape[0]) or inner(*a)
+    try:
+        comp = M.generate(policy, prompts, eos_id=eos, compile=True, **kw)
+    finally:
+        M._compiled_decode_step = inner
+        M.release_static_cache()
+    T = min(comp.tokens.shape[1], eager.tokens.shape[1])
+    same = int(((comp.tokens[:, :T] == eager.tokens[:, :T]).all(-1) & (comp.lengths == eager.lengths)).sum())
+    dlogp = float((comp.logprobs[:, :T] - eager.logprobs[:, :T]).abs().max())
+    status = "ok" if same == 16 else "near-tie?" if same == 15 else "FAIL"
+    rep.add("correctness", f"compiled vs eager sampled tokens (T = 1, fp32; rows end at steps "
+            f"{int(eager.lengths.min())}-{int(eager.lengths.max())}; step rows {max(rows)} -> {min(rows)})",
+            f"{same}/16 rows equal, max abs log-prob diff {dlogp:.1e}",
+            "all equal (one split: a near-tie of two draws, rounding)", status)
+
+
 def check_offloaded_adam(rep, device, tiny):
     """bf16 parameters on the device, fp32 master weights and Adam on the CPU (ppo.py's 3B plan),
     against torch's AdamW on CPU fp32 copies given the same gradients through blocking copies."""
@@ -217,7 +250,6 @@ def decode_case(rep, hf, ours, device, batch, plen, new, temperature, eager, tin
     vocab = ours.config.vocab_size
     ids = torch.randint(1, vocab, (batch, plen), generator=torch.Generator().manual_seed(batch)).to(device)
     prompts = ids.tolist()
-    stop_all = list(range(vocab))   # "every token is an EOS": the static path stops after 16 steps, same shapes
     short = 16
     sample = dict(temperature=temperature, pad_id=0)
 
@@ -236,8 +268,9 @@ def decode_case(rep, hf, ours, device, batch, plen, new, temperature, eager, tin
         impls["transformers"] = (lambda: hf_run(short), lambda: hf_run(new))
     if eager:
         impls["ours eager"] = (lambda: ours_run(False, short, -1), lambda: ours_run(False, new, -1))
-    impls["ours compiled"] = (lambda: ours_run(True, new, stop_all), lambda: ours_run(True, new, -1))
-    t_compile, _ = _timed(impls["ours compiled"][0], device)       # compiles (and records the CUDA graph)
+    impls["ours compiled"] = (lambda: ours_run(True, short, -1), lambda: ours_run(True, new, -1))
+    # one full-length run compiles (and records the CUDA graph of) every length bucket it crosses
+    t_compile, _ = _timed(impls["ours compiled"][1], device)
     rep.add("decode", f"compile + warm-up, batch {batch}", f"{t_compile:.1f} s")
     rates, outs = {}, {}
     for name, (f_short, f_full) in impls.items():
@@ -424,6 +457,7 @@ def main(argv=None) -> int:
     def correctness():
         small = check_bf16_logits(rep, TINY if tiny else QWEN25_05B, args.device)
         check_rollout_logprobs(rep, small, args.device, tiny)
+        check_compiled_sampling(rep, small, args.device)
         del small
         check_offloaded_adam(rep, args.device, tiny)
 

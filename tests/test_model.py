@@ -1,5 +1,6 @@
 """model.py against transformers (the oracle, tests only) on tiny random checkpoints built here."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -363,6 +364,176 @@ def test_compiled_calls_reuse_one_cache_and_one_graph(tiny, monkeypatch):
     M.release_static_cache()
     gc.collect()
     assert seen[0]() is None                                    # released: nothing else holds it
+
+
+def _attended_lengths(model, monkeypatch):
+    """A list that records the key length of every SDPA call (eager runs only)."""
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(k.shape[-2]) or sdpa(q, k, v, **kw))
+    return seen
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=2, n_samples=2)])
+def test_static_decode_attends_over_length_buckets_of_the_filled_prefix(tiny, monkeypatch, sampling):
+    """Buckets of 8 slots here (256 in use): the prompt (7) + 40 new tokens cross 8, 16 and 32. Every
+    step sees all filled slots and at most about twice as many, never the whole 48-slot cache from
+    the start; the tokens are the default path's."""
+    model, tok = tiny
+    monkeypatch.setattr(M, "_STATIC_LEN_MULTIPLE", 8)
+    kw = dict(max_new_tokens=40, eos_id=-1, pad_id=tok.pad_id, **sampling)
+    want = M.generate(model, PROMPTS, **kw)
+    M.release_static_cache()
+    seen = _attended_lengths(model, monkeypatch)
+    got = M.generate(model, PROMPTS, static=True, **kw)
+    monkeypatch.undo()
+    assert torch.equal(got.tokens, want.tokens) and torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
+    P, layers, S = max(map(len, PROMPTS)), model.config.num_hidden_layers, M._static_cache.key_valid.shape[1]
+    assert S == 48 and seen[:layers] == [P] * layers                 # the prefill, then 39 decode steps
+    steps = seen[layers:]
+    assert len(steps) == 39 * layers
+    for j in range(39):
+        filled = P + j + 1                                          # slots written once step j's token is in
+        L = set(steps[j * layers:(j + 1) * layers])
+        assert len(L) == 1
+        L = L.pop()
+        assert filled <= L <= S and L <= max(8, 2 * (filled - 1)), (j, filled, L)
+    assert sorted(set(steps)) == [8, 16, 32, 48]
+    M.release_static_cache()
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=4, n_samples=2),
+                                      dict(temperature=0.7, top_p=0.9, seed=5)])
+def test_compiled_bucketed_decode_matches_eager_with_one_graph_per_bucket(tiny, monkeypatch, sampling):
+    """compile=True (aot_eager, fullgraph) over buckets 8, 16, 32, 48: the default path's tokens and
+    log-probs (the sampler runs inside the graph, on noise from the same generator stream), one graph
+    per bucket, and later calls that fit the cache compile nothing new."""
+    from torch._dynamo.utils import counters
+    model, tok = tiny
+    torch._dynamo.reset()
+    counters.clear()
+    M.release_static_cache()
+    monkeypatch.setattr(M, "_STATIC_LEN_MULTIPLE", 8)
+    monkeypatch.setattr(M, "_compiled_decode_step", torch.compile(M._decode_step, backend="aot_eager",
+                                                                  fullgraph=True, dynamic=False))
+    kw = dict(eos_id=-1, pad_id=tok.pad_id, **sampling)
+    for prompts, new in ((PROMPTS, 40), ([[9, 9, 9, 9, 9], [4], [3, 3, 3]], 30), (PROMPTS, 40), ([[1, 2], [3], [7]], 12)):
+        got = M.generate(model, prompts, max_new_tokens=new, compile=True, **kw)
+        want = M.generate(model, prompts, max_new_tokens=new, **kw)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+        assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 4              # buckets 8, 16, 32, 48 of the one cache
+    torch._dynamo.reset()
+    M.release_static_cache()
+
+
+def test_compiled_step_may_hold_more_graphs_than_dynamos_default(tiny, monkeypatch):
+    """Buckets x row counts x sampling settings exceed dynamo's default of 8 graphs per function, which
+    fullgraph=True turns into an error; generate raises the limit. 3 row counts x 4 buckets: 12 graphs."""
+    from torch._dynamo.utils import counters
+    model, tok = tiny
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(M, "_STATIC_LEN_MULTIPLE", 8)
+    monkeypatch.setattr(M, "_compiled_decode_step", torch.compile(M._decode_step, backend="aot_eager",
+                                                                  fullgraph=True, dynamic=False))
+    with torch._dynamo.config.patch(recompile_limit=8):
+        for n in (1, 2, 3):
+            M.release_static_cache()
+            M.generate(model, PROMPTS, max_new_tokens=40, n_samples=n, temperature=0, eos_id=-1, pad_id=tok.pad_id,
+                       compile=True)
+    assert counters["stats"]["unique_graphs"] == 12
+    torch._dynamo.reset()
+    M.release_static_cache()
+
+
+INDUCTOR = pytest.param("inductor", marks=pytest.mark.skipif(
+    not os.environ.get("MODEL_TEST_INDUCTOR"), reason="inductor builds C++ for minutes on CPU; set MODEL_TEST_INDUCTOR=1"))
+
+
+@pytest.mark.parametrize("compiled", [False, "aot_eager", INDUCTOR])
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=3)])
+def test_fast_path_compacts_finished_rows_without_changing_any_output(monkeypatch, sampling, compiled):
+    """At its done checks (every 16 steps) the fast path moves unfinished rows to the front of its
+    cache and runs 9, 5 or 3 of its 18 rows; every row's tokens, log-probs and length are the default
+    path's. Compiled: one graph per (rows, length bucket) pair that occurs."""
+    from conftest import make_config
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = M.Transformer(make_config(vocab_size=64)).eval()
+    model.init_weights(std=0.3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 64, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (9,), generator=g)]
+    kw = dict(max_new_tokens=60, n_samples=2, pad_id=0, **sampling)
+    free = M.generate(model, prompts, eos_id=-1, **kw)
+    eos = []   # tokens that first appear (in any row) early: most rows end within 16 or 32 steps
+    for c in (1, 4, 9, 20, 35):
+        eos += sorted({int(x) for x in free.tokens[:, c]} - {int(x) for x in free.tokens[:, :c].flatten()})[:1]
+    want = M.generate(model, prompts, eos_id=eos, **kw)
+    monkeypatch.setattr(M, "_STATIC_LEN_MULTIPLE", 8)
+    torch._dynamo.reset()
+    counters.clear()
+    M.release_static_cache()
+    rows_seen = []
+    step = torch.compile(M._decode_step, backend=compiled, fullgraph=True, dynamic=False) if compiled else M._decode_step
+
+    def recording_step(*a):
+        rows_seen.append(a[2].shape[0])
+        return step(*a)
+    monkeypatch.setattr(M, "_compiled_decode_step", recording_step)
+    if not compiled:
+        monkeypatch.setattr(M, "_decode_step", recording_step)
+    got = M.generate(model, prompts, eos_id=eos, static=True, compile=compiled, **kw)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
+    assert rows_seen[0] == 18 and min(rows_seen) < 18 and set(rows_seen) <= {18, 9, 5, 3}
+    assert rows_seen == sorted(rows_seen, reverse=True)
+    if compiled:
+        P = max(map(len, prompts))
+        pairs = {(r, M._attend_len(P + j + 1, M._static_cache.key_valid.shape[1])) for j, r in enumerate(rows_seen)}
+        assert counters["stats"]["unique_graphs"] == len(pairs)
+    torch._dynamo.reset()
+    M.release_static_cache()
+
+
+def _nucleus(p, top_p):
+    """The top-p distribution by hand: the most likely tokens until their mass reaches top_p, renormalized."""
+    keep, mass = set(), 0.0
+    for i in sorted(range(len(p)), key=lambda i: -p[i]):
+        if mass >= top_p:
+            break
+        keep.add(i)
+        mass += p[i]
+    return [p[i] / mass if i in keep else 0.0 for i in range(len(p))]
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
+def test_sampler_draws_from_the_softmax_and_returns_its_logprobs(temperature, top_p, compiled):
+    """sample_next as the decode step's graph runs it (compiled, fullgraph, noise drawn beforehand)
+    and as the default path runs it: token frequencies over 20,000 rows match softmax(logits / T)
+    (or its nucleus), computed here in plain Python, by a chi-square test; each log-prob is
+    log softmax(logits / T) at the token."""
+    row = [1.5, -0.5, 0.3, 2.0, -2.0, 0.0, 1.0]
+    V, N = len(row), 20000
+    e = [math.exp(x / temperature) for x in row]
+    p = [x / sum(e) for x in e]
+    want = _nucleus(p, top_p)
+    logits = torch.tensor(row).expand(N, V)
+    if compiled:
+        sampler = torch.compile(M.sample_next, backend="aot_eager", fullgraph=True, dynamic=False)
+        tok, lp = sampler(logits, temperature, top_p, noise=M.exponential_noise((N, V), torch.Generator().manual_seed(0)))
+    else:
+        tok, lp = M.sample_next(logits, temperature, top_p, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tok, minlength=V).tolist()
+    assert all(c == 0 for c, w in zip(counts, want) if w == 0)       # outside the nucleus: never drawn
+    kept = [(c, w) for c, w in zip(counts, want) if w > 0]
+    chi2 = sum((c - N * w) ** 2 / (N * w) for c, w in kept)
+    assert chi2 < CHI2_999[len(kept) - 1], (counts, [round(N * w) for w in want])
+    assert torch.allclose(lp, torch.tensor([math.log(p[i]) for i in tok.tolist()]), atol=1e-5)
+
+
+# 0.999 quantiles of the chi-square distribution by degrees of freedom (a fair sampler fails 1 seed in 1,000)
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46}
 
 
 @pytest.mark.skipif(not os.environ.get("MODEL_TEST_INDUCTOR"),
