@@ -1312,6 +1312,8 @@ def memory_budget(cfg: PPOConfig, mc: M.ModelConfig) -> dict:
     train_act = (micro * S * D * wb * L + layer_act(micro)) if cfg.grad_checkpointing else L * layer_act(micro)
     chunk = 3 * cfg.logprob_chunk * mc.vocab_size * 4
     rows = (cfg.rollout_batch or cfg.batch_prompts) * cfg.samples
+    # the compiled decode step samples with pre-drawn noise [rows, vocab] fp32 kept beside its cache
+    noise = rows * mc.vocab_size * 4 if cfg.compile_rollout else 0
     optim = (4 * (n_pol + n_crit) if mixed else 0) + 8 * (n_pol + n_crit)
     # generation also holds fp32 logits and their softmax for every row, and one layer of the prefill
     gen_work = 3 * rows * mc.vocab_size * 4 + (rows // cfg.samples) * cfg.max_prompt * (10 * D + 4 * I) * wb
@@ -1326,14 +1328,15 @@ def memory_budget(cfg: PPOConfig, mc: M.ModelConfig) -> dict:
         ("Adam moments m, v fp32 (policy + critic)", 8 * (n_pol + n_crit), "cpu" if not optim_on_device else dev),
         ("fp32 gradients (one model at a time)", 4 * max(n_pol, n_crit), dev),
         (f"rollout KV cache ({rows} rows x {S} tokens)", rows * kv_row, dev),
+        ("compiled sampler's noise (rows x vocab fp32; --compile-rollout)", noise, dev),
         ("generation working set (~: logits, prefill layer)", gen_work, dev),
         ("training activations (~, per micro-batch)", train_act, dev),
         ("log-prob chunk (~)", chunk, dev),
     ]
     base = n_pol * wb + n_crit * wb + (n_ref * wb if ref_where == dev else 0) + (optim if optim_on_device else 0)
-    kept = rows * kv_row if cfg.compile_rollout else 0   # the compiled path's cache outlives the rollout
+    kept = rows * kv_row + noise if cfg.compile_rollout else 0   # the compiled path's cache outlives the rollout
     phases = {
-        "rollout": base + rows * kv_row + gen_work,
+        "rollout": base + rows * kv_row + noise + gen_work,
         "old/ref log-probs, values": base + kept + (n_ref * wb if ref_where != dev else 0)
         + layer_act(cfg.infer_batch) + chunk,
         "update": base + kept + 4 * max(n_pol, n_crit) + train_act + chunk,
@@ -1452,7 +1455,8 @@ def _resolve_memory(cfg: PPOConfig, mc: M.ModelConfig) -> PPOConfig:
     room = usable - (b["phases"]["rollout"] - c.samples * per_row)
     rows = int(room // per_row)
     if c.compile_rollout:   # its cache stays through the updates too: both phases must fit
-        rows = min(rows, int((usable - (b["phases"]["update"] - c.samples * b["kv_per_row"])) // b["kv_per_row"]))
+        kept_row = b["kv_per_row"] + mc.vocab_size * 4                      # cache and sampler noise
+        rows = min(rows, int((usable - (b["phases"]["update"] - c.samples * kept_row)) // kept_row))
     if not c.rollout_batch:   # the most prompts that fit, evened out over the calls a batch needs
         most = max(1, min(c.batch_prompts, rows // c.samples))
         c.rollout_batch = math.ceil(c.batch_prompts / math.ceil(c.batch_prompts / most))
