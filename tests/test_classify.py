@@ -271,8 +271,14 @@ def test_401_stops_with_clear_error_and_no_key(api, tmp_path, monkeypatch, capsy
     assert KEY not in out.out + out.err + all_output_text(tmp_path)
 
 
+def _default_sigint():
+    # a shell without job control starts background jobs with SIGINT ignored, and a child inherits
+    # that: then Python installs no KeyboardInterrupt handler and the SIGINT tests could not pass
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_cli(args, **kw):
-    return subprocess.Popen([sys.executable, str(ROOT / "classify.py")] + args, cwd=ROOT,
+    return subprocess.Popen([sys.executable, str(ROOT / "classify.py")] + args, cwd=ROOT, preexec_fn=_default_sigint,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
