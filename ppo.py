@@ -971,21 +971,25 @@ def _judge(text, p, cfg):
 
 
 def countdown_reward(tokenizer: M.Tokenizer, problems, cfg: PPOConfig, origins=None, orm=None,
-                     prompts=None) -> Callable:
+                     prompts=None, outcomes: Optional[list] = None) -> Callable:
     """reward_fn for ppo_iteration: rows i*samples .. i*samples+samples-1 answer problems[i].
     Satori's options: origins[i] (--rae) is None for a problem's own prompt, "+" / "-" for a
     restart cut from a right / wrong trajectory; restarts get the reflection bonus and are measured
-    apart. orm (--preference-bonus, with the prompts' token ids): sigmoid(r_psi) joins every score."""
+    apart. orm (--preference-bonus, with the prompts' token ids): sigmoid(r_psi) joins every score.
+    outcomes (with prompts): a list each call refills with (prompt + response ids, response text,
+    correct?) per row, the judgments Satori's buffers, ORM and correct.jsonl learn from."""
     origins = origins or [None] * len(problems)
 
     def reward_fn(responses):
-        judged = [_judge(response_text(tokenizer, ids), problems[i // cfg.samples], cfg)
-                  for i, ids in enumerate(responses)]
+        texts = [response_text(tokenizer, ids) for ids in responses]
+        judged = [_judge(t, problems[i // cfg.samples], cfg) for i, t in enumerate(texts)]
         origin = [origins[i // cfg.samples] for i in range(len(judged))]
         scores = [s + reflection_bonus(o, ok, cfg.reflection_bonus) for (s, ok, _), o in zip(judged, origin)]
         extra = {}
+        seqs = None if prompts is None else [list(prompts[i // cfg.samples]) + list(r) for i, r in enumerate(responses)]
+        if outcomes is not None:
+            outcomes[:] = [(q, t, j[1]) for q, t, j in zip(seqs, texts, judged)]
         if orm is not None:
-            seqs = [list(prompts[i // cfg.samples]) + list(r) for i, r in enumerate(responses)]
             bonus = preference_bonus(orm, seqs, tokenizer.pad_id, cfg.infer_batch)
             scores = [s + b for s, b in zip(scores, bonus)]
             extra["preference_bonus_mean"] = sum(bonus) / len(bonus)
@@ -1125,16 +1129,6 @@ def sample_restarts(buffers: RestartBuffers, k: int, rng: random.Random, tokeniz
     return out
 
 
-def judged_rows(exp: Experience, prompts, problems, tokenizer: M.Tokenizer, cfg: PPOConfig) -> list:
-    """(prompt + response token ids, response text, correct?) of every row of an iteration."""
-    P, out = exp.prompt_len, []
-    for i, n in enumerate(exp.response_mask.sum(1).long().tolist()):
-        ids = exp.input_ids[i, P:P + n].tolist()
-        text = response_text(tokenizer, ids)
-        out.append((list(prompts[i // cfg.samples]) + ids, text, _judge(text, problems[i // cfg.samples], cfg)[1]))
-    return out
-
-
 def fill_restart_buffers(buffers: RestartBuffers, rows, problems, origins, samples: int):
     """Put this batch's trajectories of its own prompts (not the restarts' continuations) in D+ / D-."""
     for i, (_, text, correct) in enumerate(rows):
@@ -1144,16 +1138,12 @@ def fill_restart_buffers(buffers: RestartBuffers, rows, problems, origins, sampl
 
 def save_correct_rows(path: Path, rows, problems, origins, step: int, cfg: PPOConfig):
     """Append the right answers to the batch's own prompts as SFT rows (a restart's continuation is
-    not a whole trajectory), one file write per step."""
-    new = []
+    not a whole trajectory)."""
     for i, (_, text, correct) in enumerate(rows):
         p = problems[i // cfg.samples]
         if correct and origins[i // cfg.samples] is None:
-            new.append({"query": countdown.make_prompt(p["nums"], p["target"], cfg.template), "completion": text,
-                        "nums": p["nums"], "target": p["target"], "step": step})
-    if new:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in new))
+            countdown.append_jsonl(path, {"query": countdown.make_prompt(p["nums"], p["target"], cfg.template),
+                                          "completion": text, "nums": p["nums"], "target": p["target"], "step": step})
 
 
 # The preference bonus. An outcome reward model r_psi (the critic's architecture; its score is the
@@ -1826,19 +1816,18 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
                 problems = problems[:keep] + [r.problem for r in restarts]
                 prompts = prompts[:keep] + [r.prompt_ids for r in restarts]
                 origins = origins[:keep] + [r.origin for r in restarts]
-            reward_fn = countdown_reward(tokenizer, problems, cfg, origins, models.orm, prompts)
-            metrics, exp, (actor_ok, critic_ok) = ppo_iteration(models, prompts, reward_fn, cfg, step,
-                                                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-            if rae is not None or models.orm is not None or cfg.save_correct:  # Satori: this batch's outcomes
-                rows = judged_rows(exp, prompts, problems, tokenizer, cfg)
-                if rae is not None:
-                    fill_restart_buffers(rae, rows, problems, origins, cfg.samples)
-                if cfg.save_correct:
-                    save_correct_rows(run / "correct.jsonl", rows, problems, origins, step, cfg)
-                if models.orm is not None:
-                    metrics.update(update_orm(models.orm, models.orm_opt, [r[0] for r in rows], [r[2] for r in rows],
-                                              cfg, tokenizer.pad_id))
-            del exp
+            rows = []   # (prompt + response ids, text, correct?) per row, filled by the reward
+            reward_fn = countdown_reward(tokenizer, problems, cfg, origins, models.orm, prompts, rows)
+            metrics, _, (actor_ok, critic_ok) = ppo_iteration(models, prompts, reward_fn, cfg, step,
+                                                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+            # Satori: learn from this batch's outcomes
+            if rae is not None:
+                fill_restart_buffers(rae, rows, problems, origins, cfg.samples)
+            if cfg.save_correct:
+                save_correct_rows(run / "correct.jsonl", rows, problems, origins, step, cfg)
+            if models.orm is not None:
+                metrics.update(update_orm(models.orm, models.orm_opt, [r[0] for r in rows], [r[2] for r in rows],
+                                          cfg, tokenizer.pad_id))
             counters["actor_bad"] = _consecutive_bad(actor_ok, counters["actor_bad"])
             counters["critic_bad"] = _consecutive_bad(critic_ok, counters["critic_bad"])
             if metrics["skipped_updates"] and M.is_main():
