@@ -336,21 +336,11 @@ def test_restarts_teach_a_toy_policy_to_repair_after_reflect():
     answers to [p, w, R] repair every wrong w far more often than at the start (never).
     Measured (seeds 0-3): restart accuracy of the first 3 steps 0.03-0.16, of the last 5 0.73-0.98;
     greedy repair 0 -> 0.69-0.94."""
-    import copy
-    from conftest import make_config
+    from test_ppo import _toy_cfg, _toy_models   # test_ppo's toy task and models
     R, samples = 15, 4
-    torch.manual_seed(0)
-    mc = make_config(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=2, num_key_value_heads=1, eos_token_id=0)
-    policy = M.Transformer(mc).eval()
-    cfg = ppo._resolve(ppo.PPOConfig(device="cpu", dtype="float32", batch_prompts=16, samples=samples,
-                                     mini_batch_prompts=8, max_response=2, micro_batch=64, actor_lr=5e-3,
-                                     critic_lr=1e-2, progress=False, rae=True, reflection_bonus=0.5))
-    adam = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, master_device="cpu")
-    critic = ppo.Critic(copy.deepcopy(policy)).eval()
-    models = ppo.Models(policy, critic, copy.deepcopy(policy).requires_grad_(False),
-                        ppo.MasterAdamW(policy.parameters(), lr=cfg.actor_lr, **adam),
-                        ppo.MasterAdamW(critic.parameters(), lr=cfg.critic_lr, **adam), torch.device("cpu"))
+    cfg = _toy_cfg(samples=samples, micro_batch=64, actor_lr=5e-3, rae=True, reflection_bonus=0.5)
+    models = _toy_models(cfg)
+    policy = models.policy
 
     def repair_rate():
         """Greedy answers to [p, w, R] for every p and every wrong w."""
