@@ -233,17 +233,23 @@ def test_rows_stop_at_eos_and_are_padded(tiny):
     assert int(g.lengths[0]) <= 5 and g.tokens.shape[1] == int(g.lengths.max())
 
 
+def _peaked_model_and_ragged_prompts():
+    """A seeded 64-token model, peaked enough that greedy rows differ, and 9 prompts of 1-8 tokens."""
+    from conftest import make_config
+    torch.manual_seed(0)
+    model = M.Transformer(make_config(vocab_size=64)).eval()
+    model.init_weights(std=0.3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 64, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (9,), generator=g)]
+    return model, prompts
+
+
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=3),
                                       dict(temperature=1.0, top_p=0.8, seed=4)])
 def test_finished_rows_leave_the_cache_without_changing_any_output(monkeypatch, sampling):
     """The default path drops finished rows from its KV cache; every row's tokens, log-probs and length
     are what the implementation without that gives (the sampler draws for all rows either way)."""
-    from conftest import make_config
-    torch.manual_seed(0)
-    model = M.Transformer(make_config(vocab_size=64)).eval()
-    model.init_weights(std=0.3)                                       # peaked enough that greedy rows differ
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 64, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (9,), generator=g)]
+    model, prompts = _peaked_model_and_ragged_prompts()
     kw = dict(max_new_tokens=16, n_samples=2, pad_id=0, **sampling)
     free = M.generate(model, prompts, eos_id=-1, **kw)
     eos = []   # tokens that first appear (in any row) at different steps: rows end at many different steps
@@ -456,13 +462,8 @@ def test_fast_path_compacts_finished_rows_without_changing_any_output(monkeypatc
     """At its done checks (every 16 steps) the fast path moves unfinished rows to the front of its
     cache and runs 9, 5 or 3 of its 18 rows; every row's tokens, log-probs and length are the default
     path's. Compiled: one graph per (rows, length bucket) pair that occurs."""
-    from conftest import make_config
     from torch._dynamo.utils import counters
-    torch.manual_seed(0)
-    model = M.Transformer(make_config(vocab_size=64)).eval()
-    model.init_weights(std=0.3)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 64, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (9,), generator=g)]
+    model, prompts = _peaked_model_and_ragged_prompts()
     kw = dict(max_new_tokens=60, n_samples=2, pad_id=0, **sampling)
     free = M.generate(model, prompts, eos_id=-1, **kw)
     eos = []   # tokens that first appear (in any row) early: most rows end within 16 or 32 steps
