@@ -48,8 +48,9 @@ from tqdm import tqdm
 from urllib3.exceptions import HTTPError as _TransportError  # requests' transport (a dependency)
 
 import countdown
+import traces
 
-BEHAVIORS = countdown.BEHAVIORS  # ("verification", "backtracking", "subgoal", "backward")
+BEHAVIORS = traces.BEHAVIORS  # ("verification", "backtracking", "subgoal", "backward")
 
 # -----------------------------------------------------------------------------------------------
 # 1. The judge client
@@ -762,7 +763,7 @@ def judge_behaviors(field_dicts, client, prompts, system=None, desc="judge"):
 #
 # Scope, honestly: these rules are a cheap, offline, deterministic counter. They are exact on
 # countdown.py's synthetic traces (every behavior there carries one of the marker phrases of
-# countdown.BEHAVIOR_PHRASES, which the patterns below include), and on hand-written natural
+# traces.BEHAVIOR_PHRASES, which the patterns below include), and on hand-written natural
 # Countdown reasoning they find most but not all instances (precision and recall per behavior on
 # tests/behavior_snippets.jsonl are in the README). They read Countdown arithmetic, not general
 # math text. Different models word the same behavior differently, so counts from the rules are
@@ -1228,7 +1229,7 @@ def _label_into(args, inp, out):
         truth = [r for r in labelled if r.get("true_behaviors")]
         if not truth:
             raise ValueError("--score-against needs ground-truth counts: input rows with a "
-                             "\"behaviors\" dict, as countdown.generate_traces writes")
+                             "\"behaviors\" dict, as traces.generate_traces writes")
         report = dict(overall=score_against(truth))
         conds = sorted({r["condition"] for r in truth if "condition" in r})
         if len(conds) > 1:
@@ -1284,7 +1285,13 @@ def summarize_run(folder) -> dict:
     steps = {}
     for r in rows:
         steps.setdefault(r["step"], []).append(r)
+    truncated = {}
+    if (folder / "metrics.jsonl").exists():  # the share of validation responses cut at --max-response
+        for m in countdown.read_jsonl(folder / "metrics.jsonl"):
+            if m.get("val_truncated_frac") is not None:
+                truncated[m["step"]] = m["val_truncated_frac"]
     out = dict(steps=[], n_eval=[], correct=[], accuracy=[], response_length=[], arithmetic_accuracy=[],
+               truncated=[], answer_rate=[], numbers_exact=[], checks_consistent=[],
                behaviors={b: [] for b in BEHAVIORS},
                judge="rules" if not labels else "labels/labels.jsonl")
     for step in sorted(steps):
@@ -1292,7 +1299,7 @@ def summarize_run(folder) -> dict:
         correct = sum(countdown.is_correct(r["completion"], r["nums"], r["target"]) for r in rs)
         right = stated = 0
         for r in rs:
-            a, s = countdown.check_arithmetic(r["completion"])
+            a, s = traces.check_arithmetic(r["completion"])
             right, stated = right + a, stated + s
         counts = [labels.get((step, json.dumps(r["nums"]), r["target"], r["completion"]))
                   or count_behaviors_rules(r["completion"], r["nums"], r["target"]) for r in rs]
@@ -1302,6 +1309,13 @@ def summarize_run(folder) -> dict:
         out["accuracy"].append(correct / len(rs))
         out["response_length"].append(_mean([r.get("length", len(r["completion"].split())) for r in rs]))
         out["arithmetic_accuracy"].append(right / stated if stated else None)
+        out["truncated"].append(truncated.get(step))
+        answered = [r for r in rs if countdown.score(r["completion"], r["nums"], r["target"]) > 0]
+        out["answer_rate"].append(len(answered) / len(rs))
+        out["numbers_exact"].append(_mean([countdown.uses_given_numbers(r["completion"], r["nums"]) for r in answered])
+                                    if answered else None)
+        good, checks = map(sum, zip(*[traces.read_checks(r["completion"], r["target"]) for r in rs]))
+        out["checks_consistent"].append(good / checks if checks else None)
         for b in BEHAVIORS:
             out["behaviors"][b].append(_mean([c[b] for c in counts if c.get(b) is not None]))
     return out
@@ -1361,6 +1375,8 @@ def draw_figures(results, out_dir) -> list:
 
     panels = [("accuracy.png", "validation accuracy (T = 1)", [lambda r: r["accuracy"]], [""]),
               ("response_length.png", "response length (tokens)", [lambda r: r["response_length"]], [""]),
+              ("truncated.png", "validation responses cut at the cap",
+               [lambda r: r.get("truncated") or [None] * len(r["steps"])], [""]),
               ("behaviors.png", "behavior count per completion",
                [lambda r, b=b: r["behaviors"][b] for b in BEHAVIORS], list(BEHAVIORS))]
     for name, ylabel, getters, titles in panels:
@@ -1406,6 +1422,76 @@ def format_results_table(results) -> str:
     return "\n".join(lines)
 
 
+# Gates before RL (README, "The miniature study"): what must hold at step 0 for RL to have something
+# to amplify. A failed gate is reported as failed; nothing is hidden or stopped.
+GATES = (("base arithmetic on held-out drill facts", 0.98), ("step-0 accuracy >= best control's", None),
+         ("completions that end with an answer", 0.95), ("checks consistent with the value computed", 0.95),
+         ("answers that use exactly the given numbers", 0.90))
+
+
+def is_control(condition: str) -> bool:
+    """The behavior-free controls: empty reasoning or dots (either design's names)."""
+    return condition.endswith("empty_cot") or condition.endswith("dots")
+
+
+def study_gates(results, gates_dir=None) -> list:
+    """[{"gate", "condition", "measured", "threshold", "passed"}] from step 0 of the runs (pooled
+    over seeds) and gates_dir/base_arithmetic.json (sft.py eval --arithmetic), when given."""
+    conds, rows = results["conditions"], []
+    base = Path(gates_dir) / "base_arithmetic.json" if gates_dir else None
+    if base is not None and base.exists():
+        a = json.loads(base.read_text())["arithmetic_accuracy"]
+        rows.append(dict(gate=GATES[0][0], condition="base", measured=a, threshold=GATES[0][1], passed=a >= GATES[0][1]))
+    controls = [c for c in conds if is_control(c)]
+    best = max((conds[c]["initial_accuracy"] for c in controls), default=None)
+    for c, v in conds.items():
+        if is_control(c):
+            continue
+        if best is not None:
+            rows.append(dict(gate=GATES[1][0], condition=c, measured=v["initial_accuracy"], threshold=best,
+                             passed=v["initial_accuracy"] >= best))
+        for (gate, threshold), key in zip(GATES[2:], ("answer_rate", "checks_consistent", "numbers_exact")):
+            got = [r[key][0] for r in v["seeds"].values() if r.get(key) and r[key][0] is not None]
+            if got:
+                m = _mean(got)
+                rows.append(dict(gate=gate, condition=c, measured=m, threshold=threshold, passed=m >= threshold))
+    return rows
+
+
+def greedy_results(greedy_dir) -> dict:
+    """{condition: {"seeds": {seed: summary}, "accuracy", "n", "ci95"}} from greedy_dir/<condition>_s<seed>.json
+    (sft.py eval summaries of each run's final policy), pooled over seeds."""
+    out: dict = {}
+    for f in sorted(Path(greedy_dir).glob("*.json")):
+        try:
+            summary = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{f}: not a JSON summary of sft.py eval; delete it and rerun the study") from None
+        name, seed = _run_name(Path(f.stem))
+        summary["correct"] = round(summary["accuracy"] * summary["n"])
+        out.setdefault(name, {"seeds": {}})["seeds"][str(seed)] = summary
+    for v in out.values():
+        k, n = sum(s["correct"] for s in v["seeds"].values()), sum(s["n"] for s in v["seeds"].values())
+        v.update(accuracy=k / n if n else None, n=n, correct=k, ci95=wilson_interval(k, n))
+    return out
+
+
+def format_gates_table(gates) -> str:
+    lines = ["| gate | condition | measured | threshold | passed |", "|---|---|---|---|---|"]
+    for g in gates:
+        lines.append(f"| {g['gate']} | {g['condition']} | {g['measured']:.3f} | {g['threshold']:.3f} | "
+                     f"{'yes' if g['passed'] else '**FAILED**'} |")
+    return "\n".join(lines)
+
+
+def format_greedy_table(greedy) -> str:
+    lines = ["| condition | seeds | n | greedy accuracy [95% CI] |", "|---|---|---|---|"]
+    for c, v in greedy.items():
+        lo, hi = v["ci95"]
+        lines.append(f"| {c} | {', '.join(sorted(v['seeds']))} | {v['n']} | {v['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] |")
+    return "\n".join(lines)
+
+
 def report(args) -> int:
     folders = [Path(p) for p in args.runs]
     missing = [str(p) for p in folders if not p.is_dir()]
@@ -1415,8 +1501,15 @@ def report(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results["figures"] = draw_figures(results, out)
+    results["gates"] = study_gates(results, getattr(args, "gates", None))
+    greedy = getattr(args, "greedy", None)
+    results["greedy"] = greedy_results(greedy) if greedy and Path(greedy).is_dir() else {}
     write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
     table = format_results_table(results)
+    if results["gates"]:
+        table = "## Gates before RL\n\n" + format_gates_table(results["gates"]) + "\n\n## PPO, T = 1\n\n" + table
+    if results["greedy"]:
+        table += "\n\n## Final policies, greedy, fresh problems\n\n" + format_greedy_table(results["greedy"])
     write_text_atomic(out / "results.md", table + "\n")
     print(table)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + "".join(f", {p}" for p in results["figures"]))
@@ -1432,6 +1525,10 @@ def build_report_parser():
         formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="ppo.py run folders; a name <condition>_s<seed> groups seeds")
     p.add_argument("--out", required=True, help="folder for results.json, results.md and the PNG figures")
+    p.add_argument("--gates", default=None, metavar="DIR",
+                   help="folder with base_arithmetic.json (sft.py eval --arithmetic) for the gates table")
+    p.add_argument("--greedy", default=None, metavar="DIR",
+                   help="folder of <condition>_s<seed>.json (sft.py eval of each final policy): a greedy table")
     return p
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import classify
 import countdown
+import traces
 from classify import (BEHAVIORS, JudgeClient, add_judge_args, judge_config_from_args,
                       run_judged_command)
 
@@ -266,7 +267,7 @@ def dots(rows, tokenizer=None):
         if think is None or answer is None:
             dropped += 1
             continue
-        filler = " ." * countdown.count_tokens(think.group(1), tokenizer)
+        filler = " ." * traces.count_tokens(think.group(1), tokenizer)
         out.append(_with_text(r, f"<think>{filler}</think>\n<answer>{answer.group(1)}</answer>",
                               moved))
     return out, dropped
@@ -303,7 +304,7 @@ def coat(rows):
             kind = "explore" if hit["backtracking"] else "reflect" if hit["verification"] else "continue"
             parts.append(body[pos:start])
             if kind != "continue" or last != "continue":
-                parts.append(countdown.COAT_TOKENS[kind] + " ")
+                parts.append(traces.COAT_TOKENS[kind] + " ")
             parts.append(sentence)
             pos, last = start + len(sentence), kind
         new_body = "".join(parts) + body[pos:]
@@ -478,7 +479,7 @@ def label_documents(docs, client, text_prompts, cfg, tokenizer=None, judge_meta=
                               for t, _ in truncated], desc=desc + " (problem/solution)")
     rows = []
     for i, (d, (t, cut), res) in enumerate(zip(docs, truncated, results)):
-        row = dict(id=d["id"], tokens=countdown.count_tokens(t, tokenizer), chars=len(t),
+        row = dict(id=d["id"], tokens=traces.count_tokens(t, tokenizer), chars=len(t),
                    truncated=cut, behaviors=res["behaviors"], judge=judge_meta)
         failed, missing = dict(res["failed"]), list(res["missing"])
         if ps is not None:
@@ -781,7 +782,7 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
                 rejects.append(dict(id=l["id"], set=name, reason=reason))
                 continue
             rows.append(dict(ex, id=l["id"], set=name,
-                             tokens=countdown.count_tokens(ex["query"] + ex["completion"], tokenizer)))
+                             tokens=traces.count_tokens(ex["query"] + ex["completion"], tokenizer)))
         sft[name] = rows
     # The same cap once more on the examples we train on (query + completion tokens): rewriting
     # changes lengths, and both sets must stay within one budget.
@@ -890,7 +891,7 @@ def _cmd_controls(args):
     else:
         new = no_positive(rows)
         dropped = len(rows) - len(new)
-    new = [dict(r, condition=args.kind) for r in new]  # the names of countdown.CONDITIONS
+    new = [dict(r, condition=args.kind) for r in new]  # the names of traces.CONDITIONS
     countdown.write_jsonl(out, new)
     print(f"{args.kind}: {len(new)} of {len(rows)} examples -> {out} ({dropped} dropped)")
     return 0

@@ -93,6 +93,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import countdown
+import traces
 import model as M
 
 # -----------------------------------------------------------------------------
@@ -129,6 +130,9 @@ class PPOConfig:
                          "log-probs PPO uses are those of the untruncated policy")
     max_prompt: int = _flag(256, "longest prompt in tokens; a longer one is an error")
     max_response: int = _flag(1024, "most new tokens per response; a response without EOS is truncated and scored as is")
+    cap_traces: str = _flag("", "comma-separated JSONL files of the traces the policy was primed on: PPO refuses to "
+                            "start when --max-response is below the p99 of their completions in the policy's tokens "
+                            "(a cap that cuts the longer traces makes RL punish them)")
     # reward
     format_score: float = _flag(0.1, "reward for a parsable but wrong <answer> on the last line")
     correct_score: float = _flag(1.0, "reward for a correct answer")
@@ -1039,7 +1043,7 @@ def validate(policy, tokenizer: M.Tokenizer, problems, cfg: PPOConfig, step: int
 # -----------------------------------------------------------------------------
 # Satori (optional): Restart-and-Explore and the reflection bonus
 #
-# A COAT trajectory is a chain of steps, each opened by a meta-action token (countdown.COAT_TOKENS).
+# A COAT trajectory is a chain of steps, each opened by a meta-action token (traces.COAT_TOKENS).
 # After each rollout, the trajectories of the batch's own prompts go to two buffers, D+ (right
 # answers) and D- (wrong ones). A restart takes one of them, keeps its first n - T steps (T >= 0
 # drawn per restart; n = its steps), appends <|reflect|>, and hands that to the policy as a prompt:
@@ -1057,7 +1061,7 @@ def reflection_bonus(origin: Optional[str], correct: bool, beta: float) -> float
     return 0.0
 
 
-_COAT_STEP = re.compile("|".join(re.escape(t) for t in countdown.COAT_TOKENS.values()))
+_COAT_STEP = re.compile("|".join(re.escape(t) for t in traces.COAT_TOKENS.values()))
 
 
 def cut_back(text: str, back: int) -> Optional[str]:
@@ -1070,7 +1074,7 @@ def cut_back(text: str, back: int) -> Optional[str]:
     if back < 0 or len(starts) < back + 1:
         return None
     cuts = starts + [end]                      # step i is text[cuts[i]:cuts[i + 1]]
-    return text[:cuts[len(starts) - back]].rstrip() + " " + countdown.COAT_TOKENS["reflect"]
+    return text[:cuts[len(starts) - back]].rstrip() + " " + traces.COAT_TOKENS["reflect"]
 
 
 def coat_steps(text: str) -> int:
@@ -1711,6 +1715,23 @@ def _model_config(name_or_path) -> M.ModelConfig:
     return M.ModelConfig.from_hf(json.loads(path.read_text(encoding="utf-8")))
 
 
+def check_response_cap(tokenizer: M.Tokenizer, files, max_response: int) -> dict:
+    """{file: p99 tokens of its completions (with EOS)}; a ValueError with the numbers when
+    max_response is below any of them."""
+    p99 = {}
+    for f in files:
+        lengths = sorted(len(tokenizer.encode(r["completion"], bos=False)) + 1 for r in countdown.read_jsonl(f))
+        if not lengths:
+            raise ValueError(f"--cap-traces {f}: no rows")
+        p99[f] = lengths[min(len(lengths) - 1, math.ceil(0.99 * len(lengths)) - 1)]
+    short = {f: p for f, p in p99.items() if p > max_response}
+    if short:
+        raise ValueError(f"--max-response {max_response} would cut the priming traces: p99 completion length "
+                         + ", ".join(f"{f} {p}" for f, p in short.items()) + f" tokens; raise --max-response to "
+                         f">= {max(short.values())}")
+    return p99
+
+
 def train(cfg: PPOConfig) -> dict:
     """Run (or resume) PPO as configured; returns the last metrics line."""
     cfg = _resolve(cfg)
@@ -1758,12 +1779,14 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
     models, tokenizer = build_models(cfg, ckpt / "policy" if ckpt else init_path, init_path)
     rae = None
     if cfg.rae:
-        missing = [t for t in countdown.COAT_TOKENS.values() if tokenizer.tk.token_to_id(t) is None]
+        missing = [t for t in traces.COAT_TOKENS.values() if tokenizer.tk.token_to_id(t) is None]
         if missing:
             raise ValueError(f"--rae restarts at COAT meta-action tokens, and {cfg.model}'s tokenizer lacks "
                              f"{', '.join(missing)}: format-tune it first (sft.py --add-tokens coat --data "
-                             "<countdown.py traces --condition coat>)")
+                             "<traces.py traces --condition coat>)")
         rae = RestartBuffers(cfg.rae_buffer)
+    if cfg.cap_traces:
+        check_response_cap(tokenizer, cfg.cap_traces.split(","), cfg.max_response)
     counters = {"actor_bad": 0, "critic_bad": 0, "elapsed_s": 0.0}
     start = 0
     if ckpt is not None:

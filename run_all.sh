@@ -10,9 +10,9 @@
 #                            primed on each behavior condition, then PPO on each, then behavior counts
 #
 # The miniature mirrors the paper's pipeline (README, "The miniature study"):
-#   1. held-out test problems; priming traces per condition (countdown.py traces: logged searches)
+#   1. held-out test problems; priming traces per condition (traces.py traces: logged searches)
 #   2. ONE shared tiny base model pretrained from scratch on behavior-free text (direct solutions +
-#      arithmetic facts; countdown.py corpus): the "Llama" of the miniature
+#      arithmetic facts; traces.py corpus): the "Llama" of the miniature
 #   3. a short priming SFT of that base per condition and seed (4,000 traces, 2 epochs, batch 32:
 #      the same 250 optimizer steps for every condition)
 #   4. PPO from each primed model, identical settings; validation at T = 1 on the same problems
@@ -53,42 +53,70 @@ background() {
 }
 finish() { while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done; }
 
-# The miniature study. Settings come from the mode below: D, CONDITIONS, SEEDS, N_TEST, BASE_EPOCHS,
-# N_TRACES, N_SOLUTIONS, N_DRILL, PPO_STEPS, and PPO (the shared ppo.py flags).
+# The miniature study. Settings come from the mode below: D, DESIGN, CONDITIONS, SEEDS, N_TEST, BASE_EPOCHS,
+# N_TRACES, N_SOLUTIONS, N_DRILL, PPO_STEPS, PRIME_EPOCHS, and PPO (the shared ppo.py flags).
+# DESIGN=restart (tiny, mini): every condition is written from the same N_TRACES problems (rows 0.. of
+# train.jsonl), the base's single paths from the next N_SOLUTIONS rows; the test problems are in neither.
+# DESIGN=narrated (satori): the first design's narrated searches and corpus (README, "variants tried").
 study() {
-    mkdir -p $D/data $D/logs
+    mkdir -p $D/data $D/logs $D/gates
+    local data_args="" source=all_strategies
     # 1. held-out problems (the PPO test set, excluded from every training file) and priming traces
-    skip_if_exists $D/data/test.jsonl || \
-        $PY countdown.py problems --distribution priming --n-train 20000 --n-test $N_TEST --seed 777 --out $D/data
-    for c in $CONDITIONS all_strategies; do
-        [ "$c" = dots ] && continue  # dots is length-matched in tokens of the base's tokenizer: after step 2
+    local n_train=$((N_TRACES + N_SOLUTIONS)); [ "$DESIGN" = narrated ] && n_train=20000  # as the first study
+    skip_if_exists $D/data/test.jsonl || $PY countdown.py problems --distribution priming \
+        --n-train $n_train --n-test $N_TEST --seed 777 --out $D/data
+    if [ "$DESIGN" = restart ]; then data_args="--problems $D/data/train.jsonl"; source=restart; fi
+    for c in $CONDITIONS $source; do
+        case $c in *dots) continue ;; esac  # dots are length-matched in the base's tokens: after step 2
         skip_if_exists $D/data/$c.jsonl || \
-            $PY countdown.py traces --condition $c --n $N_TRACES --seed 2 --out $D/data/$c.jsonl
+            $PY traces.py traces --condition $c --n $N_TRACES --seed 2 $data_args --out $D/data/$c.jsonl
     done
     # 2. the shared base: from scratch on behavior-free text; its tokenizer also sees the traces' words
-    skip_if_exists $D/data/corpus.jsonl || \
-        $PY countdown.py corpus --n-solutions $N_SOLUTIONS --n-drill $N_DRILL --seed 1 --out $D/data/corpus.jsonl
+    if [ "$DESIGN" = restart ]; then
+        skip_if_exists $D/data/corpus.jsonl || $PY traces.py corpus --design restart --problems $D/data/train.jsonl \
+            --offset $N_TRACES --n-solutions $N_SOLUTIONS --n-drill $N_DRILL --seed 1 --out $D/data/corpus.jsonl
+    else
+        skip_if_exists $D/data/corpus.jsonl || $PY traces.py corpus --design narrated --n-solutions $N_SOLUTIONS \
+            --n-drill $N_DRILL --seed 1 --out $D/data/corpus.jsonl
+    fi
     [ -e $D/base/final/config.json ] || \
-        $PY sft.py --init tiny --data $D/data/corpus.jsonl --tokenizer-data $D/data/all_strategies.jsonl \
+        $PY sft.py --init tiny --data $D/data/corpus.jsonl --tokenizer-data $D/data/$source.jsonl \
             --eval-problems $D/data/test.jsonl --eval-n 200 --eval-max-new-tokens 64 --out $D/base \
-            --epochs $BASE_EPOCHS --batch-size 32 --val-fraction 0.02 --device $DEVICE --num-threads $THREADS
-    case " $CONDITIONS " in *" dots "*)
-        skip_if_exists $D/data/dots.jsonl || $PY countdown.py traces --condition dots --n $N_TRACES --seed 2 \
-            --tokenizer $D/base/final --out $D/data/dots.jsonl ;;
-    esac
-    # 3. priming SFT per condition and seed: N_TRACES traces x 2 epochs at batch 32, the same number of
-    #    optimizer steps for every condition (the paper: 1,000 x 5 epochs at batch 64 = 75 steps; a
+            --epochs $BASE_EPOCHS --batch-size 32 --val-fraction 0.02 --device $DEVICE --num-threads $BASE_THREADS
+    for c in $CONDITIONS; do case $c in *dots)
+        skip_if_exists $D/data/$c.jsonl || $PY traces.py traces --condition $c --n $N_TRACES --seed 2 $data_args \
+            --tokenizer $D/base/final --out $D/data/$c.jsonl ;;
+    esac; done
+    # gate: the base's arithmetic on held-out facts of the drill (seed 4242, never trained on)
+    [ "$DESIGN" = restart ] && { skip_if_exists $D/gates/base_arithmetic.json || \
+        $PY sft.py eval --model $D/base/final --arithmetic 1000 --seed 4242 --device $DEVICE \
+            --num-threads $BASE_THREADS > $D/gates/base_arithmetic.json; }
+    # 3. priming SFT per condition and seed: N_TRACES traces x PRIME_EPOCHS at batch 32, the same number
+    #    of optimizer steps for every condition (the paper: 1,000 x 5 epochs at batch 64 = 75 steps; a
     #    model from scratch knows none of the traces' words and needs more: README, "variants tried")
     for s in $SEEDS; do for c in $CONDITIONS; do prime ${c}_s$s $D/base/final $D/data/$c.jsonl $s; done; done
     finish
-    # 4. PPO from every primed model: same settings, same validation problems, sampled at T = 1
-    for s in $SEEDS; do for c in $CONDITIONS; do rl ${c}_s$s $D/sft/${c}_s$s/final $s; done; done
+    # 4. PPO from every primed model: same settings, same validation problems, sampled at T = 1; the
+    #    response cap is checked against the p99 length of every condition's traces before it starts
+    #    (the narrated design keeps the first study's cap of 192, which cut its longer traces: README)
+    local caps=""
+    [ "$DESIGN" = restart ] && for c in $CONDITIONS; do caps="--cap-traces ${caps#--cap-traces }${caps:+,}$D/data/$c.jsonl"; done
+    for s in $SEEDS; do for c in $CONDITIONS; do rl ${c}_s$s $D/sft/${c}_s$s/final $s $caps; done; done
     finish
-    # 5. the report: results.json, results.md, accuracy/behaviors/response_length PNGs
+    # 5. each final policy re-evaluated greedily on fresh problems (seed 4343: never used for tuning)
+    mkdir -p $D/greedy
+    for s in $SEEDS; do for c in $CONDITIONS; do
+        local g=$D/greedy/${c}_s$s.json
+        [ -s $g ] || background greedy_${c}_s$s sh -c "$PY sft.py eval --model $D/ppo/${c}_s$s/checkpoints/step_$PPO_STEPS/policy \
+            --n $N_TEST --seed 4343 --exclude-data $D/data/train.jsonl --max-new-tokens $MAX_RESPONSE \
+            --device $DEVICE --num-threads $THREADS > $g.tmp && mv $g.tmp $g"
+    done; done
+    finish
+    # 6. the report: results.json, results.md (gates, T = 1 and greedy tables), figures
     [ -n "${REPORT-1}" ] || return 0       # REPORT= (empty): another stage reports these runs
     local runs=""
     for s in $SEEDS; do for c in $CONDITIONS; do runs="$runs $D/ppo/${c}_s$s"; done; done
-    $PY classify.py report $runs --out $D
+    $PY classify.py report $runs --out $D --gates $D/gates --greedy $D/greedy
     echo "[run_all] done: $D/results.md, $D/results.json and figures in $D/"
 }
 
@@ -97,7 +125,7 @@ prime() {
     local name=$1 model=$2 data=$3 seed=$4; shift 4
     [ -e $D/sft/$name/final/config.json ] || background sft_$name \
         $PY sft.py --model $model --data $data --eval-problems $D/data/test.jsonl --eval-n 0 --out $D/sft/$name \
-            --epochs 2 --batch-size 32 --lr 2e-3 --val-fraction 0 --seed $seed --device $DEVICE \
+            --epochs ${PRIME_EPOCHS:-2} --batch-size 32 --lr 2e-3 --val-fraction 0 --seed $seed --device $DEVICE \
             --num-threads $THREADS "$@"
 }
 
@@ -114,16 +142,23 @@ rl() {
 # primed model took ~30 s on one core), T = 1 validation every 10 steps, the paper's other settings.
 TINY_PPO="--batch-prompts 32 --samples 4 --mini-batch-prompts 16 --micro-batch 64 --max-response 192 \
     --actor-lr 2e-4 --critic-lr 1e-3 --no-grad-checkpointing --val-temperature 1.0 --val-every 10"
+# The restart design's PPO: the same, with a response cap above the p99 length of every condition's
+# traces (checked by --cap-traces before PPO starts). Chosen on a dev problem set (README).
+MAX_RESPONSE=320
+RESTART_PPO="--batch-prompts 32 --samples 4 --mini-batch-prompts 16 --micro-batch 64 --max-response $MAX_RESPONSE \
+    --actor-lr 2e-4 --critic-lr 1e-3 --no-grad-checkpointing --val-temperature 1.0 --val-every 10"
+BASE_THREADS=$([ "$DEVICE" = cpu ] && echo 2 || echo 0)  # the base trains alone: both cores
 
 case "$MODE" in
 tiny)
-    D=runs/tiny CONDITIONS="all_strategies empty_cot" SEEDS="1" N_TEST=400 BASE_EPOCHS=1 N_TRACES=4000
-    N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=60 PPO=$TINY_PPO
+    D=runs/tiny DESIGN=restart CONDITIONS="restart restart_empty_cot" SEEDS="1" N_TEST=400 BASE_EPOCHS=1
+    N_TRACES=4000 N_SOLUTIONS=10000 N_DRILL=15000 PRIME_EPOCHS=2 PPO_STEPS=40 PPO=$RESTART_PPO
     study
     ;;
 mini)
-    D=runs/mini CONDITIONS="all_strategies only_backtracking no_positive empty_cot dots" SEEDS="1 2"
-    N_TEST=400 BASE_EPOCHS=1 N_TRACES=4000 N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=100 PPO=$TINY_PPO
+    D=runs/mini DESIGN=restart SEEDS="1 2" N_TEST=400 BASE_EPOCHS=3 N_TRACES=4000 N_SOLUTIONS=20000 N_DRILL=30000
+    CONDITIONS="restart restart_only_backtracking restart_no_positive restart_empty_cot restart_dots"
+    PRIME_EPOCHS=2 PPO_STEPS=100 PPO=$RESTART_PPO
     study
     ;;
 satori)
@@ -133,12 +168,13 @@ satori)
     # tokens, the tokens added to the base), PPO from it without and with Restart-and-Explore plus
     # the reflection bonus, and one round of iterative self-improvement: each RAE policy's right
     # answers during RL distilled into its format-tuned model by SFT, then the same RL again.
-    D=runs/mini CONDITIONS="only_backtracking" SEEDS="1 2" N_TEST=400 BASE_EPOCHS=1 N_TRACES=4000
-    N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=100 PPO=$TINY_PPO REPORT=
+    D=runs/satori DESIGN=narrated CONDITIONS="only_backtracking" SEEDS="1 2" N_TEST=400 BASE_EPOCHS=1
+    N_TRACES=4000 N_SOLUTIONS=20000 N_DRILL=30000 PPO_STEPS=100 PPO=$TINY_PPO REPORT= BASE_THREADS=$THREADS
+    MAX_RESPONSE=192
     study
     SATORI="--rae --reflection-bonus 0.5"
     skip_if_exists $D/data/coat.jsonl || \
-        $PY countdown.py traces --condition coat --n $N_TRACES --seed 2 --out $D/data/coat.jsonl
+        $PY traces.py traces --condition coat --n $N_TRACES --seed 2 --out $D/data/coat.jsonl
     for s in $SEEDS; do prime coat_s$s $D/base/final $D/data/coat.jsonl $s --add-tokens coat; done
     finish
     for s in $SEEDS; do
@@ -189,7 +225,7 @@ paper)
             esac
         else
             skip_if_exists $DATA/$c.jsonl || \
-                $PY countdown.py traces --condition $c --n 1200 --seed 0 --out $DATA/$c.jsonl
+                $PY traces.py traces --condition $c --n 1200 --seed 0 --out $DATA/$c.jsonl
         fi
     done
     # 2. priming SFT of Llama-3.2-3B on each condition (paper recipe: 5 epochs, batch 64, lr 1e-5)

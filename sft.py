@@ -58,6 +58,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -71,6 +72,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import countdown as C
+import traces
 import model as M
 
 # -----------------------------------------------------------------------------
@@ -84,7 +86,7 @@ def _flag(default, help, **kw):
 @dataclass
 class SFTConfig:
     """Every flag of a training run; written to <out>/config.json."""
-    data: str = _flag(None, "training JSONL with 'query' and 'completion' fields (countdown.py traces, curate.py)")
+    data: str = _flag(None, "training JSONL with 'query' and 'completion' fields (traces.py traces, curate.py)")
     out: str = _flag(None, "run folder, e.g. runs/sft/all_strategies; rerunning with the same --out resumes")
     model: Optional[str] = _flag(None, "checkpoint to fine-tune: a local folder, an alias (llama-3.2-3b) or a Hub id")
     init: Optional[str] = _flag(None, "train from scratch instead: a random-init Llama-architecture model of this "
@@ -372,6 +374,26 @@ def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 1024, b
     return accuracy, rows
 
 
+@torch.no_grad()
+def arithmetic_accuracy(model, tokenizer, n: int, seed: int, batch_size: int = 64) -> tuple:
+    """({"n", "arithmetic_accuracy"}, rows): greedy results of n facts "a op b = c" of the restart
+    drill (traces.restart_drill with `seed`, the first fact of each row), each prompted as the drill
+    writes it, "Arithmetic:" then " a op b =", and right when the next number generated is c."""
+    facts = [r["completion"].split(".")[0].strip() for r in traces.restart_drill(n, seed=seed, per_row=1)]
+    rows = []
+    for i in range(0, n, batch_size):
+        chunk = facts[i:i + batch_size]
+        prompts = [tokenizer.encode("Arithmetic:") + tokenizer.encode(" " + f.split(" =")[0] + " =") for f in chunk]
+        gen = M.generate(model, prompts, max_new_tokens=6, temperature=0.0, eos_id=tokenizer.eos_id,
+                         pad_id=tokenizer.pad_id)
+        for f, toks, k in zip(chunk, gen.tokens, gen.lengths.tolist()):
+            got = re.match(r"\s*(\d+)", tokenizer.decode(toks[:k], skip_special_tokens=True))
+            want = f.split("= ")[1]
+            rows.append({"fact": f, "answer": got.group(1) if got else None, "correct": bool(got) and got.group(1) == want})
+    right = sum(r["correct"] for r in rows)
+    return {"n": len(rows), "correct": right, "arithmetic_accuracy": right / max(1, len(rows))}, rows
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: weights in model.save folders, training state beside them, both written atomically
 
@@ -517,7 +539,7 @@ def train(cfg: SFTConfig) -> Optional[Path]:
 def _tokens_to_add(spec: str) -> list:
     """--add-tokens: 'coat' (Satori's meta-action tokens) or a comma-separated list."""
     if spec == "coat":
-        return list(C.COAT_TOKENS.values())
+        return list(traces.COAT_TOKENS.values())
     tokens = [t for t in spec.split(",") if t]
     if not tokens or any(t != t.strip() for t in tokens):
         raise ValueError(f"--add-tokens {spec!r}: give 'coat' or comma-separated tokens without spaces around them")
@@ -768,6 +790,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
                    "e.g. the SFT training data (rows need 'nums' and 'target'); this shifts the mix towards problems the "
                    "training data rarely covers (4 numbers), so the accuracy by count matters more than the total")
     p.add_argument("--n", type=int, default=200, help="number of problems (default: 200)")
+    p.add_argument("--arithmetic", type=int, default=0, metavar="N",
+                   help="instead: greedy arithmetic on N held-out facts of the restart drill (traces.restart_drill, "
+                        "seeded by --seed): the prompt 'Arithmetic: a op b =', right when the next number is a op b")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per problem (default: 1024)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch (default: 64)")
     p.add_argument("--out", help="write the completions here as JSONL (refuses to overwrite)")
@@ -785,6 +810,14 @@ def eval_main(argv) -> int:
     try:
         if args.out and Path(args.out).exists():
             raise FileExistsError(f"{args.out} exists; choose another --out")
+        if args.arithmetic:
+            device = _resolve_device(args.device)
+            model, tok = M.load(args.model, device=device, dtype="float32")
+            summary, rows = arithmetic_accuracy(model, tok, args.arithmetic, args.seed, args.batch_size)
+            if args.out:
+                C.write_jsonl(args.out, rows)
+            print(json.dumps(dict(summary, model=str(args.model))))
+            return 0
         exclude = {_problem_key(r) for r in C.read_jsonl(args.exclude_data) if "nums" in r} if args.exclude_data else set()
         if args.problems:
             problems = [p for p in C.read_jsonl(args.problems) if _problem_key(p) not in exclude][:args.n]

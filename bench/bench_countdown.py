@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import countdown as C  # noqa: E402
+import traces  # noqa: E402
 # the baseline: the original reward, restated once, in the tests (it calls eval, so it stays out of countdown.py)
 from tests.test_countdown import reference_score  # noqa: E402
 
@@ -25,8 +26,8 @@ from tests.test_countdown import reference_score  # noqa: E402
 def typical_responses(n):
     """Trace completions of every condition (right, wrong, empty-CoT, dots) plus a few with no answer."""
     out = []
-    for cond in C.CONDITIONS:
-        for r in C.generate_traces(cond, n, seed=123):
+    for cond in traces.CONDITIONS:
+        for r in traces.generate_traces(cond, n, seed=123):
             out.append((r["completion"], r["nums"], r["target"]))
     out += [(c[: len(c) // 2], nums, t) for c, nums, t in out[:n]]  # truncated: no answer
     return out
@@ -128,9 +129,9 @@ def main():
     print(f"\n== writing {args.n} traces per condition (generate + atomic JSONL write)")
     stats = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for cond in C.CONDITIONS:
+        for cond in traces.CONDITIONS:
             t0 = time.perf_counter()
-            rows = C.generate_traces(cond, args.n, seed=0)
+            rows = traces.generate_traces(cond, args.n, seed=0)
             C.write_jsonl(os.path.join(tmp, f"{cond}.jsonl"), rows)
             dt = time.perf_counter() - t0
             stats[cond] = rows
@@ -145,7 +146,7 @@ def main():
     print("-" * len(head))
     for cond, rows in stats.items():
         words = statistics.mean(len(r["completion"].split()) for r in rows)
-        means = [statistics.mean(r["behaviors"][b] for r in rows) for b in C.BEHAVIORS]
+        means = [statistics.mean(r["behaviors"][b] for r in rows) for b in traces.BEHAVIORS]
         paper = PAPER_STEP0.get(cond)
         if paper:
             right = " ".join(f"{x:5.2f}" for x in paper[:4]) + f" {paper[4]:5d}"

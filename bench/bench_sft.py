@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import countdown as C  # noqa: E402
+import traces  # noqa: E402
 import model as M  # noqa: E402
 import sft  # noqa: E402
 
@@ -51,7 +52,7 @@ def throughput(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = C.generate_traces(args.condition, 256, seed=0)
+    rows = traces.generate_traces(args.condition, 256, seed=0)
     tok = sft.train_tokenizer((t for r in rows for t in (r["query"], r["completion"])), 1024)
     examples, _ = sft.tokenize_examples(tok, rows, 2048)
     batch = examples[:32]
@@ -123,7 +124,7 @@ def processes(args):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "traces.jsonl"
-        C.write_jsonl(data, C.generate_traces(args.condition, args.steps * args.batch_size, seed=0))
+        C.write_jsonl(data, traces.generate_traces(args.condition, args.steps * args.batch_size, seed=0))
         flags = ["--init", args.size, "--data", str(data), "--val-fraction", "0", "--epochs", "1", "--batch-size",
                  str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size), "--device", "cpu",
                  "--num-threads", "1"]

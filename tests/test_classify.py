@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import classify  # noqa: E402
 import countdown  # noqa: E402
+import traces  # noqa: E402
 from fake_judge import FakeJudge  # noqa: E402
 
 KEY = "sk-FAKE-0123456789-do-not-leak"
@@ -520,10 +521,10 @@ def test_every_flag_has_help():
 # --- the rule-based judge ------------------------------------------------------------------------
 
 def test_rules_judge_is_exact_on_synthetic_traces(tmp_path, capsys):
-    """countdown.generate_traces counts every behavior as it writes it, each with a marker phrase
-    from countdown.BEHAVIOR_PHRASES; the rules (markers plus the broader natural-wording rules)
+    """traces.generate_traces counts every behavior as it writes it, each with a marker phrase
+    from traces.BEHAVIOR_PHRASES; the rules (markers plus the broader natural-wording rules)
     must recover every count exactly, so the natural rules never double count a marked instance."""
-    rows = [t for c in countdown.CONDITIONS for t in countdown.generate_traces(c, 150, seed=3)]
+    rows = [t for c in traces.CONDITIONS for t in traces.generate_traces(c, 150, seed=3)]
     countdown.write_jsonl(tmp_path / "traces.jsonl", rows)
     assert classify.main(["--input", str(tmp_path / "traces.jsonl"), "--judge", "rules", "--n-samples", "0",
                           "--score-against"]) == 0
@@ -534,7 +535,7 @@ def test_rules_judge_is_exact_on_synthetic_traces(tmp_path, capsys):
     # conditions that forbid a behavior: the rules find none of it
     for c, sc in report["by_condition"].items():
         for b in classify.BEHAVIORS:
-            if b not in countdown.ALLOWED_BEHAVIORS[c]:
+            if b not in traces.ALLOWED_BEHAVIORS[c]:
                 assert sc[b]["fp"] == 0 and sc[b]["tp"] == 0, (c, b)
     assert "precision" in capsys.readouterr().out
 
@@ -679,9 +680,9 @@ def test_report_writes_results_and_figures(tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| all_strategies | pooled | 10x2 |" in table and "0.700 [" in table
     if classify._pyplot() is not None:
-        for name in ("accuracy.png", "behaviors.png", "response_length.png"):
+        for name in ("accuracy.png", "behaviors.png", "response_length.png", "truncated.png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert len(res["figures"]) == 3
+        assert len(res["figures"]) == 4
 
 
 def test_report_without_matplotlib_and_bad_input(tmp_path, monkeypatch, capsys):

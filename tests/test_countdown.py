@@ -20,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import countdown as C  # noqa: E402
+import traces as T  # noqa: E402
 from conftest import lock_held_elsewhere  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -559,7 +560,7 @@ def test_jsonl_errors(tmp_path):
 # -----------------------------------------------------------------------------
 # Traces
 
-CORRECT = [c for c in C.CONDITIONS if c != "no_positive"]
+CORRECT = [c for c in T.CONDITIONS if c != "no_positive" and not c.startswith("restart")]  # restart: below
 N_TRACES = 120
 
 # Independent, paper-derived phrasings of each behavior (paper_spec 3.2, 4.2): none may appear in
@@ -577,7 +578,7 @@ FORBIDDEN_PATTERNS = {
 
 @pytest.fixture(scope="module")
 def traces():
-    return {c: C.generate_traces(c, N_TRACES, seed=0) for c in C.CONDITIONS}
+    return {c: T.generate_traces(c, N_TRACES, seed=0) for c in T.CONDITIONS}
 
 
 def test_trace_records(traces):
@@ -590,7 +591,7 @@ def test_trace_records(traces):
             assert set(row) >= {"query", "completion", "nums", "target", "condition", "behaviors", "dead_ends"}
             assert row["condition"] == cond and row["nums"] == p["nums"] and row["target"] == p["target"]
             assert row["query"] == C.make_prompt(p["nums"], p["target"])
-            assert set(row["behaviors"]) == set(C.BEHAVIORS)
+            assert set(row["behaviors"]) == set(T.BEHAVIORS)
             json.dumps(row)
 
 
@@ -607,18 +608,18 @@ def test_correct_conditions_score_one_and_no_positive_is_wrong(traces):
         s = C.score(r["completion"], r["nums"], r["target"])
         assert 0 < s < 1.0 and s == 0.1
         assert not C.is_correct(r["completion"], r["nums"], r["target"], lenient=True)
-        assert r["dead_ends"] in C.NO_POSITIVE_BUDGETS  # it stopped because its budget ran out
+        assert r["dead_ends"] in T.NO_POSITIVE_BUDGETS  # it stopped because its budget ran out
         assert "not finding" not in r["completion"] and "settle" not in r["completion"]  # stated plainly
 
 
 def test_no_trace_uses_a_forbidden_behavior(traces):
     for cond, rows in traces.items():
-        forbidden = set(C.BEHAVIORS) - C.ALLOWED_BEHAVIORS[cond]
+        forbidden = set(T.BEHAVIORS) - T.ALLOWED_BEHAVIORS[cond]
         for r in rows:
             text = r["completion"]
             for b in forbidden:
                 assert r["behaviors"][b] == 0
-                assert C.count_behavior_phrases(text)[b] == 0, (cond, b, text)
+                assert T.count_behavior_phrases(text)[b] == 0, (cond, b, text)
                 for pat in FORBIDDEN_PATTERNS[b]:
                     assert not re.search(pat, text, re.IGNORECASE), (cond, b, pat, text)
 
@@ -627,14 +628,14 @@ def test_behavior_counts_match_phrase_occurrences(traces):
     for cond, rows in traces.items():
         for r in rows:
             low = r["completion"].lower()
-            counted = {b: sum(low.count(p) for p in C.BEHAVIOR_PHRASES[b]) for b in C.BEHAVIORS}
+            counted = {b: sum(low.count(p) for p in T.BEHAVIOR_PHRASES[b]) for b in T.BEHAVIORS}
             assert counted == r["behaviors"], (cond, r["completion"])
 
 
 def test_each_condition_shows_the_behaviors_it_allows(traces):
     mean = lambda rows, b: sum(r["behaviors"][b] for r in rows) / len(rows)  # noqa: E731
-    for cond in C.CONDITIONS:
-        for b in C.ALLOWED_BEHAVIORS[cond]:
+    for cond in T.CONDITIONS:
+        for b in T.ALLOWED_BEHAVIORS[cond]:
             assert mean(traces[cond], b) > 0.3 or cond == "no_positive" and b in ("subgoal", "backward") \
                 and mean(traces[cond], b) > 0.02, (cond, b)
     # several phrasings per move: the traces are not one template
@@ -720,7 +721,7 @@ def test_forward_search_walks_real_states_and_backtracks_to_them(traces):
 def test_failed_attempts_depend_on_the_problem():
     """The search needs fewer dead ends on easy problems (many solutions) than on hard ones (few),
     compared among problems with the same count of numbers."""
-    rows = C.generate_traces("only_backtracking", 600, seed=3)
+    rows = T.generate_traces("only_backtracking", 600, seed=3)
     mean = lambda rs: sum(r["dead_ends"] for r in rs) / len(rs)  # noqa: E731
     for k in (3, 4):
         by_solutions = sorted((r for r in rows if len(r["nums"]) == k),
@@ -730,7 +731,7 @@ def test_failed_attempts_depend_on_the_problem():
         assert third > 50 and mean(easy) < 0.75 * mean(hard), (k, mean(easy), mean(hard))
     # a problem solved at the first try has no backtracking at all; none exceeds the budget
     assert any(r["dead_ends"] == 0 and r["behaviors"]["backtracking"] == 0 for r in rows)
-    assert max(r["dead_ends"] for r in rows) <= C.TRACE_BUDGET
+    assert max(r["dead_ends"] for r in rows) <= T.TRACE_BUDGET
 
 
 def test_phrase_templates_carry_exactly_one_marker():
@@ -738,19 +739,19 @@ def test_phrase_templates_carry_exactly_one_marker():
               fwd="12 * 2 = 24", state="12 and 2", rest="10 and 2", nums="10, 2 and 2",
               steps="10 + 2 = 12", expr="(10 + 2) * 2")
     owned = {
-        "verification": [C._VERIFY_FAIL, C._VERIFY_OK, C._VERIFY_SUB, C._DOUBLE_CHECK],
-        "backtracking": [C._RESTART, C._GO_BACK, C._SUBGOAL_FAIL, C._BACKWARD_FAIL],
-        "subgoal": [*C._SUBGOAL.values()],
-        "backward": [C._BACKWARD],
+        "verification": [T._VERIFY_FAIL, T._VERIFY_OK, T._VERIFY_SUB, T._DOUBLE_CHECK],
+        "backtracking": [T._RESTART, T._GO_BACK, T._SUBGOAL_FAIL, T._BACKWARD_FAIL],
+        "subgoal": [*T._SUBGOAL.values()],
+        "backward": [T._BACKWARD],
     }
-    neutral = [C._OPENINGS, *C._STEPS.values(), C._FIRST_STEP, C._THEN, C._LEFT, C._NEED, C._SO,
-               C._CONCLUDE, C._SUBGOAL_REACHED]
+    neutral = [T._OPENINGS, *T._STEPS.values(), T._FIRST_STEP, T._THEN, T._LEFT, T._NEED, T._SO,
+               T._CONCLUDE, T._SUBGOAL_REACHED]
     for b, groups in owned.items():
         for t in (t for g in groups for t in g):
-            counts = C.count_behavior_phrases(t.format(**kw))
-            assert counts == {x: int(x == b) for x in C.BEHAVIORS}, t
+            counts = T.count_behavior_phrases(t.format(**kw))
+            assert counts == {x: int(x == b) for x in T.BEHAVIORS}, t
     for t in (t for g in neutral for t in g):
-        assert C.count_behavior_phrases(t.format(**kw)) == dict.fromkeys(C.BEHAVIORS, 0), t
+        assert T.count_behavior_phrases(t.format(**kw)) == dict.fromkeys(T.BEHAVIORS, 0), t
 
 
 def test_controls_derive_from_all_strategies(traces):
@@ -771,8 +772,8 @@ def test_dots_count_tokens_of_a_given_tokenizer():
         def encode(self, text, bos=False):
             return list(text)
 
-    src = C.generate_traces("all_strategies", 3, seed=4)
-    dots = C.generate_traces("dots", 3, seed=4, tokenizer=CharTokenizer())
+    src = T.generate_traces("all_strategies", 3, seed=4)
+    dots = T.generate_traces("dots", 3, seed=4, tokenizer=CharTokenizer())
     for s, d in zip(src, dots):
         think = s["completion"].split("</think>")[0]
         assert d["completion"].split("</think>")[0] == " ." * len(think)
@@ -782,7 +783,7 @@ def test_dots_count_tokens_of_a_given_tokenizer():
     tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<s>": 0, "[UNK]": 1}, unk_token="[UNK]"))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tk.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    dots = C.generate_traces("dots", 2, seed=4, tokenizer=tk)
+    dots = T.generate_traces("dots", 2, seed=4, tokenizer=tk)
     for s, d in zip(src, dots):
         think = s["completion"].split("</think>")[0]
         n = len(tk.encode(think).ids) - 1  # minus the BOS
@@ -791,11 +792,11 @@ def test_dots_count_tokens_of_a_given_tokenizer():
 
 
 def test_traces_are_seeded():
-    a = C.generate_traces("all_strategies", 20, seed=7)
-    assert a == C.generate_traces("all_strategies", 20, seed=7)
-    assert a != C.generate_traces("all_strategies", 20, seed=8)
+    a = T.generate_traces("all_strategies", 20, seed=7)
+    assert a == T.generate_traces("all_strategies", 20, seed=7)
+    assert a != T.generate_traces("all_strategies", 20, seed=8)
     with pytest.raises(ValueError, match="condition"):
-        C.generate_traces("everything", 2)
+        T.generate_traces("everything", 2)
 
 
 # -----------------------------------------------------------------------------
@@ -818,16 +819,19 @@ def test_cli(tmp_path, capsys):
     assert len(C.read_jsonl(out / "train.jsonl")) == 5
 
     path = tmp_path / "t.jsonl"
-    assert C.main(["traces", "--condition", "backtracking_backward", "--n", "5", "--out", str(path)]) == 0
-    assert C.read_jsonl(path) == C.generate_traces("backtracking_backward", 5, seed=0)
-    assert C.main(["traces", "--condition", "dots", "--n", "5", "--out", str(path)]) == 2
+    assert T.main(["traces", "--condition", "backtracking_backward", "--n", "5", "--out", str(path)]) == 0
+    assert C.read_jsonl(path) == T.generate_traces("backtracking_backward", 5, seed=0)
+    assert T.main(["traces", "--condition", "dots", "--n", "5", "--out", str(path)]) == 2
+    capsys.readouterr()
+    assert C.main(["traces", "--condition", "dots", "--n", "5", "--out", str(path)]) == 2  # moved: says where
+    assert "python traces.py traces --condition dots" in capsys.readouterr().err
 
     capsys.readouterr()
     assert C.main(["solve", "25", "30", "3", "4", "--target", "32"]) == 0
     assert ast_value(capsys.readouterr().out.strip()) == 32
     assert C.main(["solve", "1", "1", "--target", "5"]) == 1
     with pytest.raises(SystemExit) as e:
-        C.main(["traces", "--help"])
+        T.main(["traces", "--help"])
     assert e.value.code == 0
     assert "--condition" in capsys.readouterr().out
 
@@ -835,18 +839,18 @@ def test_cli(tmp_path, capsys):
 def test_check_arithmetic_reads_every_wording():
     text = ("12 + 5 = 17. 3 * 4 = 13. Adding 2 and 2 gives 4. Subtracting 3 from 10 leaves 7. "
             "9 minus 2 is 6. What about 6 / 3? That gives 2. 7 times 3 is 21. 20 / 3 = 6. 8 * 2 makes 16.")
-    assert C.check_arithmetic(text) == (6, 9)  # 3 * 4 = 13, 9 minus 2 is 6 and 20 / 3 = 6 are wrong
-    assert C.check_arithmetic("no arithmetic here") == (0, 0)
-    assert C.check_arithmetic("5 / 0 = 0.") == (0, 1)
+    assert T.check_arithmetic(text) == (6, 9)  # 3 * 4 = 13, 9 minus 2 is 6 and 20 / 3 = 6 are wrong
+    assert T.check_arithmetic("no arithmetic here") == (0, 0)
+    assert T.check_arithmetic("5 / 0 = 0.") == (0, 1)
 
 
 def test_pretraining_corpus_is_behavior_free_and_right():
-    rows = C.pretraining_corpus(60, 40, seed=5)
-    assert rows == C.pretraining_corpus(60, 40, seed=5) and rows != C.pretraining_corpus(60, 40, seed=6)
+    rows = T.pretraining_corpus(60, 40, seed=5)
+    assert rows == T.pretraining_corpus(60, 40, seed=5) and rows != T.pretraining_corpus(60, 40, seed=6)
     drill = [r for r in rows if r["query"] == "Arithmetic:"]
     assert len(drill) == 40 and len(rows) == 100
     for r in rows:
-        assert C.count_behavior_phrases(r["completion"]) == dict.fromkeys(C.BEHAVIORS, 0)
+        assert T.count_behavior_phrases(r["completion"]) == dict.fromkeys(T.BEHAVIORS, 0)
         for pat in (p for ps in FORBIDDEN_PATTERNS.values() for p in ps):
             assert not re.search(pat, r["completion"], re.IGNORECASE), (pat, r["completion"])
     for r in drill:

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import classify  # noqa: E402
 import countdown  # noqa: E402
+import traces  # noqa: E402
 import curate  # noqa: E402
 from conftest import lock_held_elsewhere  # noqa: E402
 from fake_judge import FakeJudge  # noqa: E402
@@ -91,7 +92,7 @@ def test_priming_writes_sft_examples_and_tops_up_failures(api, tmp_path, monkeyp
 
 
 def test_priming_prompts_cover_the_llm_conditions():
-    llm = set(countdown.CONDITIONS) - set(curate.DERIVED)
+    llm = set(traces.CONDITIONS) - set(curate.DERIVED) - set(traces.RESTART_CONDITIONS)  # restart: synthetic only
     assert set(curate.PRIMING_CONDITIONS) == llm
     for c, p in curate.PRIMING_SYSTEM_PROMPTS.items():
         assert "<think>" in p and "<answer>" in p and "target" in p
@@ -124,16 +125,16 @@ def word_tokenizer_json(path, texts):
 
 
 def test_controls_match_countdown_reference_and_hand_counts(tmp_path):
-    src = countdown.generate_traces("all_strategies", 40, seed=2)
+    src = traces.generate_traces("all_strategies", 40, seed=2)
     assert [r["completion"] for r in curate.empty_cot(src)] == \
-        [r["completion"] for r in countdown.generate_traces("empty_cot", 40, seed=2)]
+        [r["completion"] for r in traces.generate_traces("empty_cot", 40, seed=2)]
     d, dropped = curate.dots(src)
     assert dropped == 0 and [r["completion"] for r in d] == \
-        [r["completion"] for r in countdown.generate_traces("dots", 40, seed=2)]
+        [r["completion"] for r in traces.generate_traces("dots", 40, seed=2)]
     tok = curate.load_tokenizer(word_tokenizer_json(tmp_path / "tokenizer.json", [r["completion"] for r in src]))
     d_tok, _ = curate.dots(src, tok)
     assert [r["completion"] for r in d_tok] == \
-        [r["completion"] for r in countdown.generate_traces("dots", 40, seed=2, tokenizer=tok)]
+        [r["completion"] for r in traces.generate_traces("dots", 40, seed=2, tokenizer=tok)]
     assert [r["query"] for r in d] == [r["query"] for r in src]  # queries unchanged
     # by hand: 7 words (12 + 2 = 14. Then 12*2=24.) -> exactly 7 " ." (the original wrote N - 1);
     # only the first think/answer pair is kept
@@ -141,7 +142,7 @@ def test_controls_match_countdown_reference_and_hand_counts(tmp_path):
                "<answer> 12 * 2 </answer> extra <think>x</think><answer>9</answer>", nums=[12, 2], target=24)
     assert curate.dots([row])[0][0]["completion"] == " . . . . . . .</think>\n<answer> 12 * 2 </answer>"
     # the Whitespace pre-tokenizer splits \w+ and punctuation runs: 12 + 2 = 14 . Then 12 * 2 = 24 .
-    assert countdown.count_tokens("\n12 + 2 = 14. Then 12*2=24.\n", tok) == 13
+    assert traces.count_tokens("\n12 + 2 = 14. Then 12*2=24.\n", tok) == 13
     assert curate.empty_cot([row])[0]["completion"] == " </think>\n<answer> 12 * 2 </answer> extra <think> </think><answer>9</answer>"
     # an answer-less item is dropped from dots; a query in the paper's old format also works
     assert curate.dots([dict(row, completion="no tags")]) == ([], 1)
@@ -159,8 +160,8 @@ def test_no_positive_keeps_every_answer_below_full_score(tmp_path, capsys):
     ]]
     kept = curate.no_positive(rows)
     assert [r["completion"] for r in kept] == [r["completion"] for r in rows[1:]]
-    assert curate.no_positive(countdown.generate_traces("all_strategies", 30, seed=1)) == []
-    assert len(curate.no_positive(countdown.generate_traces("no_positive", 30, seed=1))) == 30
+    assert curate.no_positive(traces.generate_traces("all_strategies", 30, seed=1)) == []
+    assert len(curate.no_positive(traces.generate_traces("no_positive", 30, seed=1))) == 30
     countdown.write_jsonl(tmp_path / "in.jsonl", rows)
     args = ["controls", "--input", str(tmp_path / "in.jsonl"), "--kind", "no_positive", "--out", str(tmp_path / "np.jsonl")]
     assert curate.main(args) == 0
@@ -187,9 +188,9 @@ def test_truncate_by_chars_and_tokens(tmp_path):
     for max_tokens in (7, 25, 30):
         cut, was = curate.truncate_document(doc, tok, max_tokens=max_tokens)
         k = ends.index(len(cut))  # the cut ends where a line ends in the document ...
-        assert was and doc.startswith(cut) and countdown.count_tokens(cut, tok) <= max_tokens
+        assert was and doc.startswith(cut) and traces.count_tokens(cut, tok) <= max_tokens
         # ... and is the longest such prefix: one more line would not fit
-        assert countdown.count_tokens(doc[:ends[k + 1]], tok) > max_tokens, max_tokens
+        assert traces.count_tokens(doc[:ends[k + 1]], tok) > max_tokens, max_tokens
     assert curate.truncate_document(doc, tok, max_tokens=10_000) == (doc, False)
 
 
@@ -270,7 +271,7 @@ def test_parse_problem_solution_and_rewrite():
 def test_pretrain_pipeline_end_to_end(tmp_path, capsys):
     docs = [dict(id=i, text=doc_text(i, c), url="x") for i, c in DOCS.items()]
     countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
-    sizes = {d["id"]: countdown.count_tokens(d["text"]) for d in docs}  # whitespace words
+    sizes = {d["id"]: traces.count_tokens(d["text"]) for d in docs}  # whitespace words
     # with the problem/solution filter: rich (sum >= 2) d1 d2 d4 d8 (not d10: no problem);
     # minimal (sum == 0) d0 d7 d9 (not d3: no solution; d11: unreadable; d5: a count is missing)
     rich, minimal = ["d1", "d2", "d4", "d8"], ["d0", "d7", "d9"]
@@ -343,7 +344,7 @@ def test_pretrain_pipeline_end_to_end(tmp_path, capsys):
 def test_pretrain_equal_budgets_share_one_cap(tmp_path):
     docs = [dict(id=i, text=doc_text(i, c)) for i, c in DOCS.items()]
     countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
-    sizes = {d["id"]: countdown.count_tokens(d["text"]) for d in docs}
+    sizes = {d["id"]: traces.count_tokens(d["text"]) for d in docs}
     with FakeJudge(pretrain_responder) as fj:
         assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
                             "--budget-tokens", "100000", "--no-label-rewrites", "--base-url", fj.url]

@@ -793,3 +793,25 @@ def test_print_budget_for_a_3b_config(tmp_path, capsys):
     noise = 256 * 151936 * 4                            # the compiled sampler's pre-drawn noise, fp32
     assert kept["phases"]["update"] == b["phases"]["update"] + cache + noise
     assert kept["phases"]["rollout"] == b["phases"]["rollout"] + noise
+
+
+def test_response_cap_is_checked_against_the_traces_p99(tmp_path, tiny_tokenizer, capsys):
+    """--cap-traces: the p99 of the completions' token lengths (+ EOS), counted by hand, is the floor."""
+    tok = tiny_tokenizer
+    texts = [" 12 + 5 = 17." * k for k in range(1, 101)]   # 100 completions of growing length
+    rows = [{"query": "q", "completion": t} for t in texts]
+    countdown.write_jsonl(tmp_path / "a.jsonl", rows)
+    countdown.write_jsonl(tmp_path / "b.jsonl", rows[:10])
+    lengths = sorted(len(tok.encode(t)) + 1 for t in texts)
+    p99 = lengths[98]  # the 99th of 100 values
+    assert ppo.check_response_cap(tok, [tmp_path / "a.jsonl"], p99) == {tmp_path / "a.jsonl": p99}
+    with pytest.raises(ValueError, match=rf"--max-response {p99 - 1} .*a.jsonl {p99} tokens.*>= {p99}"):
+        ppo.check_response_cap(tok, [tmp_path / "b.jsonl", tmp_path / "a.jsonl"], p99 - 1)
+    # through the CLI: PPO refuses before it trains
+    ck = make_checkpoint(tmp_path / "ck")
+    assert ppo.main(["--model", str(ck), "--out", str(tmp_path / "run"), "--device", "cpu", "--batch-prompts", "2",
+                     "--samples", "2", "--mini-batch-prompts", "1", "--max-response", "8", "--steps", "1",
+                     "--n-train", "4", "--n-test", "2", "--no-progress", "--max-prompt", "1024",
+                     "--cap-traces", str(tmp_path / "a.jsonl")]) == 2
+    assert "would cut the priming traces" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -9,11 +9,12 @@ import torch
 
 from conftest import make_checkpoint, make_tokenizer
 import countdown as C
+import traces as T
 import model as M
 import ppo
 
-COAT = list(C.COAT_TOKENS.values())
-CONT, REFL, EXPL = C.COAT_TOKENS["continue"], C.COAT_TOKENS["reflect"], C.COAT_TOKENS["explore"]
+COAT = list(T.COAT_TOKENS.values())
+CONT, REFL, EXPL = T.COAT_TOKENS["continue"], T.COAT_TOKENS["reflect"], T.COAT_TOKENS["explore"]
 
 TRAJ = (f"\n{CONT} Numbers: 3, 5 and 7. {CONT} 3 + 5 = 8. That leaves 8 and 7. {CONT} 8 + 7 = 15. "
         f"{REFL} 15 is not 22.\n{EXPL} Let's try something else.\n{CONT} 3 * 5 = 15. {CONT} 15 + 7 = 22."
@@ -23,8 +24,8 @@ TRAJ = (f"\n{CONT} Numbers: 3, 5 and 7. {CONT} 3 + 5 = 8. That leaves 8 and 7. {
 # -- COAT traces ---------------------------------------------------------------------------------
 
 def test_coat_trace_is_the_all_strategies_trace_with_a_meta_action_opening_every_step():
-    plain = C.generate_traces("all_strategies", 150, seed=5)
-    coat = C.generate_traces("coat", 150, seed=5)
+    plain = T.generate_traces("all_strategies", 150, seed=5)
+    coat = T.generate_traces("coat", 150, seed=5)
     assert [r["id"] for r in plain] == [r["id"] for r in coat]
     for p, c in zip(plain, coat):
         # the same search, word for word, once the tokens are taken out
@@ -40,9 +41,9 @@ def test_coat_trace_is_the_all_strategies_trace_with_a_meta_action_opening_every
         assert pieces and pieces[0] == CONT        # the opening goes on
         for tok, body in zip(pieces[::2], pieces[1::2]):
             if tok == EXPL:
-                assert any(m in body.lower() for m in C.BEHAVIOR_PHRASES["backtracking"])
+                assert any(m in body.lower() for m in T.BEHAVIOR_PHRASES["backtracking"])
             if tok == REFL:
-                assert any(m in body.lower() for m in C.BEHAVIOR_PHRASES["verification"])
+                assert any(m in body.lower() for m in T.BEHAVIOR_PHRASES["verification"])
             assert body.startswith(" ") and body.strip()
         assert C.score(c["completion"], c["nums"], c["target"]) == 1.0
 
@@ -433,7 +434,7 @@ def test_curate_coat_on_synthetic_traces_puts_one_token_per_behavior_instance():
     """The rules judge is exact on countdown's wording, so there the conversion must place exactly
     one reflect per verification and one explore per backtrack, and keep every word."""
     import curate
-    rows = C.generate_traces("all_strategies", 150, seed=4)
+    rows = T.generate_traces("all_strategies", 150, seed=4)
     got, dropped = curate.coat(rows)
     assert dropped == 0
     for r, g in zip(rows, got):
