@@ -1441,7 +1441,8 @@ def study_gates(results, gates_dir=None) -> list:
     base = Path(gates_dir) / "base_arithmetic.json" if gates_dir else None
     if base is not None and base.exists():
         a = json.loads(base.read_text())["arithmetic_accuracy"]
-        rows.append(dict(gate=GATES[0][0], condition="base", measured=a, threshold=GATES[0][1], passed=a >= GATES[0][1]))
+        rows.append(dict(gate=GATES[0][0], condition="base", measured=a, threshold=GATES[0][1],
+                         passed=a >= GATES[0][1]))
     controls = [c for c in conds if is_control(c)]
     best = max((conds[c]["initial_accuracy"] for c in controls), default=None)
     for c, v in conds.items():

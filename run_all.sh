@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # run_all.sh: the experiments in order, by calling the CLIs. No Python logic lives here.
 #
-#   bash run_all.sh tiny     offline, 2-core CPU, <= 30 min: the miniature study with one seed, one
-#                            behavior-primed condition (all_strategies) and one control (empty_cot)
-#   bash run_all.sh mini     offline, 2-core CPU, <= 3 h: the miniature study, five conditions x two seeds
+#   bash run_all.sh tiny     offline, 2-core CPU, ~30 min: the miniature study with one seed, one
+#                            behavior-primed condition (restart) and one control (restart_empty_cot)
+#   bash run_all.sh mini     offline, 2-core CPU, hours (README): five conditions x two seeds
 #   bash run_all.sh satori   offline, 2-core CPU, ~2.5 h after mini: Satori (COAT format tuning, PPO with
 #                            Restart-and-Explore, a self-improvement round) against mini's best condition
 #   bash run_all.sh paper    one 80 GB GPU, days: Qwen2.5-3B and Llama-3.2-3B base PPO, then Llama
 #                            primed on each behavior condition, then PPO on each, then behavior counts
 #
 # The miniature mirrors the paper's pipeline (README, "The miniature study"):
-#   1. held-out test problems; priming traces per condition (traces.py traces: logged searches)
-#   2. ONE shared tiny base model pretrained from scratch on behavior-free text (direct solutions +
-#      arithmetic facts; traces.py corpus): the "Llama" of the miniature
-#   3. a short priming SFT of that base per condition and seed (4,000 traces, 2 epochs, batch 32:
-#      the same 250 optimizer steps for every condition)
-#   4. PPO from each primed model, identical settings; validation at T = 1 on the same problems
-#   5. classify.py report: results.json, results.md and figures (accuracy, behaviors, length)
+#   1. held-out test problems; priming traces per condition, all from the same problems (traces.py)
+#   2. ONE shared tiny base model pretrained from scratch on behavior-free text (single successful
+#      attempts in the traces' step format + arithmetic facts; traces.py corpus): the "Llama" of the
+#      miniature; its arithmetic gate (sft.py eval --arithmetic)
+#   3. a short priming SFT of that base per condition and seed (N_TRACES traces, 2 epochs, batch 32:
+#      the same number of optimizer steps for every condition)
+#   4. PPO from each primed model, identical settings, a response cap checked against every
+#      condition's traces; validation at T = 1 on the same problems
+#   5. each final policy greedily on fresh problems (sft.py eval)
+#   6. classify.py report: results.json, results.md (gates, T = 1 and greedy tables) and figures
 #
 # Every step resumes when rerun (each CLI resumes its own --out; finished files are skipped), so a
 # crashed or interrupted run_all.sh is simply started again. Runs of one stage go JOBS at a time
@@ -144,15 +147,15 @@ TINY_PPO="--batch-prompts 32 --samples 4 --mini-batch-prompts 16 --micro-batch 6
     --actor-lr 2e-4 --critic-lr 1e-3 --no-grad-checkpointing --val-temperature 1.0 --val-every 10"
 # The restart design's PPO: the same, with a response cap above the p99 length of every condition's
 # traces (checked by --cap-traces before PPO starts). Chosen on a dev problem set (README).
-MAX_RESPONSE=320
+MAX_RESPONSE=256
 RESTART_PPO="--batch-prompts 32 --samples 4 --mini-batch-prompts 16 --micro-batch 64 --max-response $MAX_RESPONSE \
     --actor-lr 2e-4 --critic-lr 1e-3 --no-grad-checkpointing --val-temperature 1.0 --val-every 10"
 BASE_THREADS=$([ "$DEVICE" = cpu ] && echo 2 || echo 0)  # the base trains alone: both cores
 
 case "$MODE" in
 tiny)
-    D=runs/tiny DESIGN=restart CONDITIONS="restart restart_empty_cot" SEEDS="1" N_TEST=400 BASE_EPOCHS=1
-    N_TRACES=4000 N_SOLUTIONS=10000 N_DRILL=15000 PRIME_EPOCHS=2 PPO_STEPS=40 PPO=$RESTART_PPO
+    D=runs/tiny DESIGN=restart CONDITIONS="restart restart_empty_cot" SEEDS="1" N_TEST=400 BASE_EPOCHS=2
+    N_TRACES=2000 N_SOLUTIONS=12000 N_DRILL=12000 PRIME_EPOCHS=2 PPO_STEPS=20 PPO=$RESTART_PPO
     study
     ;;
 mini)

@@ -378,12 +378,13 @@ def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 1024, b
 def arithmetic_accuracy(model, tokenizer, n: int, seed: int, batch_size: int = 64) -> tuple:
     """({"n", "arithmetic_accuracy"}, rows): greedy results of n facts "a op b = c" of the restart
     drill (traces.restart_drill with `seed`, the first fact of each row), each prompted as the drill
-    writes it, "Arithmetic:" then " a op b =", and right when the next number generated is c."""
+    writes it, "Arithmetic:" then " a op b = ", and right when the next number generated is c."""
     facts = [r["completion"].split(".")[0].strip() for r in traces.restart_drill(n, seed=seed, per_row=1)]
     rows = []
     for i in range(0, n, batch_size):
         chunk = facts[i:i + batch_size]
-        prompts = [tokenizer.encode("Arithmetic:") + tokenizer.encode(" " + f.split(" =")[0] + " =") for f in chunk]
+        # the prompt ends where the result begins, " = " included: a tokenizer may merge " = " whole
+        prompts = [tokenizer.encode("Arithmetic:") + tokenizer.encode(" " + f.split(" = ")[0] + " = ") for f in chunk]
         gen = M.generate(model, prompts, max_new_tokens=6, temperature=0.0, eos_id=tokenizer.eos_id,
                          pad_id=tokenizer.pad_id)
         for f, toks, k in zip(chunk, gen.tokens, gen.lengths.tolist()):
@@ -792,7 +793,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200, help="number of problems (default: 200)")
     p.add_argument("--arithmetic", type=int, default=0, metavar="N",
                    help="instead: greedy arithmetic on N held-out facts of the restart drill (traces.restart_drill, "
-                        "seeded by --seed): the prompt 'Arithmetic: a op b =', right when the next number is a op b")
+                        "seeded by --seed): the prompt 'Arithmetic: a op b = ', right when the next number is a op b")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per problem (default: 1024)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch (default: 64)")
     p.add_argument("--out", help="write the completions here as JSONL (refuses to overwrite)")

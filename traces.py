@@ -727,7 +727,8 @@ def _early_moves(state):
                 i_, j_, a, b = j, i, b, a
             else:
                 i_, j_ = i, j
-            for op, v in (("+", a + b), ("-", a - b), ("*", a * b), ("/", a // b if b > 1 and a % b == 0 else 0)):
+            quotient = a // b if b > 1 and a % b == 0 else 0
+            for op, v in (("+", a + b), ("-", a - b), ("*", a * b), ("/", quotient)):
                 if 0 < v <= VALUE_CAP:
                     out.append((i_, j_, op, v))
     return out
@@ -749,12 +750,13 @@ def _attempt(nums, target, rng, tried, hits=None):
     hits=True/False: only starts whose last step does / does not reach the target."""
     state = [(n, i) for i, n in enumerate(nums)]
     starts = []
-    key: tuple = ()
+
     # enumerate the early-move sequences (~10 for 3 numbers, ~200 for 4) and draw one uniformly
     # among the untried ones
     def walk(st, prefix):
         if len(st) == 2:
-            if prefix not in tried and (hits is None or hits == (_last_step(st[0][0], st[1][0], target)[1] == target)):
+            hit = _last_step(st[0][0], st[1][0], target)[1] == target
+            if prefix not in tried and (hits is None or hits == hit):
                 starts.append(prefix)
             return
         for i, j, op, v in _early_moves(st):
@@ -764,7 +766,7 @@ def _attempt(nums, target, rng, tried, hits=None):
             j = next(k for k, s in enumerate(st) if s[0] == b and k != i)
             rest = [s for k, s in enumerate(st) if k not in (i, j)] + [(v, (op, st[i][1], st[j][1]))]
             walk(rest, prefix + ((st[i][0], op, st[j][0], v, tuple(s[0] for s in rest)),))
-    walk(state, key)
+    walk(state, ())
     if not starts:
         return None
     seq = rng.choice(sorted(set(starts)))
@@ -862,7 +864,8 @@ def single_path(nums, target, rng) -> str:
     if got is None:
         raise ValueError(f"{nums} -> {target}: no attempt of the restart search reaches the target")
     words, _, tree, _ = got
-    return "\n" + " ".join(words) + "\n</think>\n<answer> " + _format(tree, lambda i: str(nums[i]), pretty=True) + " </answer>"
+    answer = _format(tree, lambda i: str(nums[i]), pretty=True)
+    return "\n" + " ".join(words) + f"\n</think>\n<answer> {answer} </answer>"
 
 
 def restart_drill(n: int, seed: int = 0, distribution: str = "priming", per_row: int = 8) -> list[dict]:
@@ -920,9 +923,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Synthetic reasoning traces of the priming conditions, and the miniature's pretraining corpus.",
         epilog="examples:\n"
-               "  python traces.py traces --condition restart --problems data/train.jsonl --n 4000 --out restart.jsonl\n"
+               "  python traces.py traces --condition restart --problems data/train.jsonl --n 4000 --out r.jsonl\n"
                "  python traces.py traces --condition all_strategies --n 1000 --out data/all_strategies.jsonl\n"
-               "  python traces.py corpus --design restart --problems data/train.jsonl --offset 4000 --out corpus.jsonl",
+               "  python traces.py corpus --design restart --problems data/train.jsonl --offset 4000 --out c.jsonl",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 

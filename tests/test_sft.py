@@ -414,3 +414,36 @@ def test_from_scratch_checkpoint_loads_in_model_py_and_transformers(scratch):
     texts = [r["query"] + r["completion"] for r in _rows(4, seed=11)]
     a, b = sft.train_tokenizer(texts, 400), sft.train_tokenizer(texts, 400)
     assert a.tk.to_str() == b.tk.to_str()
+
+
+def test_arithmetic_gate_prompts_and_scores_like_the_drill(tiny_tokenizer, monkeypatch):
+    """sft.arithmetic_accuracy with a stand-in generator that does the arithmetic from the prompt it
+    is given: right results score 1.0, results off by one 0.0; the prompt ends with " = "."""
+    from fractions import Fraction
+    import re as _re
+    tok = tiny_tokenizer
+    seen = []
+
+    def fake_generate(offset):
+        def generate(model, prompts, **kw):
+            tokens, lengths = [], []
+            for p in prompts:
+                text = tok.decode(p)
+                seen.append(text)
+                a, op, b = _re.fullmatch(r"Arithmetic: (\d+) ([-+*/]) (\d+) = ", text).groups()
+                c = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b),
+                     "/": Fraction(int(a), int(b))}[op]
+                ids = tok.encode(f"{int(c) + offset}. 3 + 4 = 7.")
+                tokens.append(ids)
+                lengths.append(len(ids))
+            width = max(lengths)
+            return type("G", (), {"tokens": torch.tensor([t + [0] * (width - len(t)) for t in tokens]),
+                                  "lengths": torch.tensor(lengths)})()
+        return generate
+
+    monkeypatch.setattr(sft.M, "generate", fake_generate(0))
+    summary, rows = sft.arithmetic_accuracy(None, tok, 50, seed=4242, batch_size=16)
+    assert summary == {"n": 50, "correct": 50, "arithmetic_accuracy": 1.0} and len(seen) == 50
+    assert rows[0]["fact"] == seen[0][len("Arithmetic: "):] + rows[0]["answer"]
+    monkeypatch.setattr(sft.M, "generate", fake_generate(1))
+    assert sft.arithmetic_accuracy(None, tok, 50, seed=4242, batch_size=16)[0]["arithmetic_accuracy"] == 0.0
