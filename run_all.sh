@@ -111,7 +111,8 @@ study() {
     for s in $SEEDS; do for c in $CONDITIONS; do
         local g=$D/greedy/${c}_s$s.json
         [ -s $g ] || background greedy_${c}_s$s sh -c "$PY sft.py eval --model $D/ppo/${c}_s$s/checkpoints/step_$PPO_STEPS/policy \
-            --n $N_TEST --seed 4343 --exclude-data $D/data/train.jsonl --max-new-tokens $MAX_RESPONSE \
+            --n $N_TEST --seed 4343 --per-count \
+            --exclude-data $D/data/train.jsonl,$D/data/test.jsonl --max-new-tokens $MAX_RESPONSE \
             --device $DEVICE --num-threads $THREADS > $g.tmp && mv $g.tmp $g"
     done; done
     finish

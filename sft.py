@@ -787,10 +787,12 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--distribution", default="priming",
                    help="countdown.py distribution when generating problems (default: priming)")
     p.add_argument("--seed", type=int, default=12345, help="seed of the generated problems (default: 12345)")
-    p.add_argument("--exclude-data", help="JSONL whose rows' (sorted nums, target) are removed from the problems, "
-                   "e.g. the SFT training data (rows need 'nums' and 'target'); this shifts the mix towards problems the "
-                   "training data rarely covers (4 numbers), so the accuracy by count matters more than the total")
+    p.add_argument("--exclude-data", help="JSONL files (comma-separated) whose rows' (sorted nums, target) are removed "
+                   "from the problems, e.g. the training data (rows need 'nums' and 'target'); this shifts the mix "
+                   "towards problems the training data rarely covers (4 numbers): see --per-count")
     p.add_argument("--n", type=int, default=200, help="number of problems (default: 200)")
+    p.add_argument("--per-count", action="store_true",
+                   help="generated problems: half with 3 numbers, half with 4, as the test splits")
     p.add_argument("--arithmetic", type=int, default=0, metavar="N",
                    help="instead: greedy arithmetic on N held-out facts of the restart drill (traces.restart_drill, "
                         "seeded by --seed): the prompt 'Arithmetic: a op b = ', right when the next number is a op b")
@@ -819,18 +821,27 @@ def eval_main(argv) -> int:
                 C.write_jsonl(args.out, rows)
             print(json.dumps(dict(summary, model=str(args.model))))
             return 0
-        exclude = {_problem_key(r) for r in C.read_jsonl(args.exclude_data) if "nums" in r} if args.exclude_data else set()
+        exclude = {_problem_key(r) for f in (args.exclude_data or "").split(",") if f
+                   for r in C.read_jsonl(f) if "nums" in r}
         if args.problems:
             problems = [p for p in C.read_jsonl(args.problems) if _problem_key(p) not in exclude][:args.n]
         else:  # distinct problems from a seeded stream, minus the excluded ones
+            # --per-count: as many 3-number as 4-number problems (the test splits' mix), however few of
+            # one kind are left outside --exclude-data (a large training file takes most 3-number ones)
+            quota = {3: args.n // 2, 4: args.n - args.n // 2} if args.per_count else None
             problems, seen, k = [], set(exclude), 0
             while len(problems) < args.n:
                 for p in C.generate_problems(4 * args.n, args.distribution, seed=args.seed * 1000 + k):
+                    kind = len(p["nums"])
+                    if quota is not None and quota.get(kind, 0) == 0:
+                        continue
                     if _problem_key(p) not in seen and len(problems) < args.n:
                         seen.add(_problem_key(p))
                         problems.append(p)
+                        if quota is not None:
+                            quota[kind] -= 1
                 k += 1
-                if k > 50:
+                if k > 200:
                     raise ValueError(f"could not find {args.n} distinct problems outside --exclude-data; lower --n")
         device = _resolve_device(args.device)
         model, tok = M.load(args.model, device=device, dtype="float32")

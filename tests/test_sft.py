@@ -447,3 +447,19 @@ def test_arithmetic_gate_prompts_and_scores_like_the_drill(tiny_tokenizer, monke
     assert rows[0]["fact"] == seen[0][len("Arithmetic: "):] + rows[0]["answer"]
     monkeypatch.setattr(sft.M, "generate", fake_generate(1))
     assert sft.arithmetic_accuracy(None, tok, 50, seed=4242, batch_size=16)[0]["arithmetic_accuracy"] == 0.0
+
+
+def test_eval_per_count_balances_three_and_four_numbers(tmp_path, capsys):
+    """--per-count: half 3-number, half 4-number problems, none in any --exclude-data file."""
+    ck = make_checkpoint(tmp_path / "ck")
+    train, test = C.make_splits(3000, 50, "priming", seed=1)
+    C.write_jsonl(tmp_path / "train.jsonl", train)
+    C.write_jsonl(tmp_path / "test.jsonl", test)
+    out = tmp_path / "rows.jsonl"
+    assert sft.main(["eval", "--model", str(ck), "--n", "40", "--per-count", "--max-new-tokens", "2", "--device", "cpu",
+                     "--exclude-data", f"{tmp_path / 'test.jsonl'},{tmp_path / 'train.jsonl'}", "--out", str(out)]) == 0
+    rows = C.read_jsonl(out)
+    assert [len(r["nums"]) for r in rows].count(3) == 20 and len(rows) == 40
+    seen = {(tuple(sorted(p["nums"])), p["target"]) for p in train + test}
+    assert not any((tuple(sorted(r["nums"])), r["target"]) in seen for r in rows)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_by_count"] == {"3": 20, "4": 20}
