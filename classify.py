@@ -1459,10 +1459,11 @@ for(const c of document.querySelectorAll('#grid .card')){const d=c.dataset,b=v('
 ok=(!v('cond')||d.cond==v('cond'))&&(!v('step')||d.step==v('step'))&&(!v('correct')||d.correct==v('correct'))
 &&(!b||(b=='none'?d.behaviors=='':d.behaviors.split(' ').includes(b)));c.hidden=!ok;n+=ok}
 for(const g of document.querySelectorAll('#grid section'))g.hidden=!g.querySelector('.card:not([hidden])');
-document.getElementById('shown').textContent=n+' shown';};"""
+document.getElementById('shown').textContent=n+' shown';};
+for(const[k,v]of new URLSearchParams(location.hash.slice(1)))if(f.elements[k])f.elements[k].value=v;f.onchange();"""
 _VIEW_CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:1em auto;max-width:1250px;padding:0 1em}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 5px}
-figure{display:inline-block;margin:4px}img{max-width:100%}.note{background:#fff6d5;padding:4px 8px}
+figure{display:inline-block;margin:4px}img{max-width:100%;max-height:230px}.note{background:#fff6d5;padding:4px 8px}
 .card{border:1px solid #bbb;border-radius:4px;margin:6px 0;padding:4px 8px}.card.ok{border-left:5px solid #2a2}
 .card.bad{border-left:5px solid #c33}.meta{margin:2px 0;font-size:12px;color:#333}
 .text{white-space:pre-wrap;overflow-wrap:anywhere;font:12px/1.5 ui-monospace,monospace}
@@ -1742,6 +1743,7 @@ def build_view_parser():
     p.add_argument("--compare", default="", help="run (folder name) whose first and last step are shown "
                                                  "side by side (default: the first run)")
     p.add_argument("--force", action="store_true", help="replace an --out file this command did not write")
+    p.epilog += "; open view.html#correct=0&behavior=backtracking to start with those filters set"
     return p
 
 

@@ -70,7 +70,7 @@ class Page(HTMLParser):
         if tag == "script":
             self.scripts.append(a)
         if tag == "article":
-            self.cards.append(dict(attrs=a, text="", sentences=[]))
+            self.cards.append(dict(attrs=a, text="", sentences=[], grid=self.inside("div", None, "grid")))
         if tag not in self.VOID:
             self.stack.append((tag, a))
         if self.inside("div", "text") and not (tag == "div" and a.get("class") == "text"):
@@ -82,8 +82,8 @@ class Page(HTMLParser):
         assert self.stack and self.stack[-1][0] == tag, (tag, self.stack[-3:])
         self.stack.pop()
 
-    def inside(self, tag, cls):
-        return any(t == tag and a.get("class") == cls for t, a in self.stack)
+    def inside(self, tag, cls, id=None):
+        return any(t == tag and a.get("class") == cls and a.get("id") == id for t, a in self.stack)
 
     def handle_data(self, data):
         if self.inside("div", "text") and not self.inside("sup", None) and not self.inside("span", "cut"):
@@ -135,7 +135,8 @@ def test_tints_equal_rules_labels_on_synthetic_traces(tmp_path):
     traces = [t for c in ("all_strategies", "no_positive", "backtracking_backward", "backtracking_subgoal")
               for t in countdown.generate_traces(c, 6, seed=3)]
     # one sentence with two labels (the traces never have one): it must show both
-    traces.append(dict(nums=[6, 8, 11], target=25, behaviors=dict(verification=1, backtracking=1, subgoal=0, backward=0),
+    traces.append(dict(nums=[6, 8, 11], target=25,
+                       behaviors=dict(verification=1, backtracking=1, subgoal=0, backward=0),
                        completion="6 * 8 = 48. That gives 48, which is not 25, so let me go back to the start."
                                   "\n</think>\n<answer> 6 + 8 + 11 </answer>"))
     run = tmp_path / "traces_s0"
@@ -189,7 +190,9 @@ def test_filter_data_attributes_and_judge_labels(tmp_path):
     assert {c["attrs"]["data-correct"] for c in grid} == {"0", "1"}
     for v in ("all_strategies", "empty_cot", "no_positive", "10", "none", "backtracking"):
         assert f'<option value="{v}">' in page
-    assert "fake-judge" in page and '<form id="filters" hidden>' in page
+    assert "fake-judge" in page
+    # with scripts off the page is the file as written: every card shows, the filters (script-driven) hide
+    assert '<form id="filters" hidden>' in page and not any("hidden" in c["attrs"] for c in p.cards)
 
 
 def test_size_bound_and_sampling(tmp_path, monkeypatch):
@@ -264,13 +267,19 @@ def test_page_in_headless_chromium(tmp_path):
     rows = countdown.read_jsonl(run / "completions" / "step_0.jsonl")
     out = tmp_path / "v.html"
     assert _view([run, "--out", out]) == 0
-    p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", out.as_uri()],
-                       capture_output=True, text=True, timeout=120)
+    # the filters, set from the address (view.html#correct=1&behavior=verification), hide the other cards
+    p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                        out.as_uri() + "#correct=1&behavior=verification"], capture_output=True, text=True, timeout=120)
     dom = p.stdout
     assert "</html>" in dom, p.stderr[-2000:]
-    visible = Page(dom)
+    page = Page(dom)
     assert "<title>What the models wrote</title>" in dom                     # no model script ran
     assert '<form id="filters">' in dom                                       # ours ran: its hash is allowed
-    assert any(c["text"].startswith("<script>document.title='owned'</script> Let me verify") for c in visible.cards)
-    assert any(rows[1]["completion"] == c["text"] for c in visible.cards)
+    assert any(c["text"].startswith("<script>document.title='owned'</script> Let me verify") for c in page.cards)
+    assert any(rows[1]["completion"] == c["text"] for c in page.cards)
     assert "all_strategies_s1 · step 20" in dom
+    grid = [c for c in page.cards if c["grid"]]
+    want = [c["attrs"]["data-correct"] == "1" and "verification" in c["attrs"]["data-behaviors"].split() for c in grid]
+    assert len(grid) == 8 and 0 < sum(want) < 8
+    assert ["hidden" not in c["attrs"] for c in grid] == want
+    assert f"{sum(want)} shown" in dom
