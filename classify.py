@@ -1440,13 +1440,13 @@ def report(args) -> int:
 # the tints and drive the behavior filter, as they drive the report. Model text is untrusted: every string
 # is escaped, control characters are shown as symbols, and a Content-Security-Policy lets only our own
 # script (by its hash) run and nothing load. The size is bounded: at most VIEW_MAX_CARDS completions, each
-# card at most VIEW_CARD_BYTES (long texts are cut, with a marker), figures at most VIEW_FIGURE_BYTES each.
+# card at most VIEW_CARD_BYTES (long texts are cut, with a marker), figures at most VIEW_FIGURE_BYTES.
 
 VIEW_MAX_CARDS = 600            # 10 runs x 3 steps x 20 completions
 VIEW_CARD_BYTES = 6000          # 600 cards + 3 figures stay under 5 MB
 VIEW_MAX_CHARS = 2500           # characters of one completion shown before the byte check
 VIEW_LABEL_CHARS = 20_000       # characters of one completion the rules tint
-VIEW_FIGURE_BYTES = 200_000
+VIEW_FIGURE_BYTES = 600_000     # all PNGs together, before base64 (x 4/3)
 _VIEW_MARK = "<!-- written by classify.py view -->"
 _TINT = {"verification": "#9fd3ff", "backtracking": "#ffb0b0", "subgoal": "#b5e3a0", "backward": "#dcb8ff"}
 _ABBR = {"verification": "verif", "backtracking": "backtr", "subgoal": "subgoal", "backward": "backward"}
@@ -1661,17 +1661,19 @@ def build_view(folders, per_step=5, seed=0, steps=(), compare="", results=None, 
             n_cut += bool(xa) + bool(xb)
     if n_cut:
         notes.append(f"{n_cut} completion(s) cut (marked ✂) to keep each under {VIEW_CARD_BYTES:,} bytes of HTML.")
-    figs = []
+    figs, budget = [], VIEW_FIGURE_BYTES
     for name, data in figures:
-        if 0 < len(data) <= VIEW_FIGURE_BYTES:
+        if 0 < len(data) <= budget:
+            budget -= len(data)
             figs.append(f'<figure><img alt="{_shown(name)}" src="data:image/png;base64,'
                         f'{base64.b64encode(data).decode()}"><figcaption>{_shown(name)}</figcaption></figure>')
         else:
-            notes.append(f"Figure {name} left out (missing, or over {VIEW_FIGURE_BYTES:,} bytes).")
+            notes.append(f"Figure {name} left out (missing, or past {VIEW_FIGURE_BYTES:,} bytes of figures).")
     if not figures:
         notes.append("No figures: matplotlib is not installed (pip install matplotlib).")
     legend = " ".join(f'<span class="chip" style="background:{_TINT[b]}">{b} <sup>{_ABBR[b]}</sup></span>'
                       for b in BEHAVIORS)
+
     def option(v, t):
         return f'<option value="{_shown(v)}">{_shown(t)}</option>'
     conds = sorted({r["cond"] for r in runs})

@@ -104,12 +104,13 @@ def test_hostile_completions_render_as_text(tmp_path):
     hostile = ["<script>alert(1)</script> Let me verify: 3 + 4 = 7.", "</div></article></body><b>bold</b>",
                "a & b &amp; \"double\" 'single' <!-- c --> <![CDATA[x]]>", "bell\x07 nul\x00 esc\x1b[31m del\x7f end",
                "Let me verify this. " * 5000 + "<i>tail</i>"]
-    write_fake_run(run, "all_strategies", 0, steps=(0,), n=6,
+    write_fake_run(run, "all_strategies", 0, steps=(0,), n=7,
                    text=lambda step, i: hostile[i] if i < len(hostile) else "\ufffd placeholder")
-    # one row of invalid UTF-8, as a file from elsewhere might hold: read with errors="replace"
+    # invalid UTF-8 (read with errors="replace") and a lone surrogate (valid JSON, not encodable) in two rows
     path = run / "completions" / "step_0.jsonl"
     lines = path.read_bytes().split(b"\n")
     lines[5] = lines[5].replace("\ufffd placeholder".encode(), b"bad \xff\xfe bytes <u>")
+    lines[6] = lines[6].replace("\ufffd placeholder".encode(), b"lone \\ud800 surrogate")
     path.write_bytes(b"\n".join(lines))
     out = tmp_path / "view.html"
     assert _view([run, "--out", out, "--per-step", "10"]) == 0
@@ -123,7 +124,7 @@ def test_hostile_completions_render_as_text(tmp_path):
     shown = {"\x07": "\u2407", "\x00": "\u2400", "\x1b": "\u241b", "\x7f": "\u2421"}
     for h in hostile[:4]:
         assert "".join(shown.get(ch, ch) for ch in h) in texts, h
-    assert "bad \ufffd\ufffd bytes <u>" in texts
+    assert "bad \ufffd\ufffd bytes <u>" in texts and "lone \ufffd surrogate" in texts
     big = [c for c in p.cards if c["text"].startswith("Let me verify this.")]
     assert big and all(len(c["text"]) <= classify.VIEW_MAX_CHARS for c in big)
     assert "more characters not shown" in page and "completion(s) cut" in page
