@@ -1536,7 +1536,7 @@ def _view_card(row, run):
             f'<p class="meta"><b>{_shown(nums)} &rarr; {_shown(target)}</b> · {_shown(run["name"])} · step '
             f'{_shown(row["step"])} · <b>{"correct" if correct else "wrong"}</b> · score {_shown(score)} · '
             f'{_shown(length)}{len(text):,} chars</p>\n<p class="meta">answer: <code>'
-            + ("(none)" if answer is None else _shown(answer[:120]) + ("…" if len(answer) > 120 else ""))
+            + ("(none)" if answer is None else _shown(answer.strip()[:120]) + ("…" if len(answer) > 122 else ""))
             + f"</code> · counts ({_shown(judge)}): "
             + ", ".join(f"{_ABBR[b]} {_shown(counts.get(b))}" for b in BEHAVIORS) + "</p>\n")
     limit = VIEW_MAX_CHARS
