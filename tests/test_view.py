@@ -29,7 +29,7 @@ def write_fake_run(folder, condition, seed, steps=(0, 10, 20), n=12, text=None):
     text(step, i) -> a completion (or None) overrides row i's trace; row i is the same problem at every step."""
     folder = Path(folder)
     start = countdown.generate_traces(condition, n, seed=0)
-    late = {r["id"]: r for r in countdown.generate_traces(
+    late = {} if text else {r["id"]: r for r in countdown.generate_traces(
         "only_backtracking" if condition not in ("empty_cot", "dots") else condition, 4 * n, seed=0)}
     rng = random.Random(f"{condition}:{seed}")
     for k, step in enumerate(steps):
@@ -197,8 +197,9 @@ def test_filter_data_attributes_and_judge_labels(tmp_path):
 
 
 def test_size_bound_and_sampling(tmp_path, monkeypatch):
-    # 10 runs x 3 steps x 20 completions of the worst markup: short labelled sentences full of & < "
-    text = "Let me verify & check \"<this>\": 3 + 4 = 7. " * 40 + "</think>\n<answer> 1 + 2 </answer>"
+    # 10 runs x 3 steps x 20 completions of heavy markup: tagged sentences of & < " (6 bytes of HTML per
+    # character: uncut, the page would be ~6 MB). Few sentences, as the rules take ~1 ms per sentence.
+    text = ("Verify " + '"<&>' * 15 + ". ") * 20 + "</think>\n<answer> 1 + 2 </answer>"
     runs = [write_fake_run(tmp_path / f"c{k}_s0", "empty_cot", 0, n=20, text=lambda s, i: text) for k in range(10)]
     out = tmp_path / "v.html"
     assert _view([*runs, "--out", out, "--per-step", "20", "--steps", "10"]) == 0
