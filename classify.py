@@ -15,8 +15,10 @@ behavior, and answers with a count between <count> </count> tags. This file hold
 3. count parsing, per-step aggregation (average counts, missing answers, accuracy) to CSV and JSON;
 4. `--judge rules`: an offline rule-based counter whose rules are listed below (exact on
    countdown.py's synthetic traces, approximate on natural wording: biased across models),
-5. `--score-against`: precision / recall / mean absolute error of any judge against ground truth, and
-6. `classify.py report`: PPO run folders gathered into results.json, a table and figures.
+5. `--score-against`: precision / recall / mean absolute error of any judge against ground truth,
+6. `classify.py report`: PPO run folders gathered into results.json, a table and figures, and
+7. `classify.py view`: one self-contained HTML page of sampled completions, each sentence tinted by
+   its behavior, with the table, the figures and offline filters (report writes one too).
 
 Simplifications and fixes relative to the original code (paper_spec D-E1..D-E7):
 * synchronous requests with our own retries instead of the OpenAI Batch API (works with any server);

@@ -253,6 +253,8 @@ def test_report_writes_view_beside_results(tmp_path):
     assert classify.main(["report", *map(str, runs), "--out", str(tmp_path / "r")]) == 0
     page = (tmp_path / "r" / "view.html").read_text()
     assert "<table>" in page and "all_strategies" in page and len(Page(page).cards) == 3 * 2 * 4 + 2 * 3
+    assert classify.main(["report", *map(str, runs), "--out", str(tmp_path / "r2"), "--no-view"]) == 0
+    assert (tmp_path / "r2" / "results.md").exists() and not (tmp_path / "r2" / "view.html").exists()
 
 
 def _browser():
