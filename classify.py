@@ -1688,7 +1688,7 @@ def build_view(folders, per_step=5, seed=0, steps=(), compare="", results=None, 
             + "".join(option(b, f"with {b}") for b in BEHAVIORS) + option("none", "with none")
             + '</select> <span id="shown"></span></form>')
     runs_list = "".join(
-        f"<li>{_shown(r['name'])}: trained to step {r['trained']}"
+        f"<li>{_shown(r['name'])}: trained to step {_shown(r['trained'])}"
         + (f" of {_shown(r['planned'])}" if r["planned"] else "")
         + f"; validated at steps {_shown(', '.join(map(str, sorted(r['steps']))))}; behavior counts from "
         + ("labels/labels.jsonl (a judge)" if r["labels"] else "the rules") + "</li>" for r in runs)
