@@ -36,12 +36,13 @@ from itertools import combinations
 # JSONL files: the one reader/writer every file of the project uses
 
 
-def read_jsonl(path) -> list[dict]:
-    """All rows of a JSONL file. A torn last line (a crash mid-append) is skipped with a warning."""
+def read_jsonl(path, errors: str = "strict", torn_fix: str = "") -> list[dict]:
+    """All rows of a JSONL file. A torn last line (a crash mid-append) is skipped with a warning, or is
+    an error that says `torn_fix` when one is given. errors="replace" reads invalid UTF-8 as U+FFFD."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file; check the path or create it first")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors=errors) as f:
         lines = f.read().split("\n")
     rows = []
     for i, line in enumerate(lines):
@@ -50,6 +51,8 @@ def read_jsonl(path) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
+            if i == len(lines) - 1 and torn_fix:
+                raise ValueError(f"{path}: its last line is cut off ({e}); {torn_fix}") from None
             if i == len(lines) - 1:  # no newline after it: an interrupted append_jsonl
                 print(f"warning: {path}: skipping a truncated last line ({e})", file=sys.stderr)
                 continue
