@@ -263,6 +263,33 @@ def test_master_adamw_sums_micro_batch_gradients_in_fp32():
     assert opt._acc[0].tolist() == pytest.approx([1.001, 1.001], abs=1e-6)
 
 
+def test_master_adamw_runs_fused_adamw_and_equals_torchs_on_the_same_gradients():
+    """The offloaded optimizer is torch's fused AdamW on fp32 masters: bit-equal to torch.optim.AdamW
+    (fused) given the same clipped fp32 gradients, and within rounding of the per-tensor loop."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 5, 3)]
+    params = [torch.nn.Parameter((torch.randn(s) * 0.02).to(torch.bfloat16)) for s in shapes]
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    ours = ppo.MasterAdamW(params, master_device="cpu", **kw)
+    assert ours.opt.defaults["fused"]
+    fused = [torch.nn.Parameter(p.detach().float()) for p in params]
+    loop = [torch.nn.Parameter(p.detach().float()) for p in params]
+    ref_fused, ref_loop = torch.optim.AdamW(fused, fused=True, **kw), torch.optim.AdamW(loop, foreach=False, **kw)
+    for step in range(4):
+        grads = [torch.randn(s) * (step + 1) for s in shapes]
+        for p, g in zip(params, grads):
+            (p.float() * g).sum().backward()        # the bf16 .grad is folded into the fp32 accumulator
+        for refs, opt in ((fused, ref_fused), (loop, ref_loop)):
+            for r, acc in zip(refs, ours._acc):
+                r.grad = acc.clone()
+            torch.nn.utils.clip_grad_norm_(refs, 1.0)
+            opt.step()
+        ours.step(kw["lr"], 1.0)
+        for m, f, lp in zip(ours.master, fused, loop):
+            assert torch.equal(m.detach(), f.detach())
+            torch.testing.assert_close(m.detach(), lp.detach(), rtol=0, atol=1e-6)
+
+
 def test_master_adamw_skips_non_finite_gradients():
     p = torch.nn.Parameter(torch.ones(3))
     opt = ppo.MasterAdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, master_device="cpu")
