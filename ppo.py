@@ -436,7 +436,8 @@ class Critic(nn.Module):
         super().__init__()
         self.backbone = backbone
         w = backbone.embed_tokens.weight
-        self.score = nn.Linear(backbone.config.hidden_size, 1, device=w.device, dtype=w.dtype)
+        # fp32 whatever the backbone's dtype: a bf16 head would quantize values near 1 to steps of ~0.004
+        self.score = nn.Linear(backbone.config.hidden_size, 1, device=w.device, dtype=torch.float32)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():   # as HF initializes a new head: N(0, 0.02) weights, zero bias
             self.score.weight.copy_(torch.randn(self.score.weight.shape, generator=g) * 0.02)
@@ -446,7 +447,7 @@ class Critic(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         """Values [B, T] in fp32, one per position (the value of the prefix ending there)."""
-        return self.score(self.backbone.hidden_states(input_ids, attention_mask))[..., 0].float()
+        return self.score(self.backbone.hidden_states(input_ids, attention_mask).float())[..., 0]
 
 
 def response_values(critic, input_ids, attention_mask, prompt_len: int, R: int):

@@ -353,6 +353,10 @@ def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 1024, b
     """(accuracy, rows): greedy (temperature 0) completions of the RL prompt, scored by
     countdown.is_correct. rows: {"nums", "target", "completion", "correct", "length"}."""
     device = next(model.parameters()).device
+    if not isinstance(_autocast(device, autocast), nullcontext) and next(model.parameters()).dtype != torch.bfloat16:
+        # generate in the compute dtype: a bf16 copy of the weights, so the KV cache is bf16 too (autocast
+        # over fp32 weights would keep an fp32 cache and recast every weight at every step)
+        model = M.gather_full(model, device=device, dtype=torch.bfloat16)
     rows = []
     batches = range(0, len(problems), batch_size)
     if progress:
@@ -361,9 +365,8 @@ def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 1024, b
     for i in batches:
         chunk = problems[i:i + batch_size]
         prompts = [tokenizer.encode(C.make_prompt(p["nums"], p["target"])) for p in chunk]
-        with _autocast(device, autocast):
-            gen = M.generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        gen = M.generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         for p, toks, n in zip(chunk, gen.tokens, gen.lengths.tolist()):
             text = tokenizer.decode(toks[:n], skip_special_tokens=True)
             rows.append({"nums": p["nums"], "target": p["target"], "completion": text,

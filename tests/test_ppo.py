@@ -222,6 +222,21 @@ def test_critic_head_init_and_values_masked():
     assert v[0, 2] == 0                                  # states after that (padding) are masked: c_t = m_{t-1}
 
 
+def test_critic_value_head_is_fp32_on_a_bf16_backbone():
+    torch.manual_seed(0)
+    backbone = M.Transformer(make_config(vocab_size=50, eos_token_id=0)).to(torch.bfloat16)
+    critic = ppo.Critic(backbone, seed=3)
+    assert critic.score.weight.dtype == torch.float32 and critic.score.bias.dtype == torch.float32
+    with torch.no_grad():
+        critic.score.bias.fill_(1.0)                     # values near 1, where bf16 steps are ~0.004-0.008
+        ids = torch.randint(1, 50, (2, 5))
+        h = backbone.hidden_states(ids).float()
+        want = h @ critic.score.weight[0] + 1.0    # the head by hand, in fp32
+        v = critic(ids)
+    assert v.dtype == torch.float32
+    torch.testing.assert_close(v, want, rtol=0, atol=1e-6)
+
+
 def test_param_count_matches_the_model():
     for kw in [dict(), dict(tie_word_embeddings=False), dict(model_type="qwen2"),
                dict(attention_bias=True, tie_word_embeddings=False)]:
