@@ -1129,7 +1129,7 @@ def static_cache(config: ModelConfig, rows: int, max_len: int, dtype, device, ma
     """
     global _static_cache
     key = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.vocab_size, rows, dtype,
-           torch.device(device).type)
+           torch.device(device).type, mark_static)   # a cache marked static must not serve an eager caller, or back
     c = _static_cache
     if (c is not None and getattr(c, "key", None) == key and c.key_valid.device == torch.device(device)
             and c.key_valid.shape[1] >= max_len):

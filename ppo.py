@@ -665,10 +665,19 @@ def rollout(policy, prompts, cfg: PPOConfig, *, eos_id, pad_id: int, generator, 
     n = cfg.samples if n_samples is None else n_samples
     T = cfg.temperature if temperature is None else temperature
     size = batch_prompts or len(prompts)
-    parts = [M.generate(policy, prompts[i:i + size], max_new_tokens=cfg.max_response, n_samples=n, temperature=T,
-                        top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id, generator=generator,
-                        compile=cfg.compile_rollout)
-             for i in range(0, len(prompts), size)]
+    parts = []
+    for i in range(0, len(prompts), size):
+        chunk = prompts[i:i + size]
+        # the compiled step has graphs per row count: a short last call (e.g. validation's 1,024 rows
+        # as 680 + 344) would compile the whole model again per length bucket; pad it with copies of
+        # its last prompt to the full size and drop their rows (at T > 0 the draws then differ from an
+        # unpadded call's, as they do for any other batch size)
+        extra = size - len(chunk) if cfg.compile_rollout else 0
+        g = M.generate(policy, chunk + [chunk[-1]] * extra, max_new_tokens=cfg.max_response, n_samples=n,
+                       temperature=T, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id, generator=generator,
+                       compile=cfg.compile_rollout)
+        keep = len(chunk) * n
+        parts.append(M.Generation(g.tokens[:keep], g.logprobs[:keep], g.lengths[:keep]) if extra else g)
     if policy.embed_tokens.weight.is_cuda:
         # the eager path's KV caches are garbage now; hand their memory back before training. The
         # compiled path keeps its one cache for the next rollout (a new one would re-record the CUDA
@@ -1432,6 +1441,8 @@ def _resolve_memory(cfg: PPOConfig, mc: M.ModelConfig) -> PPOConfig:
     if c.device != "cuda":
         c.optim_device = "device"
         c.rollout_batch = c.rollout_batch or c.batch_prompts
+        if c.compile_rollout:   # validation calls with the rollout's rows reuse its compiled graphs
+            c.val_batch = c.val_batch or c.rollout_batch * c.samples
         return c
     gpu = c.gpu_memory_gb * 2**30 if c.gpu_memory_gb else (
         torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30)
@@ -1439,7 +1450,6 @@ def _resolve_memory(cfg: PPOConfig, mc: M.ModelConfig) -> PPOConfig:
     if M.distributed():   # the budget below is one process's plan; under FSDP each GPU holds 1/N of the weights
         c.optim_device = "device" if c.optim_device == "auto" else c.optim_device   # and of the Adam state
         c.rollout_batch = c.rollout_batch or c.batch_prompts // M.world_size()     # all of a rank's prompts at once
-        c.val_batch = c.val_batch or min(1024, c.rollout_batch * c.samples)
     if c.optim_device == "auto":
         trial = replace(c, optim_device="device", rollout_batch=c.rollout_batch or 1)
         c.optim_device = "device" if memory_budget(trial, mc)["device_peak"] <= usable else "cpu"
@@ -1451,11 +1461,13 @@ def _resolve_memory(cfg: PPOConfig, mc: M.ModelConfig) -> PPOConfig:
     if c.compile_rollout:   # its cache stays through the updates too: both phases must fit
         kept_row = b["kv_per_row"] + mc.vocab_size * 4                      # cache and sampler noise
         rows = min(rows, int((usable - (b["phases"]["update"] - c.samples * kept_row)) // kept_row))
-    if not c.rollout_batch:   # the most prompts that fit, evened out over the calls a batch needs
+    if not c.rollout_batch:   # the most prompts that fit, in calls of equal size (one compiled row count)
         most = max(1, min(c.batch_prompts, rows // c.samples))
-        c.rollout_batch = math.ceil(c.batch_prompts / math.ceil(c.batch_prompts / most))
-    if not c.val_batch:
-        c.val_batch = max(1, min(1024, rows))
+        calls = next(k for k in range(math.ceil(c.batch_prompts / most), c.batch_prompts + 1)
+                     if c.batch_prompts % k == 0)
+        c.rollout_batch = c.batch_prompts // calls
+    if not c.val_batch:   # validation prompts (1 sample each) per call: the rollout's row count, whose graphs
+        c.val_batch = c.rollout_batch * c.samples   # --compile-rollout has compiled already; its memory fits
     return c
 
 

@@ -372,6 +372,19 @@ def test_compiled_calls_reuse_one_cache_and_one_graph(tiny, monkeypatch):
     assert seen[0]() is None                                    # released: nothing else holds it
 
 
+def test_static_cache_marked_static_is_not_reused_unmarked_or_back(tiny):
+    """mark_static is part of the cache's key: a cache whose addresses a compiled graph may keep
+    (marked) and one an uncompiled static call mutates freely are different caches."""
+    model, _ = tiny
+    M.release_static_cache()
+    get = lambda mark: M.static_cache(model.config, 2, 16, torch.float32, "cpu", mark_static=mark)  # noqa: E731
+    plain = get(False)
+    assert get(False) is plain                                  # same key: reused
+    marked = get(True)
+    assert marked is not plain and get(True) is marked and get(False) is not marked
+    M.release_static_cache()
+
+
 def _attended_lengths(model, monkeypatch):
     """A list that records the key length of every SDPA call (eager runs only)."""
     seen, sdpa = [], F.scaled_dot_product_attention

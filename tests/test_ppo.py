@@ -632,6 +632,42 @@ def test_old_logprobs_recomputed_at_step_0_equal_the_rollout(tmp_path):
     assert (exp.kl.abs() * m).max() > 0.05                                   # two different models
 
 
+def test_compiled_validation_calls_have_the_rollouts_row_count(tmp_path, monkeypatch):
+    """--compile-rollout compiles per row count: validation (1 sample per problem) must call generate
+    with the rollout's rows (batch x samples) every time, the last call padded; eager keeps its sizes."""
+    model, tok = M.load(make_checkpoint(tmp_path / "ck"), dtype="float32")
+    calls, generate = [], M.generate
+
+    def spy(net, prompts, **k):
+        calls.append((len(prompts) * k["n_samples"], k["compile"]))
+        return generate(net, prompts, **dict(k, compile=False))     # eager tokens: the rows are what is tested
+    monkeypatch.setattr(M, "generate", spy)
+    problems = [{"nums": [i % 9 + 1, 3, 4], "target": 12 + i} for i in range(11)]
+    mc = model.config
+    for compile_ in (True, False):
+        cfg = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cpu", batch_prompts=2, samples=2,
+                                                             mini_batch_prompts=2, max_response=3, max_prompt=1024,
+                                                             compile_rollout=compile_)), mc)
+        calls.clear()
+        prompts = ppo.encode_prompts(tok, problems[:2], cfg)
+        ppo.rollout(model, prompts, cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=None)
+        got = ppo.validate(model, tok, problems, cfg, 0, tmp_path)
+        rows = countdown.read_jsonl(tmp_path / "completions" / "step_0.jsonl")
+        assert len(rows) == 11 and [r["target"] for r in rows] == [p["target"] for p in problems]
+        assert got["val_response_length"] == sum(r["length"] for r in rows) / 11
+        if compile_:
+            assert calls == [(4, True)] * 4                      # rollout 2 x 2; validation 11 = 4 + 4 + 3 (+1 copy)
+        else:
+            assert calls == [(4, False), (11, False)]
+    # on a GPU the automatic sizes: rollout calls of equal size, validation at the rollout's rows
+    cfg3b = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+             "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
+    for gb in (80, 40, 24):
+        c = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=gb)),
+                                M.ModelConfig.from_hf(cfg3b))
+        assert c.batch_prompts % c.rollout_batch == 0 and c.val_batch == c.rollout_batch * c.samples, (gb, c)
+
+
 def test_validation_is_greedy_by_default_and_seeded_when_sampled(tmp_path):
     model, tok = M.load(make_checkpoint(tmp_path / "ck"), dtype="float32")
     problems = [{"nums": [3, 17, 8], "target": 12}, {"nums": [25, 30, 3, 4], "target": 32},
