@@ -725,6 +725,58 @@ def set_rng_state(s: dict):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def param_count(mc: ModelConfig) -> int:
+    """Parameters of a Transformer with this config (tied embeddings counted once)."""
+    D, I, V, hd = mc.hidden_size, mc.intermediate_size, mc.vocab_size, mc.head_dim
+    H, KV = mc.num_attention_heads, mc.num_key_value_heads
+    attn = D * H * hd + 2 * D * KV * hd + H * hd * D
+    attn += (H * hd + 2 * KV * hd) if mc.qkv_bias else 0
+    attn += D if mc.o_bias else 0
+    mlp = 3 * D * I + ((2 * I + D) if mc.mlp_bias else 0)
+    layer = attn + mlp + 2 * D
+    return V * D + mc.num_hidden_layers * layer + D + (0 if mc.tie_word_embeddings else V * D)
+
+
+CPU_FALLBACK_MAX_PARAMS = 10**9   # --device auto may fall back to the CPU only below this
+
+
+def refuse_cpu_fallback(n_params: int):
+    """--device auto found no usable CUDA device: raise for a model above ~1B parameters, which on the
+    CPU would train in fp32 for days and look hung; the message names the usual cause and its fix."""
+    if n_params <= CPU_FALLBACK_MAX_PARAMS:
+        return
+    try:   # the kernel module's version, when an NVIDIA driver is installed at all
+        driver = Path("/proc/driver/nvidia/version").read_text().split("Kernel Module")[1].split()[0]
+        driver = f"NVIDIA driver {driver}"
+    except (OSError, IndexError):
+        driver = "no NVIDIA driver found (/proc/driver/nvidia/version)"
+    raise ValueError(
+        f"--device auto: CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda}; "
+        f"{driver}), and a {n_params / 1e9:.2f}B-parameter model would train on the CPU in fp32, for days. "
+        "The usual cause is a driver/wheel mismatch: torch's default wheel is built for CUDA 13 and needs an "
+        "NVIDIA driver >= 580 (nvidia-smi shows yours). With an older driver install the CUDA 12.x build: "
+        "pip install torch --index-url https://download.pytorch.org/whl/cu126 (or upgrade the driver). "
+        "To train on the CPU all the same, pass --device cpu.")
+
+
+def own_optimizer_state(optimizer):
+    """After load_state_dict from torch.load(..., mmap=True): copy the state tensors it adopted as they
+    were (CPU tensors of the right dtype, e.g. Adam's moments) into memory of their own, one at a time.
+    A mapping would read lazily from the file and keep its disk space after the file is deleted."""
+    for st in optimizer.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.device.type == "cpu":
+                st[k] = v.clone()
+
+
+def checkpoint_config(name_or_path) -> ModelConfig:
+    """The ModelConfig of a checkpoint folder, alias or Hub id (downloaded if needed), or of a config.json."""
+    p = Path(name_or_path)
+    if p.is_file() and p.suffix == ".json":
+        return ModelConfig.from_hf(_read_json(p))
+    return ModelConfig.from_hf(_read_json(resolve_checkpoint(name_or_path) / "config.json"))
+
+
 # -----------------------------------------------------------------------------
 # Finding a checkpoint: local folder, alias, or Hugging Face Hub repo
 #

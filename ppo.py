@@ -568,6 +568,7 @@ class MasterAdamW:
                     saved[i] = None
                     p.copy_(m)
         self.opt.load_state_dict(s["opt"])
+        M.own_optimizer_state(self.opt)
 
 
 # -----------------------------------------------------------------------------
@@ -1285,16 +1286,7 @@ def rank_share(problems, group: int) -> list:
 # Memory budget (computed from the architecture, not measured)
 
 
-def param_count(mc: M.ModelConfig) -> int:
-    """Parameters of a Transformer with this config (tied embeddings counted once)."""
-    D, I, V, hd = mc.hidden_size, mc.intermediate_size, mc.vocab_size, mc.head_dim
-    H, KV = mc.num_attention_heads, mc.num_key_value_heads
-    attn = D * H * hd + 2 * D * KV * hd + H * hd * D
-    attn += (H * hd + 2 * KV * hd) if mc.qkv_bias else 0
-    attn += D if mc.o_bias else 0
-    mlp = 3 * D * I + ((2 * I + D) if mc.mlp_bias else 0)
-    layer = attn + mlp + 2 * D
-    return V * D + mc.num_hidden_layers * layer + D + (0 if mc.tie_word_embeddings else V * D)
+param_count = M.param_count   # in model.py, where sft.py's device check uses it too
 
 
 def memory_budget(cfg: PPOConfig, mc: M.ModelConfig) -> dict:
@@ -1569,7 +1561,9 @@ def load_training_state(ckpt: Path, models: Models, rae: Optional[RestartBuffers
     host memory for 3B) once they are copied in; it lives only inside this function, so it is freed
     on return instead of for the whole run. (Adam's moments are adopted as they are, not copied.)
     """
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=M.distributed())
+    # memory-mapped: read from the page cache as it is copied in; a plain load would hold the whole
+    # ~75 GiB 3B state in RAM beside the live optimizer (killed on a 128 GiB host)
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=True)
     saved_world = state.get("world_size", 1)
     if saved_world != M.world_size():
         raise ValueError(f"{ckpt} was written by {saved_world} process(es) and this run has {M.world_size()}: its "
@@ -1719,17 +1713,15 @@ def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
     return models, tokenizer
 
 
-def _model_config(name_or_path) -> M.ModelConfig:
-    p = Path(name_or_path)
-    if p.is_file() and p.suffix == ".json":
-        return M.ModelConfig.from_hf(json.loads(p.read_text(encoding="utf-8")))
-    path = M.resolve_checkpoint(name_or_path) / "config.json"
-    return M.ModelConfig.from_hf(json.loads(path.read_text(encoding="utf-8")))
+_model_config = M.checkpoint_config
 
 
 def train(cfg: PPOConfig) -> dict:
     """Run (or resume) PPO as configured; returns the last metrics line."""
+    auto = cfg.device == "auto"
     cfg = _resolve(cfg)
+    if auto and cfg.device == "cpu":   # no usable GPU: fine for a small model, a silent trap for a 3B one
+        M.refuse_cpu_fallback(param_count(_model_config(cfg.model)))
     M.init_distributed(cfg.device, cfg.dist_timeout)   # nothing without torchrun
     with countdown.lock_dir(cfg.out, "ppo.py run folder") if M.is_main() else nullcontext():  # one writer per --out
         return _train(cfg)

@@ -512,6 +512,8 @@ def _write_config(cfg: SFTConfig, run: Path):
 def train(cfg: SFTConfig) -> Optional[Path]:
     """Run (or resume) SFT. Returns <out>/final, or None when --stop-after stopped it early."""
     _check_config(cfg)
+    if cfg.device == "auto" and cfg.model and _resolve_device("auto").type == "cpu":
+        M.refuse_cpu_fallback(M.param_count(M.checkpoint_config(cfg.model)))   # no GPU: fine only for small models
     M.init_distributed(_resolve_device(cfg.device), cfg.dist_timeout)   # nothing without torchrun
     with C.lock_dir(cfg.out, "sft.py run folder") if M.is_main() else nullcontext():  # one writer per --out
         return _train(cfg)
@@ -557,8 +559,9 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
 
     state = None
     if state_file is not None:
-        # under torchrun every rank reads the file: memory-mapped, the ranks share one copy in the page cache
-        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=M.distributed())
+        # memory-mapped: the tensors are read from the page cache as they are copied in, never a second
+        # resident copy (and under torchrun the ranks share one)
+        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
         if state.get("world_size", 1) != world:
             raise ValueError(f"{run} was checkpointed by {state.get('world_size', 1)} process(es) and this is {world}: "
                              "its optimizer state is laid out per process; resume with torchrun --nproc-per-node "
@@ -609,6 +612,7 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
             M.load_full_state(model, None, optimizer, state["optimizer"])
         else:
             optimizer.load_state_dict(state["optimizer"])
+            M.own_optimizer_state(optimizer)
         M.set_rng_state(state["rng"])
         step, elapsed, tokens_seen = state["step"], state["elapsed_s"], state["tokens"]
     if metrics_file.exists() and M.is_main():  # forget lines written after the checkpoint we resume from

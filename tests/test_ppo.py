@@ -850,6 +850,35 @@ def test_top_p_below_one_is_refused_in_ppo(tmp_path, capsys):
     assert "nucleus sampling" in capsys.readouterr().err
 
 
+QWEN_3B = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+           "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
+
+
+def test_device_auto_refuses_the_cpu_for_a_model_above_1b(tmp_path, capsys, monkeypatch):
+    """No usable GPU (a driver older than the wheel's CUDA needs): --device auto must not quietly train
+    a 3B model on the CPU; a 135M one may (the tiny study does)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "config.json").write_text(json.dumps(QWEN_3B))
+    assert ppo.main(["--model", str(tmp_path / "config.json"), "--out", str(tmp_path / "r"), "--device", "auto"]) == 2
+    err = capsys.readouterr().err
+    for what in ("3.09B-parameter", "driver >= 580", "https://download.pytorch.org/whl/cu126", "--device cpu"):
+        assert what in err, what
+    assert not (tmp_path / "r").exists()                 # refused before the run folder was made
+    M.refuse_cpu_fallback(M.CPU_FALLBACK_MAX_PARAMS)     # up to ~1B parameters the CPU is allowed
+    with pytest.raises(ValueError, match="--device cpu"):
+        M.refuse_cpu_fallback(M.CPU_FALLBACK_MAX_PARAMS + 1)
+
+
+def test_resume_loads_the_training_state_memory_mapped(tmp_path, monkeypatch):
+    ck = make_checkpoint(tmp_path / "ck")
+    out = tmp_path / "run"
+    ppo.train(_run_cfg(ck, out, steps=1, val_every=0, dtype="bfloat16"))
+    kwargs, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: kwargs.append(k) or load(*a, **k))
+    ppo.train(_run_cfg(ck, out, steps=2, val_every=0, dtype="bfloat16"))
+    assert [k.get("mmap") for k in kwargs] == [True]
+
+
 def test_print_budget_for_a_3b_config(tmp_path, capsys):
     cfg = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
            "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}

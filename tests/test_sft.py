@@ -206,6 +206,21 @@ def test_eval_generation_runs_in_the_compute_dtype_not_autocast_over_fp32(ckpt, 
     assert model.embed_tokens.weight.dtype == torch.float32
 
 
+def test_device_auto_refuses_the_cpu_for_a_model_above_1b(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    big = tmp_path / "big"                                   # only a config: refused before any weight is read
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+        "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True}))
+    (tmp_path / "d.jsonl").write_text('{"query": "a", "completion": "b"}\n')
+    argv = ["--model", str(big), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), "--device"]
+    assert sft.main(argv + ["auto"]) == 2
+    err = capsys.readouterr().err
+    assert "3.21B-parameter" in err and "driver >= 580" in err and "whl/cu126" in err
+    assert sft.main(argv + ["cpu"]) != 0 and "driver" not in capsys.readouterr().err   # explicit: no refusal
+
+
 def test_warmup_cosine_schedule_equals_transformers():
     """The independent reference: transformers' get_cosine_schedule_with_warmup (veRL's schedule),
     stepped through a real optimizer, with int(ratio * total) warmup steps."""
