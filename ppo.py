@@ -193,9 +193,14 @@ class PPOConfig:
                                    "1.0 = one seeded sample per problem, the accuracy the paper's result tables "
                                    "and behavior counts use")
     save_every: int = _flag(10, "checkpoint every N steps; the last step is always checkpointed")
-    state_checkpoints: str = _flag("last", "which checkpoints keep the training state needed to resume (policy "
-                                   "folders are always kept): last (older state.pt files are deleted), all, none",
-                                   choices=("last", "all", "none"))
+    state_checkpoints: str = _flag("auto", "which checkpoints keep the training state needed to resume: last (older "
+                                   "state.pt files are deleted), all, final (only the run's last save, or a stop), "
+                                   "none (weights-only saves), auto (last if the disk has room, else none, said at "
+                                   "start; a 3B state is ~75 GiB)", choices=("auto", "last", "all", "final", "none"))
+    keep_policies: int = _flag(3, "step folders kept: the newest N (their policy and any state); 0 = all (a 3B "
+                               "policy folder is 5.75 GiB, 25 of them over the paper's run)")
+    state_dir: str = _flag("", "write the training states here (e.g. another disk) and link them from the step "
+                           "folders")
     max_bad_updates: int = _flag(3, "stop after this many optimizer updates in a row were skipped for a non-finite "
                                  "loss or gradient")
     resume: bool = _flag(False, "require an existing run in --out to continue (a rerun resumes automatically anyway)")
@@ -226,7 +231,7 @@ class PPOConfig:
 _RESUMABLE_CHANGES = {"steps", "resume", "progress", "device", "threads", "max_bad_updates", "print_budget",
                       "val_every", "save_every", "state_checkpoints", "rollout_batch", "val_batch", "infer_batch",
                       "logprob_chunk", "gpu_memory_gb", "optim_device", "ref_offload", "compile_rollout",
-                      "dist_timeout"}
+                      "dist_timeout", "keep_policies", "state_dir"}
 
 
 # -----------------------------------------------------------------------------
@@ -1481,7 +1486,15 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
     return dirs[max(dirs)] if dirs else None
 
 
-def _make_room_for_state(run: Path, step: int):
+def _remove_state(p: Path):
+    """Delete a step folder's state.pt, and the file it links to under --state-dir."""
+    target = p.resolve()
+    p.unlink()
+    if target != p.absolute():
+        target.unlink(missing_ok=True)
+
+
+def _make_room_for_state(run: Path, step: int, where: Path):
     """With --state-checkpoints last, the previous state.pt is deleted once the new one is in place,
     so a crash mid-save still leaves one to resume from; but that needs room for two (2 x 75 GiB for
     3B). When the disk has no room for a second one, delete the previous one first, and say so."""
@@ -1489,26 +1502,78 @@ def _make_room_for_state(run: Path, step: int):
     if not old:
         return
     need = max(p.stat().st_size for p in old) * 1.05 + 2**26    # the new one is as big, plus a margin
-    if shutil.disk_usage(run).free >= need:
+    if shutil.disk_usage(where).free >= need:
         return
     print(f"{run}: no disk room for a second training state ({need / 2**30:.1f} GiB); deleting the previous "
           "one before writing the new one (a crash during this save would leave no state to resume from)",
           file=sys.stderr)
     for p in old:
-        p.unlink()
+        _remove_state(p)
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def disk_preflight(cfg: PPOConfig, mc: M.ModelConfig, run: Path, start: int = 0) -> PPOConfig:
+    """Compare the free disk with what the run's checkpoints will occupy at their peak (the kept
+    policy folders plus the one being written, the training states); resolve --state-checkpoints
+    auto (last if it fits, else none, said on stderr); raise ValueError with the numbers and the
+    options when the chosen policy does not fit."""
+    c = replace(cfg)
+    b = memory_budget(c, mc)
+    policy = b["checkpoint_policy"] * 1.01 + 2**25                   # + tokenizer and config files
+    state = b["checkpoint_state"] * 1.01 + 2**20
+    saves = len({s for s in range(start + 1, c.steps + 1) if s % c.save_every == 0 or s == c.steps})
+    folders = min(saves, c.keep_policies + 1 if c.keep_policies else saves)   # + the one being written
+    states = {"none": 0, "final": 1, "last": 1, "all": folders, "auto": 1}[c.state_checkpoints]
+    run_disk = _existing(run)
+    state_disk = _existing(Path(c.state_dir)) if c.state_dir else run_disk
+    same = os.stat(run_disk).st_dev == os.stat(state_disk).st_dev
+    free_run, free_state = shutil.disk_usage(run_disk).free, shutil.disk_usage(state_disk).free
+
+    def fits(n_states):
+        if same:
+            return folders * policy + n_states * state <= free_run
+        return folders * policy <= free_run and n_states * state <= free_state
+    if c.state_checkpoints == "auto":
+        c.state_checkpoints = "last" if fits(1) else "none"
+        if c.state_checkpoints == "none" and fits(0) and M.is_main():
+            print(f"disk: no room for a training state ({state / 2**30:.1f} GiB) beside {folders} policy folders "
+                  f"({folders * policy / 2**30:.1f} GiB) in {free_run / 2**30:.1f} GiB free: saving weights only "
+                  "(--state-checkpoints none), so a stopped run cannot resume its optimizer; for that give "
+                  "--state-dir on a disk with room", file=sys.stderr)
+        states = 1 if c.state_checkpoints == "last" else 0
+    if fits(states):
+        return c
+    where = f"{_size(free_run).strip()} free in {run_disk}" + (
+        "" if same else f", {_size(free_state).strip()} in {state_disk}")
+    gib = lambda n: _size(n).strip()   # noqa: E731
+    raise ValueError(
+        f"not enough disk for this run's checkpoints: {saves} saves keep up to {folders} policy folders of "
+        f"{gib(policy)} ({gib(folders * policy)}) and {states} training state(s) of {gib(state)} "
+        f"({gib(states * state)}) at once; {where}. Options: "
+        "--keep-policies N (keep the newest N step folders), --state-checkpoints none (weights-only saves) or "
+        "final (the state only at the end), --state-dir PATH (states on another disk), --save-every N, or free "
+        "some disk")
 
 
 def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOConfig, counters: dict,
-                    rae: Optional[RestartBuffers] = None) -> Path:
+                    rae: Optional[RestartBuffers] = None, final: bool = True) -> Path:
     """checkpoints/step_<N>/{policy/, state.pt}, written in a temp folder and renamed into place.
     Under torchrun every rank gathers its shards and rank 0 writes the same files, plus the fp32
     policy (the master weights) and the world size in state.pt."""
     ck = run / "checkpoints"
+    with_state = cfg.state_checkpoints in ("last", "all", "auto") or (cfg.state_checkpoints == "final" and final)
+    last_only = cfg.state_checkpoints in ("last", "final", "auto")   # older states go once this one is in place
     final = ck / f"step_{step}"
     policy, trained = models.policy, None
     if M.distributed():
         policy = M.gather_full(models.policy, device="cpu", dtype=cfg.dtype, rank0_only=True)
-        if cfg.state_checkpoints != "none":
+        if with_state:
             trained = _full_training_state(models)
         if not M.is_main():
             M.barrier()   # until rank 0 has written
@@ -1516,9 +1581,9 @@ def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOCon
     tmp = ck / f".step_{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     M.save(policy, tokenizer, tmp / "policy")
-    if cfg.state_checkpoints == "last":
-        _make_room_for_state(run, step)
-    if cfg.state_checkpoints != "none":
+    if with_state and last_only:
+        _make_room_for_state(run, step, Path(cfg.state_dir) if cfg.state_dir else run)
+    if with_state:
         state = {"step": step, "config": asdict(cfg), "counters": dict(counters), "rng": M.rng_state(),
                  **(trained or {
                      "actor_opt": models.actor_opt.state_dict(),
@@ -1527,7 +1592,15 @@ def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOCon
                  "rae": rae.state_dict() if rae is not None else None,
                  "orm": models.orm.state_dict() if models.orm is not None else None,
                  "orm_opt": models.orm_opt.state_dict() if models.orm is not None else None}
-        torch.save(state, tmp / "state.pt")
+        if cfg.state_dir:   # the file there, a link to it in the step folder (so resume finds it as usual)
+            target = Path(cfg.state_dir).absolute() / f"{run.absolute().name}-step_{step}.pt"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            torch.save(state, part)
+            os.replace(part, target)
+            (tmp / "state.pt").symlink_to(target)
+        else:
+            torch.save(state, tmp / "state.pt")
     if final.exists():   # only after a resume re-reaches a step whose folder exists (identical content)
         old = ck / f".step_{step}.old-{os.getpid()}"
         os.replace(final, old)
@@ -1535,10 +1608,18 @@ def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOCon
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    if cfg.state_checkpoints == "last":
+    if with_state and last_only:
         for s, d in _step_dirs(run).items():
             if s != step and (d / "state.pt").is_file():
-                (d / "state.pt").unlink()
+                _remove_state(d / "state.pt")
+    if cfg.keep_policies:   # the newest N step folders stay, this one among them, and the newest state's
+        resumable = latest_checkpoint(run)
+        for s, d in sorted(_step_dirs(run).items())[:-cfg.keep_policies]:
+            if d == resumable:
+                continue
+            if (d / "state.pt").is_file():
+                _remove_state(d / "state.pt")
+            shutil.rmtree(d)
     M.barrier()
     return final
 
@@ -1741,7 +1822,12 @@ def _train(cfg: PPOConfig) -> dict:
         raise ValueError("--rae, --preference-bonus and --save-correct run in one process only: their restart buffers, "
                          "outcome reward model and correct.jsonl are not shared across ranks yet; drop torchrun")
     init_path = M.resolve_checkpoint(cfg.model)
-    cfg = _resolve_memory(cfg, _model_config(init_path))
+    mc = _model_config(init_path)
+    cfg = _resolve_memory(cfg, mc)
+    resumable = latest_checkpoint(run)
+    cfg = disk_preflight(cfg, mc, run, int(resumable.name[5:]) if resumable else 0)
+    if M.distributed():   # every rank must save the same way (the state's gathers are collectives)
+        cfg = replace(cfg, state_checkpoints=M.all_gather_objects(cfg.state_checkpoints)[0])
     if not M.is_main():   # rank 0 checks the folder and writes the data files; the others then read them
         M.barrier()
         return _train_loop(cfg, run, latest_checkpoint(run), *load_problems(cfg, run), init_path)
@@ -1855,7 +1941,8 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
             if M.distributed():   # a Ctrl-C that reached some ranks only stops them all after this step
                 stop["requested"] = not M.all_true(not stop["requested"])
             if step % cfg.save_every == 0 or step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates:
-                save_checkpoint(run, step, models, tokenizer, cfg, counters, rae)
+                save_checkpoint(run, step, models, tokenizer, cfg, counters, rae,
+                                final=step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates)
             if worst >= cfg.max_bad_updates:
                 raise TrainingStopped(
                     f"stopped at step {step}: {worst} optimizer updates in a row had a non-finite loss or gradient "

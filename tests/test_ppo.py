@@ -757,7 +757,8 @@ def test_resume_frees_the_loaded_training_state(tmp_path, monkeypatch):
     assert len(refs) > 10 and alive_at_step == [0]
 
 
-@pytest.mark.parametrize("free_gb,old_state_during_save", [(1e6, True), (0.0, False)])
+# 40 MiB: room for a policy folder and one state (disk_preflight's floor), not for a second state and its margin
+@pytest.mark.parametrize("free_gb,old_state_during_save", [(1e6, True), (40 / 1024, False)])
 def test_state_checkpoint_needs_room_for_one_state_only_when_the_disk_is_short(tmp_path, monkeypatch, free_gb,
                                                                                 old_state_during_save):
     ck = make_checkpoint(tmp_path / "ck")
@@ -777,6 +778,45 @@ def test_state_checkpoint_needs_room_for_one_state_only_when_the_disk_is_short(t
     # no room for two: it is deleted before the new one is written
     assert seen == [old_state_during_save] and not old.exists()
     assert (out / "checkpoints" / "step_4" / "state.pt").is_file()
+
+
+def test_disk_preflight_fits_a_64_gib_disk_by_default_and_refuses_with_numbers(tmp_path, monkeypatch, capsys):
+    """The paper's 3B run (250 steps, a save every 10): ~5.8 GiB per policy folder, ~75 GiB per state."""
+    mc = M.ModelConfig.from_hf(QWEN_3B)
+    free = {"gib": 50.0}                                        # a 64 GiB disk holding the OS, torch and the model
+    disk = ppo.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ppo.shutil, "disk_usage", lambda p: disk._replace(free=int(free["gib"] * 2**30)))
+
+    def plan(**kw):
+        cfg = ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80, **kw))
+        return ppo.disk_preflight(ppo._resolve_memory(cfg, mc), mc, tmp_path / "run")
+    c = plan()                                                  # the defaults fit: 4 policy folders, no state
+    assert c.state_checkpoints == "none" and c.keep_policies == 3
+    assert "--state-dir" in capsys.readouterr().err
+    with pytest.raises(ValueError) as e:
+        plan(state_checkpoints="last")
+    msg = str(e.value)
+    for what in ("4 policy folders of 5.84 GiB (23.35 GiB)", "1 training state(s) of 75.", "50.00 GiB free",
+                 "--keep-policies", "--state-checkpoints none", "final", "--state-dir"):
+        assert what in msg, what
+    with pytest.raises(ValueError, match="25 saves keep up to 25 policy folders"):
+        plan(keep_policies=0)                                   # every folder: 145 GiB
+    free["gib"] = 200.0
+    assert plan().state_checkpoints == "last"                   # room: resumable by default
+    assert plan(state_checkpoints="all", keep_policies=0, steps=20).state_checkpoints == "all"   # 2 x (5.8 + 75)
+
+
+def test_keep_policies_and_state_dir(tmp_path):
+    ck = make_checkpoint(tmp_path / "ck")
+    out, states = tmp_path / "run", tmp_path / "states"
+    kw = dict(val_every=0, save_every=1, keep_policies=2, state_dir=str(states), state_checkpoints="last")
+    ppo.train(_run_cfg(ck, out, steps=3, **kw))
+    assert sorted(ppo._step_dirs(out)) == [2, 3]
+    assert [p.name for p in states.iterdir()] == ["run-step_3.pt"]
+    assert (out / "checkpoints" / "step_3" / "state.pt").resolve() == (states / "run-step_3.pt").resolve()
+    ppo.train(_run_cfg(ck, out, steps=4, **kw))                 # resumes through the link
+    assert sorted(ppo._step_dirs(out)) == [3, 4] and [p.name for p in states.iterdir()] == ["run-step_4.pt"]
+    assert len(countdown.read_jsonl(out / "metrics.jsonl")) == 4
 
 
 def test_bfloat16_run_keeps_fp32_master_weights(tmp_path):
