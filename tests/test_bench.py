@@ -37,3 +37,12 @@ def test_a_failed_correctness_check_exits_non_zero(tmp_path, monkeypatch):
     out = tmp_path / "table.md"
     assert gpu_check.main(["--device", "cpu", "--tiny", "--skip", "decode,ppo,sft", "--out", str(out)]) == 1
     assert "| FAIL |" in out.read_text()
+
+
+def test_printed_host_budget_is_within_10_percent_of_the_measured_peak():
+    """Two PPO iterations of a 15.7M-parameter random policy, critic and reference on CPU, in a fresh
+    process: the peak RSS above its baseline against memory_budget's host total."""
+    import bench_ppo
+    r = bench_ppo.measure_memory()
+    assert r["budget"] > 500 * 2**20                     # the models dominate the process's own baseline
+    assert abs(r["measured"] / r["budget"] - 1) <= 0.10, r

@@ -894,6 +894,21 @@ QWEN_3B = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 1100
            "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
 
 
+def test_host_budget_counts_the_pinned_masters_and_gradient_copies():
+    """3B on one 80 GB GPU with the optimizer on the CPU: masters (pinned), Adam's moments, the pinned
+    gradient copies of the larger model and the offloaded reference; pinned blocks at their exact size."""
+    mc = M.ModelConfig.from_hf(QWEN_3B)
+    c = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80)), mc)
+    b = ppo.memory_budget(c, mc)
+    n = b["params_policy"] + b["params_critic"]
+    assert c.optim_device == "cpu" and b["pinned"] == 4 * n + 4 * b["params_policy"]
+    assert b["host"] == 2 * b["params_policy"] + 12 * n + 4 * b["params_policy"]   # reference, masters + m + v, grads
+    assert 86 * 2**30 < b["host"] < 87 * 2**30 and b["device_peak"] < 0.85 * 80 * 2**30
+    text = ppo.format_budget(b, c)
+    assert "of which pinned (page-locked)                       34.49 GiB" in text and "memory-mapped" in text
+    assert ppo.exact_pinning()        # this torch takes the allocator setting (where it cannot, masters stay unpinned)
+
+
 def test_device_auto_refuses_the_cpu_for_a_model_above_1b(tmp_path, capsys, monkeypatch):
     """No usable GPU (a driver older than the wheel's CUDA needs): --device auto must not quietly train
     a 3B model on the CPU; a 135M one may (the tiny study does)."""
