@@ -901,8 +901,8 @@ def test_host_budget_counts_the_pinned_masters_and_gradient_copies():
     c = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80)), mc)
     b = ppo.memory_budget(c, mc)
     n = b["params_policy"] + b["params_critic"]
-    assert c.optim_device == "cpu" and b["pinned"] == 4 * n + 4 * b["params_policy"]
-    assert b["host"] == 2 * b["params_policy"] + 12 * n + 4 * b["params_policy"]   # reference, masters + m + v, grads
+    assert c.optim_device == "cpu" and b["pinned"] == 4 * n + 4 * b["params_critic"]   # the critic: + its head
+    assert b["host"] == 2 * b["params_policy"] + 12 * n + 4 * b["params_critic"]   # ref, masters, m, v, grads
     assert 86 * 2**30 < b["host"] < 87 * 2**30 and b["device_peak"] < 0.85 * 80 * 2**30
     text = ppo.format_budget(b, c)
     assert "of which pinned (page-locked)                       34.49 GiB" in text and "memory-mapped" in text
