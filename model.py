@@ -745,18 +745,42 @@ def refuse_cpu_fallback(n_params: int):
     CPU would train in fp32 for days and look hung; the message names the usual cause and its fix."""
     if n_params <= CPU_FALLBACK_MAX_PARAMS:
         return
-    try:   # the kernel module's version, when an NVIDIA driver is installed at all
-        driver = Path("/proc/driver/nvidia/version").read_text().split("Kernel Module")[1].split()[0]
-        driver = f"NVIDIA driver {driver}"
+    raise ValueError(f"--device auto: {no_cuda_help()} A {n_params / 1e9:.2f}B-parameter model would train on the CPU "
+                     "in fp32, for days. To train on the CPU all the same, pass --device cpu.")
+
+
+def nvidia_driver() -> Optional[str]:
+    """The NVIDIA kernel module's version (None without an NVIDIA driver)."""
+    try:
+        return Path("/proc/driver/nvidia/version").read_text().split("Kernel Module")[1].split()[0]
     except (OSError, IndexError):
-        driver = "no NVIDIA driver found (/proc/driver/nvidia/version)"
-    raise ValueError(
-        f"--device auto: CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda}; "
-        f"{driver}), and a {n_params / 1e9:.2f}B-parameter model would train on the CPU in fp32, for days. "
-        "The usual cause is a driver/wheel mismatch: torch's default wheel is built for CUDA 13 and needs an "
-        "NVIDIA driver >= 580 (nvidia-smi shows yours). With an older driver install the CUDA 12.x build: "
-        "pip install torch --index-url https://download.pytorch.org/whl/cu126 (or upgrade the driver). "
-        "To train on the CPU all the same, pass --device cpu.")
+        return None
+
+
+def no_cuda_help() -> str:
+    """Why torch.cuda.is_available() may be False on a machine with a GPU, and the fix."""
+    driver = nvidia_driver()
+    return (f"CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda}; "
+            + (f"NVIDIA driver {driver}" if driver else "no NVIDIA driver found in /proc/driver/nvidia/version")
+            + "). The usual cause is a driver/wheel mismatch: torch's default wheel is built for CUDA 13 and needs "
+            "an NVIDIA driver >= 580 (nvidia-smi shows yours). With an older driver install the CUDA 12.x build: "
+            "pip install torch --index-url https://download.pytorch.org/whl/cu126 (or upgrade the driver).")
+
+
+def attention_backends(device) -> list:
+    """Choose SDPA's CUDA kernels deliberately (call before the first CUDA attention): flash and
+    memory-efficient, math as the fallback, never cuDNN. PyTorch prefers cuDNN attention on H100 with
+    cuDNN >= 9.15 and CUDA >= 12.9, and it builds and caches a plan per exact shape: the eager decode's
+    key length grows every step and its row count shrinks as rows finish, so nearly every step would
+    pay a plan build. A no-op on CPU. Returns the names of the CUDA backends left enabled."""
+    b = torch.backends.cuda
+    if torch.device(device).type == "cuda":
+        b.enable_cudnn_sdp(False)
+        b.enable_flash_sdp(True)
+        b.enable_mem_efficient_sdp(True)
+        b.enable_math_sdp(True)
+    return [name for name, on in (("flash", b.flash_sdp_enabled()), ("efficient", b.mem_efficient_sdp_enabled()),
+                                  ("math", b.math_sdp_enabled()), ("cudnn", b.cudnn_sdp_enabled())) if on]
 
 
 def own_optimizer_state(optimizer):

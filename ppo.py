@@ -1778,6 +1778,7 @@ def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
     (--ref-offload does not apply).
     """
     device = M.init_distributed(cfg.device, cfg.dist_timeout)   # cuda:LOCAL_RANK under torchrun
+    M.attention_backends(device)
     dist = M.distributed()
     policy, tokenizer = M.load(policy_path, device=device, dtype="float32" if dist else cfg.dtype)
     policy.gradient_checkpointing = cfg.grad_checkpointing

@@ -536,6 +536,7 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
         print(f"{run} is finished: the model is in {final}; choose a new --out to train again", file=sys.stderr)
         return final
     device = M.init_distributed(_resolve_device(cfg.device), cfg.dist_timeout)   # cuda:LOCAL_RANK under torchrun
+    M.attention_backends(device)
     rank, world = M.rank(), M.world_size()
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes; "
