@@ -3,7 +3,8 @@ against the same step with torch's per-tensor loop (foreach=False, what MasterAd
 both measured here, on bf16 parameters shaped like a transformer's (a few large matrices).
 
 Usage: python bench/bench_adam.py [--params-m 60] [--repeats 3] [--threads 0]
-Prints seconds per whole step (clip, Adam, bf16 copy-back) (best of --repeats) and the ratio; numbers depend on the machine and its load.
+Prints seconds per whole step (clip, Adam, bf16 copy-back; best of --repeats) and the ratio; numbers
+depend on the machine and its load.
 """
 import argparse
 import os
@@ -52,7 +53,8 @@ def main():
     n = sum(torch.Size(s).numel() for s in shp)
     loop = time_step(False, shp, args.repeats)
     fused = time_step(True, shp, args.repeats)
-    print(f"MasterAdamW step (clip, Adam, copy back to bf16) over {n / 1e6:.1f}M parameters ({len(shp)} tensors), {torch.get_num_threads()} threads, "
+    print(f"MasterAdamW step (clip, Adam, copy back to bf16) over {n / 1e6:.1f}M parameters ({len(shp)} tensors), "
+          f"{torch.get_num_threads()} threads, "
           f"best of {args.repeats}:")
     print(f"  per-tensor loop (foreach=False) {loop:7.3f} s   ({n / loop / 1e6:6.1f}M params/s)")
     print(f"  fused                           {fused:7.3f} s   ({n / fused / 1e6:6.1f}M params/s)")

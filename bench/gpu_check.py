@@ -8,7 +8,9 @@ one-GPU path with random weights in real configs (no download), using only torch
 Sections, in order of value; a section whose estimated time no longer fits --budget-s is marked skipped,
 and the markdown table (--out) is rewritten after every row, so a killed run still leaves its results.
 One summary line ends the run; exit 1 if a correctness check or the preflight failed (a missed speed
-goal is reported, not fatal). Estimates on an H100/H200 (this script has not run on a GPU yet):
+goal is reported, not fatal). Expected wall time on an H100/H200: about 11 minutes for every section,
+so the default --budget-s 480 leaves the optional compiled decode out. Per section (estimates: this
+script has not run on a GPU yet):
   preflight (~2 s)        torch / CUDA / cuDNN / driver versions, GPU name and memory, host RAM and free
                           disk against the 3B PPO run's budgets, gcc and Python.h for Triton. A failed
                           preflight (no CUDA device) says why and stops.
@@ -366,7 +368,7 @@ def check_ppo_paths(rep, device, tiny):
         models = _ppo_setup(mcfg, device, M.parse_dtype(dt), cfg)
         prompts = _prompts(8, mcfg["vocab_size"], 8, 48, seed=3)
         m, _, _ = ppo.ppo_iteration(models, prompts, _reward(), cfg, 1, eos_id=-1, pad_id=0)
-        out[where] = (m["actor_loss"], m["critic_loss"])
+        out[where] = (m["actor_loss"], m["value_loss"])
         del models
         _free(device)
     (a1, c1), (a2, c2) = out["device"], out["cpu"]
@@ -460,7 +462,7 @@ def ppo_scaled(rep, device, dtype, tiny):
     for k in ("rollout", "reward", "prepare", "critic", "actor"):
         rep.add("ppo", f"  phase {k}", f"{metrics['time_' + k]:.1f} s ({100 * metrics['time_' + k] / total:.0f}%)")
     rep.add("ppo", "  rollout tokens/s", f"{metrics['tokens_per_s']:,.0f}")
-    finite = all(math.isfinite(metrics[k]) for k in ("actor_loss", "critic_loss"))
+    finite = all(math.isfinite(metrics[k]) for k in ("actor_loss", "value_loss"))
     mismatch = metrics["logp_mismatch"]
     tol = TOL_LOGP_BF16 if dtype == torch.bfloat16 else TOL_LOGP_FP32
     rep.add("correctness", f"PPO rollout vs recomputed old log-probs ({dt}, mean abs); losses finite",
@@ -469,8 +471,9 @@ def ppo_scaled(rep, device, dtype, tiny):
     host = _rss("VmHWM") - host0
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
-        rep.add("ppo", "  peak GPU memory (allocated) vs printed budget", f"{_gib(peak)} vs {_gib(budget['device_peak'])}"
-                f" ({peak / budget['device_peak']:.2f}x)", "<= budget", "ok" if peak <= budget["device_peak"] else "miss")
+        rep.add("ppo", "  peak GPU memory (allocated) vs printed budget",
+                f"{_gib(peak)} vs {_gib(budget['device_peak'])} ({peak / budget['device_peak']:.2f}x)", "<= budget",
+                "ok" if peak <= budget["device_peak"] else "miss")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rep.add("ppo", "  peak host memory above the start vs printed budget (host)",
             f"{_gib(host)} vs {_gib(budget['host'])} ({host / budget['host']:.2f}x; RAM {_gib(ram)})",
@@ -606,8 +609,8 @@ def main(argv=None) -> int:
     def summary(stopped=""):
         rep.add("all", "wall time", f"{time.perf_counter() - t0:.0f} s", "<= 480 s on an H100/H200" if not tiny else "")
         counts = {k: rep.status.count(k) for k in ("ok", "miss", "FAIL", "skipped")}
-        line = (f"summary: {counts['ok']} ok, {counts['miss']} missed goals, {counts['FAIL']} FAIL, {counts['skipped']} "
-                f"sections skipped; {time.perf_counter() - t0:.0f} s"
+        line = (f"summary: {counts['ok']} ok, {counts['miss']} missed goals, {counts['FAIL']} FAIL, "
+                f"{counts['skipped']} sections skipped; {time.perf_counter() - t0:.0f} s"
                 + (f" of a {budget:.0f} s budget" if budget else "") + stopped)
         print(f"\n{line}\ntable written to {args.out}")
         rep.write(["", line])
