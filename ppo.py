@@ -1582,12 +1582,12 @@ def disk_preflight(cfg: PPOConfig, mc: M.ModelConfig, run: Path, start: int = 0)
 
 
 def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOConfig, counters: dict,
-                    rae: Optional[RestartBuffers] = None, final: bool = True) -> Path:
+                    rae: Optional[RestartBuffers] = None, last_save: bool = True) -> Path:
     """checkpoints/step_<N>/{policy/, state.pt}, written in a temp folder and renamed into place.
     Under torchrun every rank gathers its shards and rank 0 writes the same files, plus the fp32
     policy (the master weights) and the world size in state.pt."""
     ck = run / "checkpoints"
-    with_state = cfg.state_checkpoints in ("last", "all", "auto") or (cfg.state_checkpoints == "final" and final)
+    with_state = cfg.state_checkpoints in ("last", "all", "auto") or (cfg.state_checkpoints == "final" and last_save)
     last_only = cfg.state_checkpoints in ("last", "final", "auto")   # older states go once this one is in place
     final = ck / f"step_{step}"
     policy, trained = models.policy, None
@@ -1660,7 +1660,8 @@ def load_training_state(ckpt: Path, models: Models, rae: Optional[RestartBuffers
 
     The loaded dict holds a second copy of the fp32 master weights and of the critic (~29 GiB of
     host memory for 3B) once they are copied in; it lives only inside this function, so it is freed
-    on return instead of for the whole run. (Adam's moments are adopted as they are, not copied.)
+    on return instead of for the whole run. Adam's moments are copied out of the memory-mapped file one
+    tensor at a time (own_optimizer_state).
     """
     # memory-mapped: read from the page cache as it is copied in; a plain load would hold the whole
     # ~75 GiB 3B state in RAM beside the live optimizer (killed on a 128 GiB host)
@@ -1963,7 +1964,7 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
                 stop["requested"] = not M.all_true(not stop["requested"])
             if step % cfg.save_every == 0 or step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates:
                 save_checkpoint(run, step, models, tokenizer, cfg, counters, rae,
-                                final=step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates)
+                                last_save=step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates)
             if worst >= cfg.max_bad_updates:
                 raise TrainingStopped(
                     f"stopped at step {step}: {worst} optimizer updates in a row had a non-finite loss or gradient "
