@@ -355,6 +355,10 @@ def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 1024, b
     """(accuracy, rows): greedy (temperature 0) completions of the RL prompt, scored by
     countdown.is_correct. rows: {"nums", "target", "completion", "correct", "length"}."""
     device = next(model.parameters()).device
+    if not isinstance(_autocast(device, autocast), nullcontext) and next(model.parameters()).dtype != torch.bfloat16:
+        # generate in the compute dtype: a bf16 copy of the weights, so the KV cache is bf16 too (autocast
+        # over fp32 weights would keep an fp32 cache and recast every weight at every step)
+        model = M.gather_full(model, device=device, dtype=torch.bfloat16)
     rows = []
     batches = range(0, len(problems), batch_size)
     if progress:
@@ -363,9 +367,8 @@ def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 1024, b
     for i in batches:
         chunk = problems[i:i + batch_size]
         prompts = [tokenizer.encode(C.make_prompt(p["nums"], p["target"])) for p in chunk]
-        with _autocast(device, autocast):
-            gen = M.generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        gen = M.generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         for p, toks, n in zip(chunk, gen.tokens, gen.lengths.tolist()):
             text = tokenizer.decode(toks[:n], skip_special_tokens=True)
             rows.append({"nums": p["nums"], "target": p["target"], "completion": text,
@@ -532,6 +535,8 @@ def _write_config(cfg: SFTConfig, run: Path):
 def train(cfg: SFTConfig) -> Optional[Path]:
     """Run (or resume) SFT. Returns <out>/final, or None when --stop-after stopped it early."""
     _check_config(cfg)
+    if cfg.device == "auto" and cfg.model and _resolve_device("auto").type == "cpu":
+        M.refuse_cpu_fallback(M.param_count(M.checkpoint_config(cfg.model)))   # no GPU: fine only for small models
     M.init_distributed(_resolve_device(cfg.device), cfg.dist_timeout)   # nothing without torchrun
     with C.lock_dir(cfg.out, "sft.py run folder") if M.is_main() else nullcontext():  # one writer per --out
         return _train(cfg)
@@ -554,6 +559,7 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
         print(f"{run} is finished: the model is in {final}; choose a new --out to train again", file=sys.stderr)
         return final
     device = M.init_distributed(_resolve_device(cfg.device), cfg.dist_timeout)   # cuda:LOCAL_RANK under torchrun
+    M.attention_backends(device)
     rank, world = M.rank(), M.world_size()
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes; "
@@ -577,8 +583,9 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
 
     state = None
     if state_file is not None:
-        # under torchrun every rank reads the file: memory-mapped, the ranks share one copy in the page cache
-        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=M.distributed())
+        # memory-mapped: the tensors are read from the page cache as they are copied in, never a second
+        # resident copy (and under torchrun the ranks share one)
+        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
         if state.get("world_size", 1) != world:
             raise ValueError(f"{run} was checkpointed by {state.get('world_size', 1)} process(es) and this is {world}: "
                              "its optimizer state is laid out per process; resume with torchrun --nproc-per-node "
@@ -629,6 +636,7 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
             M.load_full_state(model, None, optimizer, state["optimizer"])
         else:
             optimizer.load_state_dict(state["optimizer"])
+            M.own_optimizer_state(optimizer)
         M.set_rng_state(state["rng"])
         step, elapsed, tokens_seen = state["step"], state["elapsed_s"], state["tokens"]
     if metrics_file.exists() and M.is_main():  # forget lines written after the checkpoint we resume from

@@ -16,6 +16,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -97,6 +98,67 @@ def bench_step(args):
     print(f"  rollout tokens/s {m['tokens_per_s']:.0f}")
 
 
+# -----------------------------------------------------------------------------
+# 3. The printed memory budget against the measured peak (CPU, small scale)
+
+MEMORY_MODEL = dict(vocab_size=16384, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                    num_attention_heads=6, num_key_value_heads=2, eos_token_id=0, tie_word_embeddings=True)
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def _memory_child(spec: dict):
+    import copy
+    import random
+    import torch
+    import model as M
+    import ppo
+    torch.set_num_threads(1)
+    mc = M.ModelConfig(**spec["model"])
+    cfg = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cpu", progress=False, **spec["ppo"])), mc)
+    rng = random.Random(0)
+    prompts = [[rng.randint(1, mc.vocab_size - 1) for _ in range(cfg.max_prompt)] for _ in range(cfg.batch_prompts)]
+    torch.ones(8) @ torch.ones(8)                       # torch's own first allocations: in the baseline
+    base = _rss("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:       # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    torch.manual_seed(0)
+    policy = M.Transformer(mc).eval()
+    policy.gradient_checkpointing = cfg.grad_checkpointing
+    critic = ppo.Critic(copy.deepcopy(policy)).eval()
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    adam = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, master_device="cpu")
+    models = ppo.Models(policy, critic, ref, ppo.MasterAdamW(policy.parameters(), lr=1e-5, **adam),
+                        ppo.MasterAdamW(critic.parameters(), lr=1e-5, **adam), torch.device("cpu"))
+    for step in (1, 2):                                 # the second: Adam's moments exist from the start
+        ppo.ppo_iteration(models, prompts, lambda r: ([float(i % 2) for i in range(len(r))], {}), cfg, step,
+                          eos_id=-1, pad_id=0)
+    budget = ppo.memory_budget(cfg, mc)
+    print(json.dumps({"measured": _rss("VmHWM") - base, "budget": budget["host"], "baseline": base,
+                      "params": budget["params_policy"]}))
+
+
+def measure_memory(model: Optional[dict] = None, **ppo_kw) -> dict:
+    """One subprocess: two PPO iterations on a random model; its peak RSS above the process's baseline
+    (after imports) against memory_budget's host total for the same settings."""
+    spec = {"model": model or MEMORY_MODEL,
+            "ppo": dict(dict(batch_prompts=4, samples=2, mini_batch_prompts=4, max_prompt=32, max_response=32,
+                             infer_batch=8), **ppo_kw)}
+    out = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(spec)], capture_output=True,
+                         text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_memory():
+    r = measure_memory()
+    print(f"host memory, one PPO process on CPU ({r['params'] / 1e6:.1f}M-parameter policy, critic and reference, "
+          f"AdamW): peak RSS above the {r['baseline'] / 2**20:.0f} MiB baseline {r['measured'] / 2**20:.0f} MiB, "
+          f"printed budget {r['budget'] / 2**20:.0f} MiB: measured / budget {r['measured'] / r['budget']:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048)
@@ -107,7 +169,15 @@ def main():
     ap.add_argument("--max-response", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", action="store_true", help="only the budget vs measured memory check")
     args = ap.parse_args()
+    if args.memory_child:
+        _memory_child(json.loads(args.memory_child))
+        return
+    if args.memory_only:
+        bench_memory()
+        return
     if args.child:
         _logprob_child(args.child, args.tokens, args.vocab, args.hidden, args.chunk)
         return
@@ -116,6 +186,7 @@ def main():
         torch.set_num_threads(args.threads)
     bench_logprobs(args)
     bench_step(args)
+    bench_memory()
 
 
 if __name__ == "__main__":

@@ -37,3 +37,31 @@ def test_a_failed_correctness_check_exits_non_zero(tmp_path, monkeypatch):
     out = tmp_path / "table.md"
     assert gpu_check.main(["--device", "cpu", "--tiny", "--skip", "decode,ppo,sft", "--out", str(out)]) == 1
     assert "| FAIL |" in out.read_text()
+
+
+def test_printed_host_budget_is_within_10_percent_of_the_measured_peak():
+    """Two PPO iterations of a 15.7M-parameter random policy, critic and reference on CPU, in a fresh
+    process: the peak RSS above its baseline against memory_budget's host total."""
+    import bench_ppo
+    r = bench_ppo.measure_memory()
+    assert r["budget"] > 500 * 2**20                     # the models dominate the process's own baseline
+    assert abs(r["measured"] / r["budget"] - 1) <= 0.10, r
+
+
+def test_budget_skips_the_sections_that_do_not_fit_and_leaves_the_table(tmp_path):
+    out = tmp_path / "table.md"
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--budget-s", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    skipped = [line for line in text.splitlines() if line.endswith("| skipped |")]
+    assert [line.split(" | ")[0].strip("| ") for line in skipped] == list(gpu_check.SECTIONS)
+    assert "| preflight | torch / CUDA / cuDNN / driver |" in text
+    assert text.rstrip().splitlines()[-1].startswith("summary: ") and "7 sections skipped" in text
+
+
+def test_a_machine_without_cuda_fails_the_preflight_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "table.md"
+    assert gpu_check.main(["--device", "cuda", "--out", str(out)]) == 1
+    text = out.read_text()
+    assert "| preflight | CUDA device |" in text and "driver >= 580" in text and "whl/cu126" in text
+    assert "preflight FAILED, nothing else ran" in text and "| correctness |" not in text

@@ -372,6 +372,39 @@ def test_compiled_calls_reuse_one_cache_and_one_graph(tiny, monkeypatch):
     assert seen[0]() is None                                    # released: nothing else holds it
 
 
+def test_static_cache_marked_static_is_not_reused_unmarked_or_back(tiny):
+    """mark_static is part of the cache's key: a cache whose addresses a compiled graph may keep
+    (marked) and one an uncompiled static call mutates freely are different caches."""
+    model, _ = tiny
+    M.release_static_cache()
+    get = lambda mark: M.static_cache(model.config, 2, 16, torch.float32, "cpu", mark_static=mark)  # noqa: E731
+    plain = get(False)
+    assert get(False) is plain                                  # same key: reused
+    marked = get(True)
+    assert marked is not plain and get(True) is marked and get(False) is not marked
+    M.release_static_cache()
+
+
+def test_attention_backends_turn_cudnn_off_on_cuda_paths_and_ppo_sets_them(tmp_path, monkeypatch):
+    import ppo
+    b = torch.backends.cuda
+    saved = [b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(), b.cudnn_sdp_enabled()]
+    try:
+        b.enable_cudnn_sdp(True)
+        assert "cudnn" in M.attention_backends("cpu")              # CPU: nothing changed
+        assert M.attention_backends(torch.device("cuda", 0)) == ["flash", "efficient", "math"]
+        assert not b.cudnn_sdp_enabled()
+    finally:
+        for flag, on in zip((b.enable_flash_sdp, b.enable_mem_efficient_sdp, b.enable_math_sdp, b.enable_cudnn_sdp),
+                            saved):
+            flag(on)
+    seen = []
+    monkeypatch.setattr(M, "attention_backends", lambda device: seen.append(torch.device(device).type) or [])
+    ck = make_checkpoint(tmp_path / "ck")
+    ppo.build_models(ppo._resolve(ppo.PPOConfig(device="cpu", kl_coef=0.0)), ck, ck)
+    assert seen == ["cpu"]                                        # before the models first attend
+
+
 def _attended_lengths(model, monkeypatch):
     """A list that records the key length of every SDPA call (eager runs only)."""
     seen, sdpa = [], F.scaled_dot_product_attention

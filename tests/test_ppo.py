@@ -222,6 +222,21 @@ def test_critic_head_init_and_values_masked():
     assert v[0, 2] == 0                                  # states after that (padding) are masked: c_t = m_{t-1}
 
 
+def test_critic_value_head_is_fp32_on_a_bf16_backbone():
+    torch.manual_seed(0)
+    backbone = M.Transformer(make_config(vocab_size=50, eos_token_id=0)).to(torch.bfloat16)
+    critic = ppo.Critic(backbone, seed=3)
+    assert critic.score.weight.dtype == torch.float32 and critic.score.bias.dtype == torch.float32
+    with torch.no_grad():
+        critic.score.bias.fill_(1.0)                     # values near 1, where bf16 steps are ~0.004-0.008
+        ids = torch.randint(1, 50, (2, 5))
+        h = backbone.hidden_states(ids).float()
+        want = h @ critic.score.weight[0] + 1.0    # the head by hand, in fp32
+        v = critic(ids)
+    assert v.dtype == torch.float32
+    torch.testing.assert_close(v, want, rtol=0, atol=1e-6)
+
+
 def test_param_count_matches_the_model():
     for kw in [dict(), dict(tie_word_embeddings=False), dict(model_type="qwen2"),
                dict(attention_bias=True, tie_word_embeddings=False)]:
@@ -261,6 +276,33 @@ def test_master_adamw_sums_micro_batch_gradients_in_fp32():
         assert p.grad is None                # folded into the fp32 buffer as soon as it was ready
     assert opt._acc[0].dtype == torch.float32
     assert opt._acc[0].tolist() == pytest.approx([1.001, 1.001], abs=1e-6)
+
+
+def test_master_adamw_runs_fused_adamw_and_equals_torchs_on_the_same_gradients():
+    """The offloaded optimizer is torch's fused AdamW on fp32 masters: bit-equal to torch.optim.AdamW
+    (fused) given the same clipped fp32 gradients, and within rounding of the per-tensor loop."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 5, 3)]
+    params = [torch.nn.Parameter((torch.randn(s) * 0.02).to(torch.bfloat16)) for s in shapes]
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    ours = ppo.MasterAdamW(params, master_device="cpu", **kw)
+    assert ours.opt.defaults["fused"]
+    fused = [torch.nn.Parameter(p.detach().float()) for p in params]
+    loop = [torch.nn.Parameter(p.detach().float()) for p in params]
+    ref_fused, ref_loop = torch.optim.AdamW(fused, fused=True, **kw), torch.optim.AdamW(loop, foreach=False, **kw)
+    for step in range(4):
+        grads = [torch.randn(s) * (step + 1) for s in shapes]
+        for p, g in zip(params, grads):
+            (p.float() * g).sum().backward()        # the bf16 .grad is folded into the fp32 accumulator
+        for refs, opt in ((fused, ref_fused), (loop, ref_loop)):
+            for r, acc in zip(refs, ours._acc):
+                r.grad = acc.clone()
+            torch.nn.utils.clip_grad_norm_(refs, 1.0)
+            opt.step()
+        ours.step(kw["lr"], 1.0)
+        for m, f, lp in zip(ours.master, fused, loop):
+            assert torch.equal(m.detach(), f.detach())
+            torch.testing.assert_close(m.detach(), lp.detach(), rtol=0, atol=1e-6)
 
 
 def test_master_adamw_skips_non_finite_gradients():
@@ -590,6 +632,42 @@ def test_old_logprobs_recomputed_at_step_0_equal_the_rollout(tmp_path):
     assert (exp.kl.abs() * m).max() > 0.05                                   # two different models
 
 
+def test_compiled_validation_calls_have_the_rollouts_row_count(tmp_path, monkeypatch):
+    """--compile-rollout compiles per row count: validation (1 sample per problem) must call generate
+    with the rollout's rows (batch x samples) every time, the last call padded; eager keeps its sizes."""
+    model, tok = M.load(make_checkpoint(tmp_path / "ck"), dtype="float32")
+    calls, generate = [], M.generate
+
+    def spy(net, prompts, **k):
+        calls.append((len(prompts) * k["n_samples"], k["compile"]))
+        return generate(net, prompts, **dict(k, compile=False))     # eager tokens: the rows are what is tested
+    monkeypatch.setattr(M, "generate", spy)
+    problems = [{"nums": [i % 9 + 1, 3, 4], "target": 12 + i} for i in range(11)]
+    mc = model.config
+    for compile_ in (True, False):
+        cfg = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cpu", batch_prompts=2, samples=2,
+                                                             mini_batch_prompts=2, max_response=3, max_prompt=1024,
+                                                             compile_rollout=compile_)), mc)
+        calls.clear()
+        prompts = ppo.encode_prompts(tok, problems[:2], cfg)
+        ppo.rollout(model, prompts, cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=None)
+        got = ppo.validate(model, tok, problems, cfg, 0, tmp_path)
+        rows = countdown.read_jsonl(tmp_path / "completions" / "step_0.jsonl")
+        assert len(rows) == 11 and [r["target"] for r in rows] == [p["target"] for p in problems]
+        assert got["val_response_length"] == sum(r["length"] for r in rows) / 11
+        if compile_:
+            assert calls == [(4, True)] * 4                      # rollout 2 x 2; validation 11 = 4 + 4 + 3 (+1 copy)
+        else:
+            assert calls == [(4, False), (11, False)]
+    # on a GPU the automatic sizes: rollout calls of equal size, validation at the rollout's rows
+    cfg3b = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+             "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
+    for gb in (80, 40, 24):
+        c = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=gb)),
+                                M.ModelConfig.from_hf(cfg3b))
+        assert c.batch_prompts % c.rollout_batch == 0 and c.val_batch == c.rollout_batch * c.samples, (gb, c)
+
+
 def test_validation_is_greedy_by_default_and_seeded_when_sampled(tmp_path):
     model, tok = M.load(make_checkpoint(tmp_path / "ck"), dtype="float32")
     problems = [{"nums": [3, 17, 8], "target": 12}, {"nums": [25, 30, 3, 4], "target": 32},
@@ -679,7 +757,8 @@ def test_resume_frees_the_loaded_training_state(tmp_path, monkeypatch):
     assert len(refs) > 10 and alive_at_step == [0]
 
 
-@pytest.mark.parametrize("free_gb,old_state_during_save", [(1e6, True), (0.0, False)])
+# 40 MiB: room for a policy folder and one state (disk_preflight's floor), not for a second state and its margin
+@pytest.mark.parametrize("free_gb,old_state_during_save", [(1e6, True), (40 / 1024, False)])
 def test_state_checkpoint_needs_room_for_one_state_only_when_the_disk_is_short(tmp_path, monkeypatch, free_gb,
                                                                                 old_state_during_save):
     ck = make_checkpoint(tmp_path / "ck")
@@ -699,6 +778,45 @@ def test_state_checkpoint_needs_room_for_one_state_only_when_the_disk_is_short(t
     # no room for two: it is deleted before the new one is written
     assert seen == [old_state_during_save] and not old.exists()
     assert (out / "checkpoints" / "step_4" / "state.pt").is_file()
+
+
+def test_disk_preflight_fits_a_64_gib_disk_by_default_and_refuses_with_numbers(tmp_path, monkeypatch, capsys):
+    """The paper's 3B run (250 steps, a save every 10): ~5.8 GiB per policy folder, ~75 GiB per state."""
+    mc = M.ModelConfig.from_hf(QWEN_3B)
+    free = {"gib": 50.0}                                        # a 64 GiB disk holding the OS, torch and the model
+    disk = ppo.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ppo.shutil, "disk_usage", lambda p: disk._replace(free=int(free["gib"] * 2**30)))
+
+    def plan(**kw):
+        cfg = ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80, **kw))
+        return ppo.disk_preflight(ppo._resolve_memory(cfg, mc), mc, tmp_path / "run")
+    c = plan()                                                  # the defaults fit: 4 policy folders, no state
+    assert c.state_checkpoints == "none" and c.keep_policies == 3
+    assert "--state-dir" in capsys.readouterr().err
+    with pytest.raises(ValueError) as e:
+        plan(state_checkpoints="last")
+    msg = str(e.value)
+    for what in ("4 policy folders of 5.84 GiB (23.35 GiB)", "1 training state(s) of 75.", "50.00 GiB free",
+                 "--keep-policies", "--state-checkpoints none", "final", "--state-dir"):
+        assert what in msg, what
+    with pytest.raises(ValueError, match="25 saves keep up to 25 policy folders"):
+        plan(keep_policies=0)                                   # every folder: 145 GiB
+    free["gib"] = 200.0
+    assert plan().state_checkpoints == "last"                   # room: resumable by default
+    assert plan(state_checkpoints="all", keep_policies=0, steps=20).state_checkpoints == "all"   # 2 x (5.8 + 75)
+
+
+def test_keep_policies_and_state_dir(tmp_path):
+    ck = make_checkpoint(tmp_path / "ck")
+    out, states = tmp_path / "run", tmp_path / "states"
+    kw = dict(val_every=0, save_every=1, keep_policies=2, state_dir=str(states), state_checkpoints="last")
+    ppo.train(_run_cfg(ck, out, steps=3, **kw))
+    assert sorted(ppo._step_dirs(out)) == [2, 3]
+    assert [p.name for p in states.iterdir()] == ["run-step_3.pt"]
+    assert (out / "checkpoints" / "step_3" / "state.pt").resolve() == (states / "run-step_3.pt").resolve()
+    ppo.train(_run_cfg(ck, out, steps=4, **kw))                 # resumes through the link
+    assert sorted(ppo._step_dirs(out)) == [3, 4] and [p.name for p in states.iterdir()] == ["run-step_4.pt"]
+    assert len(countdown.read_jsonl(out / "metrics.jsonl")) == 4
 
 
 def test_bfloat16_run_keeps_fp32_master_weights(tmp_path):
@@ -770,6 +888,50 @@ def test_top_p_below_one_is_refused_in_ppo(tmp_path, capsys):
     assert ppo._resolve(ppo.PPOConfig(device="cpu", top_p=1.0)).top_p == 1.0
     assert ppo.main(["--model", "x", "--out", str(tmp_path / "r"), "--device", "cpu", "--top-p", "0.95"]) == 2
     assert "nucleus sampling" in capsys.readouterr().err
+
+
+QWEN_3B = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+           "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
+
+
+def test_host_budget_counts_the_pinned_masters_and_gradient_copies():
+    """3B on one 80 GB GPU with the optimizer on the CPU: masters (pinned), Adam's moments, the pinned
+    gradient copies of the larger model and the offloaded reference; pinned blocks at their exact size."""
+    mc = M.ModelConfig.from_hf(QWEN_3B)
+    c = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80)), mc)
+    b = ppo.memory_budget(c, mc)
+    n = b["params_policy"] + b["params_critic"]
+    assert c.optim_device == "cpu" and b["pinned"] == 4 * n + 4 * b["params_critic"]   # the critic: + its head
+    assert b["host"] == 2 * b["params_policy"] + 12 * n + 4 * b["params_critic"]   # ref, masters, m, v, grads
+    assert 86 * 2**30 < b["host"] < 87 * 2**30 and b["device_peak"] < 0.85 * 80 * 2**30
+    text = ppo.format_budget(b, c)
+    assert "of which pinned (page-locked)                       34.49 GiB" in text and "memory-mapped" in text
+    assert ppo.exact_pinning()        # this torch takes the allocator setting (where it cannot, masters stay unpinned)
+
+
+def test_device_auto_refuses_the_cpu_for_a_model_above_1b(tmp_path, capsys, monkeypatch):
+    """No usable GPU (a driver older than the wheel's CUDA needs): --device auto must not quietly train
+    a 3B model on the CPU; a 135M one may (the tiny study does)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "config.json").write_text(json.dumps(QWEN_3B))
+    assert ppo.main(["--model", str(tmp_path / "config.json"), "--out", str(tmp_path / "r"), "--device", "auto"]) == 2
+    err = capsys.readouterr().err
+    for what in ("3.09B-parameter", "driver >= 580", "https://download.pytorch.org/whl/cu126", "--device cpu"):
+        assert what in err, what
+    assert not (tmp_path / "r").exists()                 # refused before the run folder was made
+    M.refuse_cpu_fallback(M.CPU_FALLBACK_MAX_PARAMS)     # up to ~1B parameters the CPU is allowed
+    with pytest.raises(ValueError, match="--device cpu"):
+        M.refuse_cpu_fallback(M.CPU_FALLBACK_MAX_PARAMS + 1)
+
+
+def test_resume_loads_the_training_state_memory_mapped(tmp_path, monkeypatch):
+    ck = make_checkpoint(tmp_path / "ck")
+    out = tmp_path / "run"
+    ppo.train(_run_cfg(ck, out, steps=1, val_every=0, dtype="bfloat16"))
+    kwargs, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: kwargs.append(k) or load(*a, **k))
+    ppo.train(_run_cfg(ck, out, steps=2, val_every=0, dtype="bfloat16"))
+    assert [k.get("mmap") for k in kwargs] == [True]
 
 
 def test_print_budget_for_a_3b_config(tmp_path, capsys):

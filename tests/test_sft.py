@@ -187,6 +187,40 @@ def test_micro_batch_size_does_not_change_the_update(ckpt, tmp_path):
 # schedule
 
 
+def test_eval_generation_runs_in_the_compute_dtype_not_autocast_over_fp32(ckpt, tiny_tokenizer, monkeypatch):
+    """With bf16 autocast, greedy_accuracy generates with a bf16 copy of the fp32 weights (a bf16 KV
+    cache), outside autocast; the trained fp32 model is left as it was."""
+    model, tok = M.load(ckpt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen, generate = [], M.generate
+
+    def spy(net, *a, **k):
+        seen.append((net.embed_tokens.weight.dtype, torch.is_autocast_enabled("cpu")))
+        return generate(net, *a, **k)
+    monkeypatch.setattr(M, "generate", spy)
+    problems = [{"nums": [1, 2, 3], "target": 6}, {"nums": [4, 5], "target": 9}]
+    sft.greedy_accuracy(model, tok, problems, max_new_tokens=3, autocast="bfloat16")
+    sft.greedy_accuracy(model, tok, problems, max_new_tokens=3, autocast="none")
+    assert seen == [(torch.bfloat16, False), (torch.float32, False)]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_device_auto_refuses_the_cpu_for_a_model_above_1b(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    big = tmp_path / "big"                                   # only a config: refused before any weight is read
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+        "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True}))
+    (tmp_path / "d.jsonl").write_text('{"query": "a", "completion": "b"}\n')
+    argv = ["--model", str(big), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), "--device"]
+    assert sft.main(argv + ["auto"]) == 2
+    err = capsys.readouterr().err
+    assert "3.21B-parameter" in err and "driver >= 580" in err and "whl/cu126" in err
+    assert sft.main(argv + ["cpu"]) != 0 and "driver" not in capsys.readouterr().err   # explicit: no refusal
+
+
 def test_warmup_cosine_schedule_equals_transformers():
     """The independent reference: transformers' get_cosine_schedule_with_warmup (veRL's schedule),
     stepped through a real optimizer, with int(ratio * total) warmup steps."""
