@@ -1505,9 +1505,8 @@ def report(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results["figures"] = draw_figures(results, out)
-    results["gates"] = study_gates(results, getattr(args, "gates", None))
-    greedy = getattr(args, "greedy", None)
-    results["greedy"] = greedy_results(greedy) if greedy and Path(greedy).is_dir() else {}
+    results["gates"] = study_gates(results, args.gates)
+    results["greedy"] = greedy_results(args.greedy) if args.greedy and Path(args.greedy).is_dir() else {}
     write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
     table = format_results_table(results)
     if results["gates"]:

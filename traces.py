@@ -889,9 +889,10 @@ def restart_corpus(problems, n_drill: int, seed: int = 0) -> list[dict]:
     n_drill rows of restart_drill."""
     rows = []
     for p in problems:
-        if _attempt(p["nums"], p["target"], random.Random(0), set(), hits=True) is None:
+        try:
+            text = single_path(p["nums"], p["target"], random.Random(f"countdown-single:{seed}:{p['id']}"))
+        except ValueError:  # no attempt of the restart search reaches the target
             continue
-        text = single_path(p["nums"], p["target"], random.Random(f"countdown-single:{seed}:{p['id']}"))
         rows.append({"query": make_prompt(p["nums"], p["target"]), "completion": text,
                      "nums": list(p["nums"]), "target": p["target"]})
     rows += restart_drill(n_drill, seed=seed)
