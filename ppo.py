@@ -1394,6 +1394,8 @@ def format_budget(b: dict, cfg: PPOConfig) -> str:
         lines.append(f"  {'host memory held (offloaded parts)':<50} {_size(b['host'])}  [cpu]")
         lines.append(f"  {'  of which pinned (page-locked)':<50} {_size(b['pinned'])}  [cpu]")
     lines.append("  resume reads the training state memory-mapped (page cache), never a second copy in memory")
+    lines.append("  glibc's malloc keeps freed heap pages: RSS can run ~10% above this at small scale "
+                 "(MALLOC_MMAP_THRESHOLD_=131072 returns them; bench/bench_ppo.py --memory-only)")
     lines.append(f"  per checkpoint: policy folder {_size(b['checkpoint_policy']).strip()}, training state "
                  f"{_size(b['checkpoint_state']).strip()} (--state-checkpoints {cfg.state_checkpoints})")
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 #
 #   bash run_all.sh tiny     offline, 2-core CPU, ~30 min: the miniature study with one seed, one
 #                            behavior-primed condition (restart) and one control (restart_empty_cot)
-#   bash run_all.sh mini     offline, 2-core CPU, hours (README): five conditions x two seeds
+#   bash run_all.sh mini     offline, 2-core CPU, ~80 min: five conditions x two seeds
 #   bash run_all.sh satori   offline, 2-core CPU, ~2.5 h after mini: Satori (COAT format tuning, PPO with
 #                            Restart-and-Explore, a self-improvement round) against mini's best condition
 #   bash run_all.sh paper    one 80 GB GPU, days: Qwen2.5-3B and Llama-3.2-3B base PPO, then Llama
@@ -85,7 +85,8 @@ study() {
     [ -e $D/base/final/config.json ] || \
         $PY sft.py --init tiny --data $D/data/corpus.jsonl --tokenizer-data $D/data/$source.jsonl \
             --eval-problems $D/data/test.jsonl --eval-n 200 --eval-max-new-tokens 64 --out $D/base \
-            --epochs $BASE_EPOCHS --batch-size 32 --val-fraction 0.02 --device $DEVICE --num-threads $BASE_THREADS
+            --epochs $BASE_EPOCHS --batch-size 32 --micro-batch-size 32 --val-fraction 0.02 --device $DEVICE \
+            --num-threads $BASE_THREADS
     for c in $CONDITIONS; do case $c in *dots)
         skip_if_exists $D/data/$c.jsonl || $PY traces.py traces --condition $c --n $N_TRACES --seed 2 $data_args \
             --tokenizer $D/base/final --out $D/data/$c.jsonl ;;
@@ -129,7 +130,8 @@ prime() {
     local name=$1 model=$2 data=$3 seed=$4; shift 4
     [ -e $D/sft/$name/final/config.json ] || background sft_$name \
         $PY sft.py --model $model --data $data --eval-problems $D/data/test.jsonl --eval-n 0 --out $D/sft/$name \
-            --epochs ${PRIME_EPOCHS:-2} --batch-size 32 --lr 2e-3 --val-fraction 0 --seed $seed --device $DEVICE \
+            --epochs ${PRIME_EPOCHS:-2} --batch-size 32 --micro-batch-size 32 --lr 2e-3 --val-fraction 0 --seed $seed \
+            --device $DEVICE \
             --num-threads $THREADS "$@"
 }
 
@@ -157,13 +159,15 @@ BASE_THREADS=$([ "$DEVICE" = cpu ] && echo 2 || echo 0)  # the base trains alone
 case "$MODE" in
 tiny)
     D=runs/tiny DESIGN=restart CONDITIONS="restart restart_empty_cot" SEEDS="1" N_TEST=400 BASE_EPOCHS=2
-    N_TRACES=2000 N_SOLUTIONS=12000 N_DRILL=12000 PRIME_EPOCHS=2 PPO_STEPS=20 PPO=$RESTART_PPO
+    N_TRACES=4000 N_SOLUTIONS=20000 N_DRILL=12000 PRIME_EPOCHS=2 PPO_STEPS=10 PPO=$RESTART_PPO
     study
     ;;
 mini)
-    D=runs/mini DESIGN=restart SEEDS="1 2" N_TEST=400 BASE_EPOCHS=3 N_TRACES=4000 N_SOLUTIONS=20000 N_DRILL=30000
+    # tiny's base, traces and PPO, with all five conditions and two seeds; 20 PPO steps is what fits 90
+    # minutes on 2 cores (a search-primed step costs ~30 s on one core: README, "The miniature study")
+    D=runs/mini DESIGN=restart SEEDS="1 2" N_TEST=400 BASE_EPOCHS=2 N_TRACES=4000 N_SOLUTIONS=20000 N_DRILL=12000
     CONDITIONS="restart restart_only_backtracking restart_no_positive restart_empty_cot restart_dots"
-    PRIME_EPOCHS=2 PPO_STEPS=100 PPO=$RESTART_PPO
+    PRIME_EPOCHS=2 PPO_STEPS=20 PPO=$RESTART_PPO
     study
     ;;
 satori)

@@ -478,6 +478,7 @@ def ppo_scaled(rep, device, dtype, tiny):
     rep.add("ppo", "  peak host memory above the start vs printed budget (host)",
             f"{_gib(host)} vs {_gib(budget['host'])} ({host / budget['host']:.2f}x; RAM {_gib(ram)})",
             "within 10%, < 90% of RAM", "FAIL" if host > 0.9 * ram else
+            "info" if budget["host"] < 2**28 else   # --tiny: below the process's own noise, nothing to compare
             "ok" if abs(host / budget["host"] - 1) <= 0.1 else "miss")
     del models
     _free(device)

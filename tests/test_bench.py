@@ -41,13 +41,13 @@ def test_a_failed_correctness_check_exits_non_zero(tmp_path, monkeypatch):
 
 def test_printed_host_budget_is_within_10_percent_of_the_measured_peak():
     """Two PPO iterations of a 15.7M-parameter random policy, critic and reference on CPU, in a fresh
-    process: the peak RSS above its baseline against memory_budget's host total."""
+    process: the peak RSS above its baseline against memory_budget's host total. glibc's mmap threshold
+    is fixed so that RSS tracks live tensors (bench_ppo.FIXED_MMAP_THRESHOLD); with its defaults the
+    allocator's retention comes on top (measured 1.09-1.11), reported by bench_ppo.py --memory-only."""
     import bench_ppo
     r = bench_ppo.measure_memory()
     assert r["budget"] > 500 * 2**20                     # the models dominate the process's own baseline
-    # The goal is 10%. Measured: 1.05-1.09 on an idle machine, and 1.11 once under load (a fresh-clone
-    # CI run), so the budget undercounts by ~60 MiB at this scale. Not found yet; the bound is 15%.
-    assert abs(r["measured"] / r["budget"] - 1) <= 0.15, r
+    assert abs(r["measured"] / r["budget"] - 1) <= 0.10, r   # measured 0.969-0.970
 
 
 def test_budget_skips_the_sections_that_do_not_fit_and_leaves_the_table(tmp_path):
