@@ -163,9 +163,10 @@ tiny)
     study
     ;;
 mini)
-    # tiny's base, traces and PPO, with all five conditions and two seeds; 20 PPO steps is what fits 90
-    # minutes on 2 cores (a search-primed step costs ~30 s on one core: README, "The miniature study")
-    D=runs/mini DESIGN=restart SEEDS="1 2" N_TEST=400 BASE_EPOCHS=2 N_TRACES=4000 N_SOLUTIONS=20000 N_DRILL=12000
+    # tiny's traces and PPO, a base trained one epoch longer (tiny's 2 epochs gave a step-0 lead of 1.5
+    # points, the dev set's 3-epoch base 13: README), all five conditions, two seeds; 20 PPO steps is
+    # what fits 90 minutes on 2 cores (a search-primed step costs ~30 s on one core)
+    D=runs/mini DESIGN=restart SEEDS="1 2" N_TEST=400 BASE_EPOCHS=3 N_TRACES=4000 N_SOLUTIONS=20000 N_DRILL=12000
     CONDITIONS="restart restart_only_backtracking restart_no_positive restart_empty_cot restart_dots"
     PRIME_EPOCHS=2 PPO_STEPS=20 PPO=$RESTART_PPO
     study
