@@ -3,7 +3,7 @@
 #
 #   bash run_all.sh tiny     offline, 2-core CPU, ~30 min: the miniature study with one seed, one
 #                            behavior-primed condition (restart) and one control (restart_empty_cot)
-#   bash run_all.sh mini     offline, 2-core CPU, ~100 min (measured): five conditions x two seeds
+#   bash run_all.sh mini     offline, 2-core CPU, <= 90 min: five conditions x two seeds, 10 PPO steps
 #   bash run_all.sh satori   offline, 2-core CPU, ~2.5 h after mini: Satori (COAT format tuning, PPO with
 #                            Restart-and-Explore, a self-improvement round) against mini's best condition
 #   bash run_all.sh paper    one 80 GB GPU, days: Qwen2.5-3B and Llama-3.2-3B base PPO, then Llama
@@ -165,11 +165,11 @@ tiny)
     study
     ;;
 mini)
-    # tiny's base, traces and PPO with all five conditions and two seeds; 20 PPO steps (measured: 101
-    # minutes on 2 cores, over the 90 asked; a search-primed step costs ~30 s on one core)
+    # tiny's base, traces and PPO with all five conditions and two seeds; 10 PPO steps as tiny (with 20
+    # it took 101 minutes on 2 cores, over the 90 asked: a search-primed PPO step costs ~30 s on one core)
     D=runs/mini DESIGN=restart SEEDS="1 2" N_TEST=400 BASE_EPOCHS=3 N_TRACES=4000 N_SOLUTIONS=20000 N_DRILL=12000
     CONDITIONS="restart restart_only_backtracking restart_no_positive restart_empty_cot restart_dots"
-    PRIME_EPOCHS=2 PPO_STEPS=20 PPO=$RESTART_PPO
+    PRIME_EPOCHS=2 PPO_STEPS=10 PPO=$RESTART_PPO
     study
     ;;
 satori)
