@@ -5,16 +5,13 @@ number exactly once with + - * / and equals the target. The paper (arXiv 2503.01
 with PPO and primes models with Claude-written reasoning traces; this file is everything about the
 game itself, in pure Python (stdlib only). The synthetic reasoning traces live in traces.py.
 
-Simplifications and deliberate differences from the reference code, up front:
-- The RL problems come from a seeded generator that approximates the public
-  Countdown-Tasks-3to4 set (we cannot download it here); the priming distribution follows the
-  reference generator (targets 10..25 drawn first, 3 or 4 numbers in 1..24), minus its list of
-  200 excluded "24 game" sets.
-- The reward keeps the reference semantics (last line only, last <answer> on it, every number
-  exactly once, 0 / 0.1 / 1.0) but never calls eval: a small parser admits integer literals,
-  + - * /, unary minus and parentheses, evaluated exactly with fractions, under hard size caps.
-  `**`, `//`, floats and anything else earn the format credit only (the original gave `2**3`
-  full credit). Every difference is commented next to the code that makes it.
+Deliberate differences from the reference code, each commented beside the code that makes it:
+- The RL problems come from a seeded generator approximating Countdown-Tasks-3to4 (not downloadable
+  here); the priming problems follow the reference generator, minus its 200 excluded "24 game" sets.
+- The reward keeps the reference semantics (last line, last <answer> on it, every number exactly once,
+  0 / 0.1 / 1.0) but never calls eval: a bounded parser evaluates integers, + - * /, unary minus and
+  parentheses exactly with fractions. `**`, `//`, floats and anything else earn the format credit
+  only (the original gave `2**3` full credit).
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ from itertools import combinations
 # JSONL files and folder locks live in plumbing/files.py; re-exported here for callers of countdown.*
 from plumbing.files import (FolderLocked, LOCK_FILE, append_jsonl, lock_dir, read_jsonl,  # noqa: E402,F401
                             write_jsonl)
+from plumbing.commands import progress_bar, refuse_overwrite, run_command  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -199,6 +197,7 @@ def _too_big(v) -> bool:
 
 
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "neg": 3}
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": _div}  # exact; _div: None for x / 0
 
 
 def _apply(op, stack):
@@ -206,16 +205,9 @@ def _apply(op, stack):
         stack.append(-stack.pop())
         return True
     b, a = stack.pop(), stack.pop()
-    if op == "+":
-        v = a + b
-    elif op == "-":
-        v = a - b
-    elif op == "*":
-        v = a * b
-    else:
-        v = _div(a, b)
-        if v is None:
-            return False
+    v = _OPS[op](a, b)
+    if v is None:
+        return False  # division by zero
     if type(v) is not int and v.denominator == 1:
         v = int(v)
     if _too_big(v):
@@ -396,13 +388,7 @@ def _inverse(t, b, rules):
 
 
 def _value_of(op, x, y):
-    if op == "+":
-        return x + y
-    if op == "-":
-        return x - y
-    if op == "*":
-        return x * y
-    return _div(x, y)
+    return _OPS[op](x, y)
 
 
 class _Search:
@@ -547,19 +533,6 @@ def solve_all(nums, target, limit: int | None = None) -> list[str]:
     return out if limit is None else out[:limit]
 
 
-@lru_cache(maxsize=1 << 17)
-def _natural_reach(nums: tuple) -> frozenset:
-    """Values reachable using ALL of `nums` (a sorted tuple) under the natural rules."""
-    if len(nums) == 1:
-        return frozenset(nums)
-    out = set()
-    for i, j in combinations(range(len(nums)), 2):
-        rest = [nums[k] for k in range(len(nums)) if k != i and k != j]
-        for v, _, _ in _combine(nums[i], nums[j], _NATURAL):
-            out |= _natural_reach(tuple(sorted(rest + [v])))
-    return frozenset(out)
-
-
 def _solvable_natural(nums, target) -> bool:
     return _solvable_sorted(tuple(sorted(nums)), target)
 
@@ -638,7 +611,7 @@ def make_splits(n_train: int, n_test: int, distribution: str = "rl", seed: int =
     seen: set = set()
     splits: list[list[dict]] = [[], []]
     misses = 0
-    bar = _progress_bar(n_train + n_test, f"{distribution} problems") if progress else None
+    bar = progress_bar(n_train + n_test, f"{distribution} problems") if progress else None
     for split, size in ((1, n_test), (0, n_train)):
         while len(splits[split]) < size:
             nums, target = _sample_problem(rng, distribution)
@@ -658,22 +631,28 @@ def make_splits(n_train: int, n_test: int, distribution: str = "rl", seed: int =
     return splits[0], splits[1]
 
 
-def _progress_bar(total, desc):
-    """A tqdm bar if tqdm is installed (optional: this file needs only the standard library)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, disable=total < 2000)
-
-
 # -----------------------------------------------------------------------------
 # Command line
 
 
-def _refuse_overwrite(path, force):
-    if os.path.exists(path) and not force:
-        raise FileExistsError(f"{path} already exists; pass --force to overwrite it or choose another --out")
+def _run(args) -> int:
+    """One command: write the problem files, or print a solution (exit code 1 when there is none)."""
+    if args.command == "problems":
+        paths = [os.path.join(args.out, f"{name}.jsonl") for name in ("train", "test")]
+        for path in paths:
+            refuse_overwrite(path, args.force)
+        train, test = make_splits(args.n_train, args.n_test, args.distribution, args.seed, progress=True)
+        for path, rows in zip(paths, (train, test)):
+            write_jsonl(path, rows)
+            print(f"wrote {len(rows)} problems to {path}")
+        return 0
+    if args.all:
+        for expr in solve_all(args.nums, args.target):
+            print(expr)
+        return 0
+    expr = solve(args.nums, args.target)
+    print(expr if expr is not None else "no solution")
+    return 0 if expr is not None else 1
 
 
 def main(argv=None):
@@ -706,28 +685,7 @@ def main(argv=None):
         print(f"error: `countdown.py {argv[0]}` moved to traces.py: python traces.py {' '.join(argv)}",
               file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "problems":
-            paths = [os.path.join(args.out, f"{name}.jsonl") for name in ("train", "test")]
-            for path in paths:
-                _refuse_overwrite(path, args.force)
-            train, test = make_splits(args.n_train, args.n_test, args.distribution, args.seed, progress=True)
-            for path, rows in zip(paths, (train, test)):
-                write_jsonl(path, rows)
-                print(f"wrote {len(rows)} problems to {path}")
-        else:
-            if args.all:
-                for expr in solve_all(args.nums, args.target):
-                    print(expr)
-            else:
-                expr = solve(args.nums, args.target)
-                print(expr if expr is not None else "no solution")
-                return 0 if expr is not None else 1
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(_run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from fractions import Fraction
 from itertools import combinations
 
 import countdown
-from countdown import (_NATURAL, _Search, _combine, _format, _inverse, _problem_stream, _progress_bar,
+from countdown import (_NATURAL, _Search, _combine, _format, _inverse, _problem_stream,
                        _value_of, generate_problems, make_prompt, score, read_jsonl, write_jsonl)
+from plumbing.commands import progress_bar, refuse_overwrite, run_command
 
 
 # -----------------------------------------------------------------------------
@@ -566,7 +567,7 @@ def generate_traces(condition: str, n: int, seed: int = 0, distribution: str = "
         raise ValueError(f"unknown condition {condition!r}; choose one of {list(CONDITIONS)}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    rows, bar = [], _progress_bar(n, condition) if progress else None
+    rows, bar = [], progress_bar(n, condition) if progress else None
     for row in _problem_stream(distribution, seed) if problems is None else problems:
         if len(rows) == n:
             break
@@ -920,6 +921,41 @@ def _problem_rows(path, offset, n):
     return rows[:n] if n is not None else rows
 
 
+def _run(args):
+    """One command: write the traces of a condition, or the pretraining corpus."""
+    refuse_overwrite(args.out, args.force)
+    if args.offset < 0:
+        raise ValueError(f"--offset must be >= 0, got {args.offset}")
+    if args.command == "traces":
+        if args.n < 0:
+            raise ValueError(f"--n must be >= 0, got {args.n}")
+        tok = _load_tokenizer(args.tokenizer)
+        problems = None if args.problems is None else _problem_rows(args.problems, args.offset, args.n)
+        rows = generate_traces(args.condition, args.n, args.seed, args.distribution, tok, progress=True,
+                               problems=problems)
+        write_jsonl(args.out, rows)
+        msg = f"wrote {len(rows)} {args.condition} traces to {args.out}"
+        if rows and "correct" in rows[0]:
+            right = sum(r["correct"] for r in rows)
+            msg += f"; {right} ({right / len(rows):.1%}) end with a right answer"
+        if problems is not None and len(rows) < len(problems):
+            msg += f"; {len(problems) - len(rows)} of the {len(problems)} problems give no trace of it"
+        print(msg)
+    else:
+        if min(args.n_solutions, args.n_drill) < 0:
+            raise ValueError("--n-solutions and --n-drill must be >= 0")
+        if args.design == "narrated":
+            if args.problems is not None:
+                raise ValueError("--problems goes with --design restart")
+            rows = pretraining_corpus(args.n_solutions, args.n_drill, args.seed, args.distribution)
+        else:
+            problems = (generate_problems(args.n_solutions, args.distribution, seed=f"corpus-{args.seed}")
+                        if args.problems is None else _problem_rows(args.problems, args.offset, args.n_solutions))
+            rows = restart_corpus(problems, args.n_drill, args.seed)
+        write_jsonl(args.out, rows)
+        print(f"wrote {len(rows)} pretraining rows to {args.out}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Synthetic reasoning traces of the priming conditions, and the miniature's pretraining corpus.",
@@ -962,43 +998,7 @@ def main(argv=None):
     c.add_argument("--out", required=True, help="output .jsonl file")
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
 
-    args = parser.parse_args(argv)
-    try:
-        countdown._refuse_overwrite(args.out, args.force)
-        if args.offset < 0:
-            raise ValueError(f"--offset must be >= 0, got {args.offset}")
-        if args.command == "traces":
-            if args.n < 0:
-                raise ValueError(f"--n must be >= 0, got {args.n}")
-            tok = _load_tokenizer(args.tokenizer)
-            problems = None if args.problems is None else _problem_rows(args.problems, args.offset, args.n)
-            rows = generate_traces(args.condition, args.n, args.seed, args.distribution, tok, progress=True,
-                                   problems=problems)
-            write_jsonl(args.out, rows)
-            msg = f"wrote {len(rows)} {args.condition} traces to {args.out}"
-            if rows and "correct" in rows[0]:
-                right = sum(r["correct"] for r in rows)
-                msg += f"; {right} ({right / len(rows):.1%}) end with a right answer"
-            if problems is not None and len(rows) < len(problems):
-                msg += f"; {len(problems) - len(rows)} of the {len(problems)} problems give no trace of it"
-            print(msg)
-        else:
-            if min(args.n_solutions, args.n_drill) < 0:
-                raise ValueError("--n-solutions and --n-drill must be >= 0")
-            if args.design == "narrated":
-                if args.problems is not None:
-                    raise ValueError("--problems goes with --design restart")
-                rows = pretraining_corpus(args.n_solutions, args.n_drill, args.seed, args.distribution)
-            else:
-                problems = (generate_problems(args.n_solutions, args.distribution, seed=f"corpus-{args.seed}")
-                            if args.problems is None else _problem_rows(args.problems, args.offset, args.n_solutions))
-                rows = restart_corpus(problems, args.n_drill, args.seed)
-            write_jsonl(args.out, rows)
-            print(f"wrote {len(rows)} pretraining rows to {args.out}")
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(_run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
