@@ -65,7 +65,8 @@ BEHAVIORS = traces.BEHAVIORS  # ("verification", "backtracking", "subgoal", "bac
 # text of the first choice (OpenAI) or the text blocks (Anthropic). JudgeClient says exactly that and
 # nothing more; plumbing/judge_http.ResilientClient, its base class, sends many such requests with
 # retries, a rate limit, a deadline, a cache and threads: `client.complete([(system, user), ...])`
-# returns one Reply(text, error, cached, tokens) per prompt, in order. JudgeConfig holds the settings.
+# returns one Reply(text, error, cached, tokens) per prompt, in order. JudgeConfig (plumbing too) holds
+# the settings: API, model, temperature, max_tokens, and the client's concurrency, retries and cache.
 
 # The paper's models: gpt-4o-mini judged Countdown completions, Claude 3.5 Sonnet wrote priming data.
 API_DEFAULTS = {
@@ -462,7 +463,8 @@ _SOFT_RESTART = re.compile(r"^\W*(?:what|how)\s+about\b|\bwhat\s+if\b|\balternat
                            re.IGNORECASE)
 _RULES_RE = {b: [re.compile(p, re.IGNORECASE) for p in pats] for b, pats in RULES.items()}
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
-# one arithmetic step, symbolic ("12 * 4 = 48", not inside a longer expression) or in words
+# one arithmetic step, symbolic ("12 * 4 = 48", not inside a longer expression) or in words: the
+# grammar (four groups: a op b c, or op a b c) that traces.arithmetic_steps reads for the rules
 _OP = r"[-+*/×x÷]"
 _STEP_RE = [re.compile(p, re.IGNORECASE) for p in (
     rf"(?<![\d.)(*/+×÷-])(?<![\d.)(*/+×÷-]\s)(\d+)\s*({_OP})\s*(\d+)\s*(?:=|gives|is|makes)\s*(-?\d+)",

@@ -193,8 +193,9 @@ def _md_table(md) -> str:
 
 
 def build_view(folders, reader, per_step=5, seed=0, steps=(), compare="", results=None, figures=None) -> str:
-    """The HTML page for ppo.py run folders (see this section's comment); results and figures (PNG
-    paths) as report made them, else computed and drawn here."""
+    """The HTML page for ppo.py run folders (see the module's docstring), with what the core files say
+    about each completion from reader; results and figures (PNG paths) as report made them, else
+    computed and drawn here."""
     if per_step < 1:
         raise ValueError(f"--per-step must be >= 1, got {per_step}")
     runs = [_view_run(f) for f in folders]
