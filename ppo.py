@@ -88,6 +88,19 @@ from plumbing import files, memory, runs
 from plumbing.memory import MasterAdamW, copy_grads, exact_pinning, format_budget, same_device  # noqa: F401
 from plumbing.runs import step_dirs as _step_dirs
 
+# re-exported: callers use ppo.<name> for Satori's functions (README's API list); they live in satori.py,
+# which imports ppo.py, so they are looked up on first use (PEP 562) rather than imported here
+_SATORI = ("reflection_bonus", "cut_back", "coat_steps", "Restart", "RestartBuffers", "sample_restarts",
+           "fill_restart_buffers", "save_correct_rows", "bradley_terry_loss", "orm_scores", "preference_bonus",
+           "preference_pairs", "update_orm")
+
+
+def __getattr__(name):
+    if name in _SATORI:
+        import satori
+        return getattr(satori, name)
+    raise AttributeError(f"module 'ppo' has no attribute {name!r}")
+
 
 # -----------------------------------------------------------------------------
 # The KL penalty, the token rewards, GAE, whitening, GRPO advantages
