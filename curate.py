@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -43,8 +42,14 @@ from pathlib import Path
 import classify
 import countdown
 import traces
-from classify import (BEHAVIORS, JudgeClient, add_judge_args, judge_config_from_args,
-                      run_judged_command)
+from classify import BEHAVIORS, JudgeClient
+from plumbing import documents, files, judge_http
+from plumbing import report as study_report
+from plumbing.judge_http import add_judge_args, judge_config_from_args, run_judged_command
+# re-exported: callers use curate.<name> (the tests, the README's API list)
+from plumbing.documents import iter_documents, read_documents  # noqa: F401
+from plumbing.report import format_frequencies  # noqa: F401
+from traces import load_tokenizer
 
 
 @dataclass
@@ -221,19 +226,6 @@ _FIRST_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _FIRST_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-def load_tokenizer(path):
-    """A `tokenizers.Tokenizer` from a tokenizer.json (or a folder holding one); None for ''."""
-    if not path:
-        return None
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.exists():
-        raise FileNotFoundError(f"--tokenizer {p} not found; give a tokenizer.json or its folder")
-    from tokenizers import Tokenizer  # optional dependency, only needed here
-    return Tokenizer.from_file(str(p))
-
-
 def _full_text(row):
     """The answer as the LLM wrote it: our queries end with "<think>", which belongs to it."""
     moved = row["query"].endswith("<think>")
@@ -319,78 +311,13 @@ DERIVED = CONTROLS + ("coat",)  # what `curate.py controls` derives from a gener
 # -----------------------------------------------------------------------------------------------
 # (c) Pretraining curation (paper sections 4.3-4.4)
 #
-# Memory is bounded by the chunk size, not by the corpus: documents are streamed (JSONL line by
-# line, parquet batch by batch), judged `chunk_docs` at a time (five requests each: four behaviors
-# and the problem/solution question), and only the small label rows stay in memory. The rewrite
-# stage streams the input a second time for the texts of the selected documents. Progress is the
-# label file itself: a rerun skips every document already labelled without a failed request, and
-# every answered request is in the judge cache, so an interrupted run loses at most one chunk's
-# unanswered requests.
-
-
-def _open_parquet(f):
-    try:
-        import pyarrow.parquet as pq  # optional: only parquet input needs it
-    except ImportError:
-        raise ValueError(f"{f} is parquet, which needs the optional package pyarrow: pip install "
-                         "pyarrow (or convert the file to JSONL)") from None
-    return pq.ParquetFile(f)
-
-
-def _rows(f, text_field, id_field, batch_rows):
-    """Rows of one file as dicts, streamed: JSONL line by line, parquet batch_rows rows at a time
-    (only the text and id columns are read)."""
-    if f.suffix == ".parquet":
-        pf = _open_parquet(f)
-        names = list(pf.schema_arrow.names)
-        if text_field not in names:
-            raise ValueError(f"{f} has no column {text_field!r} (it has {', '.join(names)}); set "
-                             "--text-field")
-        cols = [text_field] + ([id_field] if id_field in names and id_field != text_field else [])
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
-            yield from batch.to_pylist()
-        return
-    with open(f, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}:{n}: not valid JSON ({e}); fix or remove that line") from None
-
-
-def iter_documents(path, text_field="text", id_field="id", batch_rows=1024):
-    """Yield {"id", "text"} one document at a time from a JSONL file, a parquet file (needs
-    pyarrow) or a folder of them. A row without the id field gets "<file stem>:<row index>"; ids
-    must be unique (checked as they stream by)."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(list(p.glob("*.jsonl")) + list(p.glob("*.parquet")))
-        if not files:
-            raise FileNotFoundError(f"no *.jsonl or *.parquet files in {p}")
-    elif p.exists():
-        files = [p]
-    else:
-        raise FileNotFoundError(f"--input {p} does not exist")
-    seen = set()
-    for f in files:
-        for i, r in enumerate(_rows(f, text_field, id_field, batch_rows)):
-            if not isinstance(r, dict) or r.get(text_field) is None:
-                raise ValueError(f"{f} row {i + 1} has no {text_field!r} field; set --text-field")
-            doc_id = r.get(id_field)
-            if doc_id is None:
-                doc_id = f"{f.stem}:{i}"
-            if str(doc_id) in seen:
-                raise ValueError(f"document id {doc_id!r} appears twice in {p}; set --id-field to a "
-                                 "unique field, or drop the field to number rows by position")
-            seen.add(str(doc_id))
-            yield dict(id=doc_id, text=str(r[text_field]))
-
-
-def read_documents(path, text_field="text", id_field="id"):
-    """All documents as a list (iter_documents, for small inputs and tests)."""
-    return list(iter_documents(path, text_field, id_field))
+# Memory is bounded by the chunk size, not by the corpus: documents are streamed (plumbing/
+# documents.py: JSONL line by line, parquet batch by batch), judged `chunk_docs` at a time (five
+# requests each: four behaviors and the problem/solution question), and only the small label rows
+# stay in memory. The rewrite stage streams the input a second time for the texts of the selected
+# documents. Progress is the label file itself: a rerun skips every document already labelled
+# without a failed request, and every answered request is in the judge cache, so an interrupted
+# run loses at most one chunk's unanswered requests.
 
 
 def load_budget_tokenizer(name):
@@ -512,21 +439,6 @@ def behavior_frequencies(labels):
     return out
 
 
-def format_frequencies(by_set):
-    """{set name: behavior_frequencies(...)} -> a table, one row per set (the paper's Figure 7
-    rows: the input, the selected sets, the rewritten sets): % of items > 0 (mean count)."""
-    lines = [f"{'set':<18} {'n':>7} " + " ".join(f"{b:>16}" for b in BEHAVIORS)]
-    for name, freq in by_set.items():
-        n = max(f["n"] + f["missing"] for f in freq.values())
-        cells = []
-        for b in BEHAVIORS:
-            f = freq[b]
-            cells.append("-" if f["pct_present"] is None else
-                         f"{f['pct_present']:.1f}% ({f['mean_count']:.2f})")
-        lines.append(f"{name:<18} {n:>7} " + " ".join(f"{c:>16}" for c in cells))
-    return "\n".join(lines)
-
-
 def eligible(labels, cfg):
     """Split labelled documents into the behavior-rich and the behavior-minimized pool.
 
@@ -638,34 +550,6 @@ def parse_rewrite(text):
                 completion=f"{parts['thoughts']}</think>\n<answer>{parts['answer']}</answer>"), None
 
 
-def _chunks(items, n):
-    chunk = []
-    for x in items:
-        chunk.append(x)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _load_labels(path):
-    """{id: label row} from a label file; a later row for the same id wins (a retried document)."""
-    done = {}
-    path = Path(path)
-    if path.exists() and path.stat().st_size:
-        for row in countdown.read_jsonl(path):  # skips a line torn by a kill ...
-            done[str(row["id"])] = row
-        with open(path, "rb+") as f:  # ... which is cut off, so the next append starts clean
-            size = f.seek(0, os.SEEK_END)
-            start = max(0, size - (1 << 16))  # a label line is well under 64 KB
-            f.seek(start)
-            tail = f.read()
-            if not tail.endswith(b"\n"):
-                f.truncate(start + tail.rfind(b"\n") + 1)
-    return done
-
-
 def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after=""):
     """Label -> select -> rewrite -> SFT JSONL, writing every stage into `out`.
 
@@ -683,31 +567,11 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
 
     # 1. Labels, a chunk at a time, appended as they come (the file is the progress record).
     labels_path = out / "doc_labels.jsonl"
-    done = _load_labels(labels_path)
-    order, n_new, n_skipped = [], 0, 0
 
-    def todo():
-        nonlocal n_skipped
-        for d in stream():
-            key = str(d["id"])
-            order.append(key)
-            if key in done and not done[key].get("failed"):
-                n_skipped += 1
-                continue
-            yield d
-    for chunk in _chunks(todo(), cfg.chunk_docs):
-        rows = label_documents(chunk, client, text_prompts, cfg, tokenizer, meta,
-                               desc=f"label documents {n_new + 1}-{n_new + len(chunk)}")
-        with open(labels_path, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                done[str(row["id"])] = row
-        n_new += len(rows)
-        print(f"[curate] labelled {n_new} document(s) this run, {n_skipped} already done",
-              file=sys.stderr)
-    labels = [done[k] for k in order]
-    del done
-    countdown.write_jsonl(labels_path, labels)  # compacted: one row per document, input order
+    def label(chunk, n_done):
+        return label_documents(chunk, client, text_prompts, cfg, tokenizer, meta,
+                               desc=f"label documents {n_done + 1}-{n_done + len(chunk)}")
+    labels, n_new = documents.label_resumably(stream(), labels_path, cfg.chunk_docs, label)
     freqs = {"input": behavior_frequencies(labels)}
     n_failed = sum(1 for l in labels if l.get("failed"))
     summary = dict(n_docs=len(labels), labelled_this_run=n_new, frequencies=freqs,
@@ -722,7 +586,7 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
         print(f"{n_failed} document(s) had failed requests (fields null); rerun to retry them",
               file=sys.stderr)
     if stop_after == "label":
-        _print_frequencies(freqs, summary)
+        study_report.print_frequencies(freqs, summary, BEHAVIORS)
         return summary
 
     # 2. Selection: each pool in a seeded random order, then first fit under one shared cap.
@@ -744,7 +608,7 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
         idx = select_within_budget(pool, [l["tokens"] for l in pool], cap)
         selected[name] = [pool[i] for i in idx]
         freqs[f"selected {name}"] = behavior_frequencies(selected[name])
-    countdown.write_jsonl(out / "selection.jsonl",
+    files.write_jsonl(out / "selection.jsonl",
                           [dict(id=l["id"], set=name, tokens=l["tokens"])
                            for name, sel in selected.items() for l in sel])
     summary["selection"] = {name: dict(eligible=len(pools[name]), selected=len(sel),
@@ -754,7 +618,7 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
         print(f"{name:>8}: {s['eligible']} eligible, {s['selected']} selected, "
               f"{s['tokens']} / {cap} document tokens")
     if stop_after == "select":
-        _print_frequencies(freqs, summary)
+        study_report.print_frequencies(freqs, summary, BEHAVIORS)
         return summary
 
     # 3. Rewrites, a chunk at a time, from a second pass over the input.
@@ -766,7 +630,7 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
         for d in stream():
             if str(d["id"]) in set_of:
                 yield d
-    for chunk in _chunks(wanted(), cfg.chunk_docs):
+    for chunk in documents.chunks(wanted(), cfg.chunk_docs):
         texts = [truncate_document(d["text"], tokenizer, cfg.max_doc_tokens, cfg.max_doc_chars)[0]
                  for d in chunk]
         replies = rewriter.complete([(None, rewrite_request(t, set_of[str(d["id"])]))
@@ -792,19 +656,19 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
     for name, rows in sft.items():
         rows = [rows[i] for i in select_within_budget(rows, [r["tokens"] for r in rows], final_cap)]
         if cfg.label_rewrites:  # what the model will actually see: Figure 7's rewritten rows
-            for chunk in _chunks(rows, cfg.chunk_docs):
+            for chunk in documents.chunks(rows, cfg.chunk_docs):
                 res = classify.judge_behaviors([dict(response=_rewrite_text(r)) for r in chunk],
                                                client, text_prompts, desc=f"label rewrites {name}")
                 for r, x in zip(chunk, res):
                     r["behaviors"] = x["behaviors"]
             freqs[f"rewritten {name}"] = behavior_frequencies(rows)
-        countdown.write_jsonl(out / f"sft_{name}.jsonl", rows)
+        files.write_jsonl(out / f"sft_{name}.jsonl", rows)
         summary.setdefault("sft", {})[name] = dict(examples=len(rows), cap=final_cap,
                                                    tokens=sum(r["tokens"] for r in rows))
         print(f"{name:>8}: {len(rows)} SFT examples, {summary['sft'][name]['tokens']} / "
               f"{final_cap} tokens -> {out / f'sft_{name}.jsonl'}")
     if rejects:
-        countdown.write_jsonl(out / "rewrite_rejects.jsonl", rejects)
+        files.write_jsonl(out / "rewrite_rejects.jsonl", rejects)
         print(f"{len(rejects)} rewrite(s) failed or unusable -> {out / 'rewrite_rejects.jsonl'}",
               file=sys.stderr)
     reasons = {}
@@ -813,7 +677,7 @@ def curate_pretraining(docs, make_client, cfg, out, tokenizer=None, stop_after="
         reasons[key] = reasons.get(key, 0) + 1
     summary["rewrite_rejects"] = len(rejects)
     summary["rewrite_reject_reasons"] = reasons
-    _print_frequencies(freqs, summary)
+    study_report.print_frequencies(freqs, summary, BEHAVIORS)
     return summary
 
 
@@ -823,19 +687,7 @@ def _rewrite_text(row):
     return f"{row['query'][len(head):-len(tail)]}\n\n<think>{row['completion']}"
 
 
-def _print_frequencies(freqs, summary):
-    print("\nbehavior frequencies, % of items with a count > 0 (mean count), cf. the paper's "
-          "Figure 7:")
-    print(format_frequencies(freqs))
-    ps = summary.get("problem_solution")
-    if ps:
-        print(f"problem/solution filter: {ps['both']} of {summary['n_docs']} documents hold both "
-              f"({ps['no_problem']} no problem, {ps['no_solution']} no solution, "
-              f"{ps['unknown']} unknown)")
-
-
-# -----------------------------------------------------------------------------------------------
-# CLI
+# ----- plumbing below: the command line (priming, controls, pretrain), main -----
 
 
 def _cmd_priming(args):
@@ -845,7 +697,7 @@ def _cmd_priming(args):
             raise ValueError(f"unknown condition {c!r}; choose one of "
                              f"{', '.join(PRIMING_CONDITIONS)} or all")
     out = Path(args.out)
-    with countdown.lock_dir(out, "curate.py output folder"):  # one live writer per folder and judge cache
+    with files.lock_dir(out, "curate.py output folder"):  # one live writer per folder and judge cache
         return _priming_into(args, conds, out)
 
 
@@ -857,11 +709,11 @@ def _priming_into(args, conds, out):
                    max_tokens=args.max_tokens,
                    system_prompt_sha=hashlib.sha256(
                        PRIMING_SYSTEM_PROMPTS[c].encode()).hexdigest()[:12])
-        classify.guard_run_config(out / f"{c}.config.json", cfg, args.overwrite)
+        judge_http.guard_run_config(out / f"{c}.config.json", cfg, args.overwrite)
         rows, rejects = generate_priming(c, args.n, client, seed=args.seed)
-        countdown.write_jsonl(out / f"{c}.jsonl", rows)
+        files.write_jsonl(out / f"{c}.jsonl", rows)
         if rejects:
-            countdown.write_jsonl(out / f"{c}.rejects.jsonl", rejects)
+            files.write_jsonl(out / f"{c}.rejects.jsonl", rejects)
         acc = sum(countdown.is_correct(r["completion"], r["nums"], r["target"]) for r in rows)
         mean_score = sum(r["score"] for r in rows) / len(rows) if rows else float("nan")
         print(f"{c}: {len(rows)}/{args.n} examples -> {out / f'{c}.jsonl'}; accuracy "
@@ -877,7 +729,7 @@ def _cmd_controls(args):
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
-    rows = countdown.read_jsonl(args.input)
+    rows = files.read_jsonl(args.input)
     bad = [i for i, r in enumerate(rows) if "query" not in r or "completion" not in r]
     if bad:
         raise ValueError(f"{args.input} row {bad[0] + 1} lacks query/completion; expected the "
@@ -892,13 +744,13 @@ def _cmd_controls(args):
         new = no_positive(rows)
         dropped = len(rows) - len(new)
     new = [dict(r, condition=args.kind) for r in new]  # the names of traces.CONDITIONS
-    countdown.write_jsonl(out, new)
+    files.write_jsonl(out, new)
     print(f"{args.kind}: {len(new)} of {len(rows)} examples -> {out} ({dropped} dropped)")
     return 0
 
 
 def _cmd_pretrain(args):
-    with countdown.lock_dir(args.out, "curate.py output folder"):  # one live writer per folder and judge cache
+    with files.lock_dir(args.out, "curate.py output folder"):  # one live writer per folder and judge cache
         return _pretrain_into(args)
 
 
@@ -921,7 +773,7 @@ def _pretrain_into(args):
                    max_tokens=args.max_tokens, tokenizer=args.tokenizer)
     run_cfg["rich_require"] = list(cfg.rich_require)
     del run_cfg["chunk_docs"]  # how requests are batched never changes a result
-    classify.guard_run_config(out / "config.json", run_cfg, args.overwrite)
+    judge_http.guard_run_config(out / "config.json", run_cfg, args.overwrite)
     tokenizer = load_budget_tokenizer(args.tokenizer)
     if tokenizer is None:
         print("[curate] --tokenizer words: truncation is by characters and the budget counts "
@@ -929,7 +781,7 @@ def _pretrain_into(args):
     base = judge_config_from_args(args, out / "judge_cache.jsonl")
 
     def make_client(max_tokens):
-        c = base if max_tokens is None else classify.JudgeConfig(**dict(asdict(base),
+        c = base if max_tokens is None else judge_http.JudgeConfig(**dict(asdict(base),
                                                                         max_tokens=max_tokens))
         return JudgeClient(c)
 
@@ -937,12 +789,12 @@ def _pretrain_into(args):
         return iter_documents(args.input, cfg.text_field, cfg.id_field)
     next(docs(), None)  # bad input fails here, before any request
     summary = curate_pretraining(docs, make_client, cfg, out, tokenizer, args.stop_after)
-    classify.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    files.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return 0
 
 
 def build_parser():
-    fmt = classify.HelpFormatter
+    fmt = judge_http.HelpFormatter
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -38,30 +38,19 @@ Deliberate fixes, each one a flag away from the original (--fidelity turns all o
     gamma = lambda = 1, but lambda < 1 would bootstrap from a meaningless value otherwise).
   - Validation reports pure accuracy beside the mean score with its 0.1 format credit (D-R4).
 
-Memory: full-parameter PPO of a 3B model (policy, critic, reference) on one 80 GB GPU.
-Qwen2.5-3B has N = 3.09e9 parameters (tied embeddings; Llama-3.2-3B: 3.21e9), the critic as many.
-  The textbook recipe (fp32 weights, fp32 grads, Adam m and v: 16 B/param) needs 46 GiB per model,
-  92 GiB for policy + critic before the reference and any activation: it does not fit.
-  What we do instead, per model (--dtype bfloat16 and, chosen by the budget, --optim-device cpu):
-    bf16 weights on the GPU                  2 B/param   5.75 GiB
-    fp32 gradient accumulator on the GPU     4 B/param  11.5 GiB  (only while that model trains)
-    fp32 master weights + Adam m, v         12 B/param  34.5 GiB  in host memory (69 GiB for both)
-  The reference (5.75 GiB bf16) waits in host memory between uses (--ref-offload). The KV cache
-  costs 36,864 B/token for Qwen2.5-3B (36 layers x (k, v) x 2 kv heads x 128 x 2 B), so 128 prompts
-  x 4 samples x 1,280 tokens = 22.5 GiB; rollouts run --rollout-batch prompts at a time (auto: as
-  many as the budget allows) and the cache is freed before training. Gradient checkpointing keeps
-  one [micro, T, D] tensor per layer (4 x 1,280 x 2,048 x 2 B x 36 = 0.7 GiB); log-probs and
-  entropy go through the LM head --logprob-chunk tokens at a time (recomputed in backward), so a
-  [B, T, 151,936] fp32 tensor never exists (for 1,024 x 1,280 tokens it would be 742 GiB; one
-  1,024-token chunk is 0.58 GiB). Computed GPU peaks: ~39 GiB in rollout, ~26 GiB in the updates;
-  host memory ~75 GiB. (A --state-checkpoints file is as big: 75 GiB; hence "last" by default.)
-  Why fp32 master weights at all: at lr 1e-6 a bf16 weight cannot move. bf16 keeps 8 significant
-  bits, so w + dw rounds back to w whenever |dw| is below ~2^-8 |w| (half a unit in the last place
-  is 2^-9..2^-8 of |w|); Adam's step is ~lr = 1e-6, while 2^-8 of a typical |w| ~ 0.02 is 8e-5.
-  The budget is computed (not measured) and printed at start; --print-budget prints it and exits.
-  None of this has run on a GPU yet: the CUDA paths (bf16, offloading, pinned copies) are written
-  from reading; CPU tests cover the same code in float32 and bfloat16, and bench/gpu_check.py is
-  the one command that checks and measures them on a GPU.
+Memory: full-parameter PPO of a 3B model (policy, critic, reference) fits one 80 GB GPU with bf16
+weights, fp32 master weights and Adam moments in host memory (--optim-device cpu), the reference
+offloaded and the LM head applied in chunks; plumbing/memory.py has the numbers and the optimizer,
+--print-budget prints the plan for a configuration. None of the CUDA paths has run on a GPU yet:
+bench/gpu_check.py is the one command that checks and measures them.
+
+Satori (satori.py) plugs into the training loop through one seam, an extension with a few hooks
+(see _extension); plain PPO runs without it.
+
+Reading order: the PPO math (KL penalty, token rewards, GAE, losses), the critic, one iteration's
+experience, rollout -> prepare_experience -> update_critic -> update_actor -> ppo_iteration, the
+Countdown reward and validation, the training loop; below the marked plumbing line: the config and
+its resolution, data, models, checkpoints and the command line.
 
 Run folder (design.md): runs/<name>/config.json, metrics.jsonl (one line per step, same keys),
 completions/step_<N>.jsonl, data/{train,test}.jsonl, checkpoints/step_<N>/policy (model.save
@@ -70,19 +59,19 @@ Rerunning the same command resumes from the newest checkpoint; a first Ctrl-C fi
 checkpoints and exits, a second one aborts (checkpoints are written to a temp folder, then renamed).
 """
 
+from __future__ import annotations
+
 import argparse
-import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -93,209 +82,24 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import countdown
-import traces
 import model as M
+from plumbing import files, memory, runs
+# re-exported: callers use ppo.<name> (tests, bench/bench_ppo.py, bench/bench_adam.py, bench/gpu_check.py)
+from plumbing.memory import MasterAdamW, copy_grads, exact_pinning, format_budget, same_device  # noqa: F401
+from plumbing.runs import step_dirs as _step_dirs
 
-# -----------------------------------------------------------------------------
-# Config
-
-
-def _flag(default, help, **kw):
-    return field(default=default, metadata=dict(help=help, **kw))
-
-
-@dataclass
-class PPOConfig:
-    """Every flag of a run, with the paper's defaults (paper_spec 2.1); written to config.json."""
-    # model and data
-    model: str = _flag("qwen2.5-3b", "initial checkpoint (policy, reference and critic backbone): a local folder, "
-                       "an alias or a Hub repo id")
-    out: str = _flag("runs/ppo", "run folder; rerunning with the same --out resumes from its newest checkpoint")
-    train_data: Optional[str] = _flag(None, "JSONL of training problems {\"nums\": [...], \"target\": int}, e.g. the real "
-                                      "Countdown-Tasks-3to4 rows; default: generated with countdown.make_splits")
-    test_data: Optional[str] = _flag(None, "JSONL of test problems (give both files or neither)")
-    distribution: str = _flag("rl", "problem distribution for generated data", choices=("rl", "priming"))
-    n_train: int = _flag(0, "generated training problems (0 = steps x batch-prompts: one pass, as the paper's run, "
-                         "which stopped long before its first epoch ended)")
-    n_test: int = _flag(1024, "generated test problems (paper: 1,024)")
-    n_val: int = _flag(0, "validate on the first N test problems (0 = all)")
-    template: str = _flag("base", "prompt template from countdown.PROMPT_TEMPLATES", choices=("base", "qwen-instruct"))
-    seed: int = _flag(0, "seed for the data, its order, the sampling and the critic head")
-    # rollout
-    steps: int = _flag(250, "PPO iterations (the paper analyses steps 0-250)")
-    batch_prompts: int = _flag(256, "prompts per iteration (paper: 256)")
-    samples: int = _flag(4, "responses sampled per prompt (paper: 4, so 1,024 sequences per iteration)")
-    temperature: float = _flag(1.0, "sampling temperature of the rollouts; log-probs use the same one")
-    top_p: float = _flag(1.0, "nucleus sampling of the rollouts: only 1 (off, the paper's) is accepted, since the "
-                         "log-probs PPO uses are those of the untruncated policy")
-    max_prompt: int = _flag(256, "longest prompt in tokens; a longer one is an error")
-    max_response: int = _flag(1024, "most new tokens per response; a response without EOS is truncated and scored as is")
-    cap_traces: str = _flag("", "comma-separated JSONL files of the traces the policy was primed on: PPO refuses to "
-                            "start when --max-response is below the p99 of their completions in the policy's tokens "
-                            "(a cap that cuts the longer traces makes RL punish them)")
-    # reward
-    format_score: float = _flag(0.1, "reward for a parsable but wrong <answer> on the last line")
-    correct_score: float = _flag(1.0, "reward for a correct answer")
-    lenient: bool = _flag(False, "take the last <answer> anywhere in the response, not only on the last line")
-    rule_reward: str = _flag("paper", "outcome reward: paper (correct-score / format-score / 0) or satori (0 right, "
-                             "-1 wrong)", choices=("paper", "satori"))
-    # Satori (optional; README "Satori"): Restart-and-Explore over COAT trajectories, reflection bonus
-    rae: bool = _flag(False, "Restart-and-Explore: part of each batch restarts from the policy's own past "
-                      "trajectories, cut back at a COAT step boundary and followed by <|reflect|> (needs a "
-                      "format-tuned model: sft.py --add-tokens coat)")
-    rae_ratio: float = _flag(0.5, "fraction of each batch's prompts that are restarts (once the buffers hold some)")
-    rae_max_back: int = _flag(4, "T, the COAT steps cut back, is drawn uniformly from 0..min(this, steps - 1)")
-    rae_buffer: int = _flag(1024, "trajectories kept in each restart buffer, D+ (correct) and D- (wrong); the "
-                            "oldest go first")
-    reflection_bonus: float = _flag(0.0, "beta: +beta when a restart from a wrong trajectory ends right, -beta when "
-                                    "one from a right trajectory ends wrong (Satori: 0.5)")
-    preference_bonus: bool = _flag(False, "add sigmoid(r_psi(x, y)) to the reward, r_psi an outcome reward model (the "
-                                   "critic's architecture) trained Bradley-Terry on right-vs-wrong pairs of the policy's "
-                                   "own samples, one step per iteration (one more model in memory; not in the budget)")
-    orm_lr: float = _flag(0.0, "learning rate of the outcome reward model (0 = --critic-lr)")
-    save_correct: bool = _flag(False, "append the rollouts that answered their own problem right to <out>/correct.jsonl "
-                               "as SFT rows (query, completion): the data of Satori's distillation round")
-    # algorithm
-    adv: str = _flag("gae", "advantage estimator: gae (PPO with a critic, the paper) or grpo (group-normalized "
-                     "sequence rewards, no critic: saves a model's worth of memory)", choices=("gae", "grpo"))
-    gamma: float = _flag(1.0, "GAE discount")
-    lam: float = _flag(1.0, "GAE lambda")
-    kl_coef: float = _flag(0.001, "beta: weight of the per-token KL penalty in the reward (0 = no reference model)")
-    kl_estimator: str = _flag("k1", "per-token KL estimator: k1 = logp - ref (the paper); k3 = low_var_kl; abs; mse",
-                              choices=("k1", "kl", "k3", "low_var_kl", "abs", "mse"))
-    clip_ratio: float = _flag(0.2, "PPO clip epsilon for the probability ratio")
-    value_clip: float = _flag(0.5, "clip range of the value update around the old values")
-    entropy_coef: float = _flag(0.001, "entropy bonus weight in the actor loss")
-    ppo_epochs: int = _flag(1, "passes over each iteration's data")
-    mini_batch_prompts: int = _flag(128, "prompts per actor optimizer step (x samples sequences; paper: 128)")
-    micro_batch: int = _flag(0, "sequences per forward/backward (gradient accumulation); memory only, unless "
-                             "--loss-agg micro-token-mean (0 = 4, or the original's 4 with --fidelity)")
-    critic_micro_batch: int = _flag(0, "sequences per critic forward/backward (0 = --micro-batch; --fidelity: 1)")
-    infer_batch: int = _flag(16, "sequences per no-grad forward (old log-probs, reference, values)")
-    # fidelity switches (the original's quirks, off by default)
-    fidelity: bool = _flag(False, "reproduce the original's quirks: --critic-mini-batch = mini-batch-prompts, "
-                           "--loss-agg micro-token-mean with micro-batches 4 (actor) / 1 (critic), "
-                           "--lr-zero-first-step, --value-post-eos")
-    critic_mini_batch: int = _flag(0, "sequences per critic optimizer step (0 = mini-batch-prompts x samples, the "
-                                   "actor's; the original: mini-batch-prompts, i.e. 4x more critic steps, D-P1)")
-    loss_agg: str = _flag("token-mean", "loss aggregation: token-mean over the mini-batch, or the original's mean over "
-                          "micro-batches of micro-batch token means (D-P2)", choices=("token-mean", "micro-token-mean"))
-    lr_zero_first_step: bool = _flag(False, "lr 0 for the whole first iteration, as the original's schedule (D-P3)")
-    value_post_eos: bool = _flag(False, "also train V on the state after the EOS toward 0, as the original (D-P6)")
-    # optimizer
-    actor_lr: float = _flag(1e-6, "actor learning rate (constant; paper: 1e-6)")
-    critic_lr: float = _flag(1e-5, "critic learning rate (constant; paper: 1e-5)")
-    adam_beta1: float = _flag(0.9, "AdamW beta1")
-    adam_beta2: float = _flag(0.999, "AdamW beta2")
-    adam_eps: float = _flag(1e-8, "AdamW epsilon")
-    weight_decay: float = _flag(0.01, "AdamW weight decay (every parameter, as the original)")
-    grad_clip: float = _flag(1.0, "clip each model's global gradient norm to this")
-    # schedule, checkpoints, logging
-    val_every: int = _flag(10, "validate every N steps (0 = never); also at step 0 with --val-before-train")
-    val_before_train: bool = _flag(True, "validate the initial model (step 0)")
-    val_temperature: float = _flag(0.0, "validation decoding: 0 = greedy (veRL's validation during training); "
-                                   "1.0 = one seeded sample per problem, the accuracy the paper's result tables "
-                                   "and behavior counts use")
-    save_every: int = _flag(10, "checkpoint every N steps; the last step is always checkpointed")
-    state_checkpoints: str = _flag("auto", "which checkpoints keep the training state needed to resume: last (older "
-                                   "state.pt files are deleted), all, final (only the run's last save, or a stop), "
-                                   "none (weights-only saves), auto (last if the disk has room, else none, said at "
-                                   "start; a 3B state is ~75 GiB)", choices=("auto", "last", "all", "final", "none"))
-    keep_policies: int = _flag(3, "step folders kept: the newest N (their policy and any state); 0 = all (a 3B "
-                               "policy folder is 5.75 GiB, 25 of them over the paper's run)")
-    state_dir: str = _flag("", "write the training states here (e.g. another disk) and link them from the step "
-                           "folders")
-    max_bad_updates: int = _flag(3, "stop after this many optimizer updates in a row were skipped for a non-finite "
-                                 "loss or gradient")
-    resume: bool = _flag(False, "require an existing run in --out to continue (a rerun resumes automatically anyway)")
-    progress: bool = _flag(True, "show a tqdm progress bar")
-    # device and memory
-    device: str = _flag("auto", "cuda, cpu or auto (cuda when available)")
-    dtype: str = _flag("auto", "weights and compute dtype: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32",
-                       choices=("auto", "bfloat16", "float32"))
-    optim_device: str = _flag("auto", "where fp32 master weights and Adam moments live: auto (the GPU if the "
-                              "budget fits, else cpu), cpu, device", choices=("auto", "cpu", "device"))
-    ref_offload: bool = _flag(True, "keep the reference model in host memory between uses (cuda only)")
-    grad_checkpointing: bool = _flag(True, "recompute each layer in backward (much less activation memory)")
-    rollout_batch: int = _flag(0, "prompts per generation call; bounds the KV cache (0 = auto from the budget)")
-    compile_rollout: bool = _flag(False, "generate with model.py's fast path: static shapes + torch.compile of the "
-                                  "decode step (CUDA graphs; for cuda, unverified here)")
-    val_batch: int = _flag(0, "prompts per validation generation call (0 = auto)")
-    logprob_chunk: int = _flag(1024, "tokens per chunk of the LM head in log-prob/entropy computation")
-    gpu_memory_gb: float = _flag(0.0, "GPU memory for the automatic choices (0 = the device's; 80 without one)")
-    threads: int = _flag(0, "CPU threads for torch (0 = torch's default)")
-    print_budget: bool = _flag(False, "print the memory budget for these settings and exit (reads only config.json)")
-    dist_timeout: int = _flag(M.DIST_TIMEOUT_S, "under torchrun: seconds a collective waits for the other ranks before "
-                              "this one stops with an error (a rank died or hangs)")
+# re-exported: callers use ppo.<name> for Satori's functions (README's API list); they live in satori.py,
+# which imports ppo.py, so they are looked up on first use (PEP 562) rather than imported here
+_SATORI = ("reflection_bonus", "cut_back", "coat_steps", "Restart", "RestartBuffers", "sample_restarts",
+           "fill_restart_buffers", "save_correct_rows", "bradley_terry_loss", "orm_scores", "preference_bonus",
+           "preference_pairs", "update_orm")
 
 
-# Settings that may change when a run is resumed (speed and memory knobs, the run length, logging);
-# everything else must match config.json. rollout/infer batch sizes change which sampled bits
-# come out of the generator, so a resume with a different one is valid but not bit-identical.
-_RESUMABLE_CHANGES = {"steps", "resume", "progress", "device", "threads", "max_bad_updates", "print_budget",
-                      "val_every", "save_every", "state_checkpoints", "rollout_batch", "val_batch", "infer_batch",
-                      "logprob_chunk", "gpu_memory_gb", "optim_device", "ref_offload", "compile_rollout",
-                      "dist_timeout", "keep_policies", "state_dir"}
-
-
-# -----------------------------------------------------------------------------
-# Log-probabilities and entropy of the response tokens, in chunks
-#
-# The LM head of a 150k-token vocabulary turns a [B, T, D] bf16 tensor into [B, T, V] logits; in
-# fp32 for 1,024 x 1,280 tokens that is 797 GB. We gather only the valid response tokens, push them
-# through the head `chunk` tokens at a time, and (when gradients are on) checkpoint each chunk so
-# backward recomputes its logits instead of keeping them.
-
-
-def entropy_from_logits(logits):
-    """H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v, over the last dim, in fp32."""
-    z = logits.float()
-    return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(-1)
-
-
-def _chunk_logprobs(lm_head, hidden, targets, temperature: float, with_entropy: bool):
-    z = lm_head(hidden).float() / temperature                              # [c, V] fp32, one chunk only
-    logp = z.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(z, -1)   # [c]
-    return (logp, entropy_from_logits(z)) if with_entropy else logp
-
-
-def token_logprobs(lm_head, hidden, targets, mask, *, chunk: int = 1024, temperature: float = 1.0,
-                   with_entropy: bool = False):
-    """log pi(target_t | state_t) (and the entropy at t) for every masked position; 0 elsewhere.
-
-    hidden [B, T, D] are the states *before* each target, targets [B, T], mask [B, T].
-    Returns logp [B, T] fp32 (and entropy [B, T] fp32 when with_entropy).
-    """
-    sel = mask.bool()
-    h, y = hidden[sel], targets[sel]                      # [N, D], [N]: valid tokens only
-    fn = partial(_chunk_logprobs, lm_head, temperature=temperature, with_entropy=with_entropy)
-    remat = torch.is_grad_enabled() and h.requires_grad
-    outs = []
-    for i in range(0, h.shape[0], chunk):
-        args = (h[i:i + chunk], y[i:i + chunk])
-        outs.append(checkpoint(fn, *args, use_reentrant=False) if remat else fn(*args))
-    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-
-    def scatter(parts):
-        flat = torch.cat(parts) if parts else zeros[sel]
-        return zeros.masked_scatter(sel, flat)
-    if not with_entropy:
-        return scatter(outs)
-    return scatter([o[0] for o in outs]), scatter([o[1] for o in outs])
-
-
-def response_logprobs(policy, input_ids, attention_mask, response_mask, prompt_len: int, *,
-                      chunk: int = 1024, temperature: float = 1.0, with_entropy: bool = False):
-    """Log-probs [B, R] (and entropies) of the response tokens of prompt (P) + response (R) rows.
-
-    The token at absolute position P + t is predicted by the hidden state at P - 1 + t.
-    """
-    R = response_mask.shape[1]
-    h = policy.hidden_states(input_ids[:, :prompt_len + R - 1], attention_mask[:, :prompt_len + R - 1])
-    h = h[:, prompt_len - 1:]                                # [B, R, D]
-    targets = input_ids[:, prompt_len:prompt_len + R]        # [B, R]
-    return token_logprobs(policy.logits, h, targets, response_mask, chunk=chunk, temperature=temperature,
-                          with_entropy=with_entropy)
+def __getattr__(name):
+    if name in _SATORI:
+        import satori
+        return getattr(satori, name)
+    raise AttributeError(f"module 'ppo' has no attribute {name!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -435,7 +239,66 @@ def explained_variance(values, returns, mask):
 
 
 # -----------------------------------------------------------------------------
-# The critic: the initial checkpoint's transformer and a fresh scalar head
+# Log-probabilities and entropy of the response tokens, in chunks
+#
+# The LM head of a 150k-token vocabulary turns a [B, T, D] bf16 tensor into [B, T, V] logits; in
+# fp32 for 1,024 x 1,280 tokens that is 797 GB. We gather only the valid response tokens, push them
+# through the head `chunk` tokens at a time, and (when gradients are on) checkpoint each chunk so
+# backward recomputes its logits instead of keeping them.
+
+
+def entropy_from_logits(logits):
+    """H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v, over the last dim, in fp32."""
+    z = logits.float()
+    return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(-1)
+
+
+def _chunk_logprobs(lm_head, hidden, targets, temperature: float, with_entropy: bool):
+    z = lm_head(hidden).float() / temperature                              # [c, V] fp32, one chunk only
+    logp = z.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(z, -1)   # [c]
+    return (logp, entropy_from_logits(z)) if with_entropy else logp
+
+
+def token_logprobs(lm_head, hidden, targets, mask, *, chunk: int = 1024, temperature: float = 1.0,
+                   with_entropy: bool = False):
+    """log pi(target_t | state_t) (and the entropy at t) for every masked position; 0 elsewhere.
+
+    hidden [B, T, D] are the states *before* each target, targets [B, T], mask [B, T].
+    Returns logp [B, T] fp32 (and entropy [B, T] fp32 when with_entropy).
+    """
+    sel = mask.bool()
+    h, y = hidden[sel], targets[sel]                      # [N, D], [N]: valid tokens only
+    fn = partial(_chunk_logprobs, lm_head, temperature=temperature, with_entropy=with_entropy)
+    remat = torch.is_grad_enabled() and h.requires_grad
+    outs = []
+    for i in range(0, h.shape[0], chunk):
+        args = (h[i:i + chunk], y[i:i + chunk])
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if remat else fn(*args))
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+
+    def scatter(parts):
+        flat = torch.cat(parts) if parts else zeros[sel]
+        return zeros.masked_scatter(sel, flat)
+    if not with_entropy:
+        return scatter(outs)
+    return scatter([o[0] for o in outs]), scatter([o[1] for o in outs])
+
+
+def response_logprobs(policy, input_ids, attention_mask, response_mask, prompt_len: int, *,
+                      chunk: int = 1024, temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probs [B, R] (and entropies) of the response tokens of prompt (P) + response (R) rows.
+
+    The token at absolute position P + t is predicted by the hidden state at P - 1 + t.
+    """
+    R = response_mask.shape[1]
+    h = policy.hidden_states(input_ids[:, :prompt_len + R - 1], attention_mask[:, :prompt_len + R - 1])
+    h = h[:, prompt_len - 1:]                                # [B, R, D]
+    targets = input_ids[:, prompt_len:prompt_len + R]        # [B, R]
+    return token_logprobs(policy.logits, h, targets, response_mask, chunk=chunk, temperature=temperature,
+                          with_entropy=with_entropy)
+
+
+# -----------------------------------------------------------------------------
 
 
 class Critic(nn.Module):
@@ -463,136 +326,6 @@ def response_values(critic, input_ids, attention_mask, prompt_len: int, R: int):
     """V_t for the states prompt + y_<t, t = 0..R-1: positions P-1+t, masked by attention (c_t)."""
     v = critic(input_ids[:, :prompt_len + R - 1], attention_mask[:, :prompt_len + R - 1])[:, prompt_len - 1:]
     return v * attention_mask[:, prompt_len - 1:prompt_len + R - 1]        # [B, R]; c_0 = 1, c_t = m_{t-1}
-
-
-# -----------------------------------------------------------------------------
-# AdamW on fp32 master weights
-#
-# At lr 1e-6 a bf16 weight cannot move: bf16 has 8 significant bits, so an update smaller than
-# ~2^-8 of the weight's magnitude rounds away (|w| ~ 0.02 needs |dw| > ~8e-5, Adam's step is ~1e-6).
-# So the optimizer keeps fp32 master weights (and Adam's moments), on the GPU or in host memory
-# (--optim-device cpu), steps them, and copies them back into the bf16 weights the model computes
-# with. Gradients are summed in fp32 as each parameter's gradient is ready (a post-accumulate hook
-# folds the bf16 .grad into an fp32 buffer and frees it), so 32 micro-batches do not accumulate
-# bf16 rounding, and no second full set of bf16 gradients is ever alive.
-
-
-def same_device(a, b) -> bool:
-    """Whether two devices are one: by type and resolved index. torch.device("cuda") != "cuda:0" as
-    objects, though both name the current GPU; comparing them raw would keep a needless fp32 copy."""
-    a, b = torch.device(a), torch.device(b)
-
-    def index(d):
-        if d.index is not None:
-            return d.index
-        return torch.cuda.current_device() if d.type == "cuda" and torch.cuda.is_available() else 0
-    return a.type == b.type and index(a) == index(b)
-
-
-def copy_grads(grads, device) -> list:
-    """grads (tensors or None) copied to `device`; returns only once every copy has landed.
-
-    The copies are issued non_blocking so that GPU -> host transfers queue back to back, but a
-    non_blocking device-to-host copy returns before its bytes arrive (into pinned memory): reading
-    the result on the CPU before the stream has finished (clipping, the finite check, Adam) would
-    read whatever the buffer held before. So we wait for the stream once, after the last copy.
-    """
-    device = torch.device(device)
-    out = [None if g is None else g.to(device, non_blocking=True) for g in grads]
-    if device.type == "cpu" and any(g is not None and g.is_cuda for g in grads):
-        torch.cuda.synchronize()
-    return out
-
-
-def exact_pinning() -> bool:
-    """Make torch's pinned (page-locked) host allocator allocate blocks above 64 MiB at their exact size.
-    By default it rounds every block up to a power of two: a 3B model's fp32 masters pin 16.8 GiB for
-    11.5, and the non-blocking gradient copies as much again. False where this torch lacks the setting."""
-    try:
-        torch._C._accelerator_setAllocatorSettings("pinned_max_round_threshold_mb:64")
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
-class MasterAdamW:
-    def __init__(self, params, *, lr: float, betas, eps: float, weight_decay: float, master_device):
-        self.params = [p for p in params if p.requires_grad]
-        self.master_device = torch.device(master_device)
-        self.mixed = any(p.dtype != torch.float32 or not same_device(p.device, self.master_device)
-                         for p in self.params)
-        if self.mixed:
-            # pinned masters copy back to the GPU at full speed; unpinned where blocks would be rounded up
-            pin = self.master_device.type == "cpu" and torch.cuda.is_available() and exact_pinning()
-            self.master = [nn.Parameter(p.detach().to(self.master_device, torch.float32, copy=True))
-                           for p in self.params]
-            if pin:
-                self.master = [nn.Parameter(m.data.pin_memory()) for m in self.master]
-            self._acc = [None] * len(self.params)
-            for i, p in enumerate(self.params):
-                p.register_post_accumulate_grad_hook(partial(self._fold_grad, i))
-        else:
-            self.master = self.params
-        # fp32 masters (offloaded or bf16 weights): fused, one multi-tensor kernel instead of a Python loop
-        # over tensors (on CPU ~2.4x faster; 3.1B parameters took ~8-15 s per step). Plain fp32 models keep
-        # torch's default, so CPU runs (the miniature study) step exactly as before; off under torchrun
-        # (DTensor shards).
-        fused = self.mixed and not M.distributed()
-        self.opt = torch.optim.AdamW(self.master, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                     **({"fused": True} if fused else {}))
-
-    def _fold_grad(self, i, p):
-        g = p.grad.float()
-        if self._acc[i] is None:
-            self._acc[i] = g if g is not p.grad else g.clone()
-        else:
-            self._acc[i].add_(g)
-        p.grad = None
-
-    def zero_grad(self):
-        if self.mixed:
-            self._acc = [None] * len(self.params)
-        for p in self.params:
-            p.grad = None
-        for m in self.master:
-            m.grad = None
-
-    def step(self, lr: float, max_norm: float):
-        """Clip, step, copy back; returns (grad norm before clipping, applied?). Skips non-finite norms."""
-        if self.mixed:
-            for m, g in zip(self.master, copy_grads(self._acc, self.master_device)):
-                m.grad = g
-            self._acc = [None] * len(self.params)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.master, max_norm))
-        if not math.isfinite(norm):
-            self.zero_grad()
-            return norm, False
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.step()
-        self.zero_grad()
-        if self.mixed:
-            with torch.no_grad():
-                for p, m in zip(self.params, self.master):
-                    p.copy_(m)   # blocking: the next CPU step must not overwrite m while it is in flight
-        return norm, True
-
-    def state_dict(self):
-        s = {"opt": self.opt.state_dict()}
-        if self.mixed:
-            s["master"] = [m.detach().cpu() for m in self.master]
-        return s
-
-    def load_state_dict(self, s):
-        if self.mixed:
-            saved = s.pop("master")   # dropped one by one as copied: never a full second set alive
-            with torch.no_grad():
-                for i, (p, m) in enumerate(zip(self.params, self.master)):
-                    m.copy_(saved[i])
-                    saved[i] = None
-                    p.copy_(m)
-        self.opt.load_state_dict(s["opt"])
-        M.own_optimizer_state(self.opt)
 
 
 # -----------------------------------------------------------------------------
@@ -673,8 +406,6 @@ class Models:
     device: torch.device
     ref_offload: bool = False
     sampler: Optional[M.Transformer] = None   # under torchrun: an unsharded copy of the policy that generates
-    orm: Optional[Critic] = None            # Satori's outcome reward model (--preference-bonus)
-    orm_opt: Optional[MasterAdamW] = None
 
 
 def sampling_policy(models: Models) -> M.Transformer:
@@ -756,30 +487,6 @@ def prepare_experience(exp: Experience, models: Models, cfg: PPOConfig):
     return exp
 
 
-class _Accum:
-    """Weighted running means for update statistics. Under torchrun, sums and weights are summed over
-    ranks (token-weighted means of the global batch), except `replicated` values, the same on every
-    rank already (a global loss or gradient norm)."""
-
-    def __init__(self):
-        self.sums, self.weights, self.replicated = {}, {}, set()
-
-    def add(self, key, value, weight=1.0, replicated=False):
-        self.sums[key] = self.sums.get(key, 0.0) + float(value) * float(weight)
-        self.weights[key] = self.weights.get(key, 0.0) + float(weight)
-        if replicated:
-            self.replicated.add(key)
-
-    def means(self):
-        sums, weights = dict(self.sums), dict(self.weights)
-        if M.distributed():
-            keys = sorted(k for k in sums if k not in self.replicated)
-            summed = M.all_sum(*(sums[k] for k in keys), *(weights[k] for k in keys))
-            sums.update(zip(keys, summed[:len(keys)]))
-            weights.update(zip(keys, summed[len(keys):]))
-        return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
-
-
 def _normalizer(cfg, mb_tokens, micro_tokens, n_micro):
     # token-mean: every token of the mini-batch weighs the same, whatever the micro-batching.
     # micro-token-mean (the original, D-P2): each micro-batch's token mean, averaged over micro-batches.
@@ -787,11 +494,6 @@ def _normalizer(cfg, mb_tokens, micro_tokens, n_micro):
     # the ranks' gradients are summed: the same update as one process (token-mean), or the original's
     # mean over all GPUs' micro-batches (micro-token-mean).
     return mb_tokens if cfg.loss_agg == "token-mean" else micro_tokens * n_micro
-
-
-def _global_sum(x):
-    """A scalar tensor summed over ranks (x itself without torchrun)."""
-    return x if not M.distributed() else torch.tensor(M.all_sum(x)[0], dtype=x.dtype, device=x.device)
 
 
 def update_critic(critic: Critic, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float):
@@ -953,26 +655,6 @@ def ppo_iteration(models: Models, prompts, reward_fn: Callable, cfg: PPOConfig, 
     return metrics, local_exp, outcomes
 
 
-def _all_rows(exp: Experience) -> Experience:
-    """The per-response tensors of every rank's experience, stacked in rank order (for metrics)."""
-    keep = ("scores", "ended", "response_mask", "rollout_logp", "old_logp", "ref_logp", "kl", "values", "rewards",
-            "advantages", "returns", "raw_advantages")
-    return replace(exp, **{k: M.all_gather_rows(getattr(exp, k)) for k in keep if getattr(exp, k) is not None})
-
-
-class _Timer:
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.t = time.perf_counter()
-
-    def lap(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt
-
-
 # -----------------------------------------------------------------------------
 # Countdown: prompts, the reward, validation
 
@@ -1008,37 +690,18 @@ def _judge(text, p, cfg):
     return s, correct, has_answer
 
 
-def countdown_reward(tokenizer: M.Tokenizer, problems, cfg: PPOConfig, origins=None, orm=None,
-                     prompts=None, outcomes: Optional[list] = None) -> Callable:
-    """reward_fn for ppo_iteration: rows i*samples .. i*samples+samples-1 answer problems[i].
-    Satori's options: origins[i] (--rae) is None for a problem's own prompt, "+" / "-" for a
-    restart cut from a right / wrong trajectory; restarts get the reflection bonus and are measured
-    apart. orm (--preference-bonus, with the prompts' token ids): sigmoid(r_psi) joins every score.
-    outcomes (with prompts): a list each call refills with (prompt + response ids, response text,
-    correct?) per row, the judgments Satori's buffers, ORM and correct.jsonl learn from."""
-    origins = origins or [None] * len(problems)
+def countdown_reward(tokenizer: M.Tokenizer, problems, cfg: PPOConfig, extension=None) -> Callable:
+    """reward_fn for ppo_iteration: rows i*samples .. i*samples+samples-1 answer problems[i]. An
+    extension (Satori) may add bonuses to the scores and measure its own rows apart (its reward hook)."""
 
     def reward_fn(responses):
         texts = [response_text(tokenizer, ids) for ids in responses]
         judged = [_judge(t, problems[i // cfg.samples], cfg) for i, t in enumerate(texts)]
-        origin = [origins[i // cfg.samples] for i in range(len(judged))]
-        scores = [s + reflection_bonus(o, ok, cfg.reflection_bonus) for (s, ok, _), o in zip(judged, origin)]
-        extra = {}
-        seqs = None if prompts is None else [list(prompts[i // cfg.samples]) + list(r) for i, r in enumerate(responses)]
-        if outcomes is not None:
-            outcomes[:] = [(q, t, j[1]) for q, t, j in zip(seqs, texts, judged)]
-        if orm is not None:
-            bonus = preference_bonus(orm, seqs, tokenizer.pad_id, cfg.infer_batch)
-            scores = [s + b for s, b in zip(scores, bonus)]
-            extra["preference_bonus_mean"] = sum(bonus) / len(bonus)
-        own = [j for j, o in zip(judged, origin) if o is None]
+        scores, extra, own = [s for s, _, _ in judged], {}, judged
+        if extension is not None:   # own: the judgments of the batch's own prompts (not Satori's restarts)
+            scores, own = extension.reward(responses, texts, judged, scores, extra)
         extra.update(accuracy=sum(j[1] for j in own) / max(len(own), 1),
                      format_rate=sum(j[2] for j in own) / max(len(own), 1))
-        if len(own) < len(judged):  # Satori's restarts: how often they end right, per buffer
-            for sign, name in (("+", "restart_pos_accuracy"), ("-", "restart_neg_accuracy")):
-                got = [j[1] for j, o in zip(judged, origin) if o == sign]
-                extra[name] = sum(got) / len(got) if got else None
-            extra["restart_frac"] = 1 - len(own) / len(judged)
         return scores, extra
     return reward_fn
 
@@ -1067,7 +730,7 @@ def validate(policy, tokenizer: M.Tokenizer, problems, cfg: PPOConfig, step: int
         parts = M.all_gather_objects(list(zip(rows, ended)))
         rows, ended = map(list, zip(*(part[i] for i in range(len(everything)) for part in parts if i < len(part))))
     if run is not None and M.is_main():
-        countdown.write_jsonl(run / "completions" / f"step_{step}.jsonl", rows)
+        files.write_jsonl(run / "completions" / f"step_{step}.jsonl", rows)
     n = len(rows)
     return {"val_accuracy": sum(r["correct"] for r in rows) / n, "val_score": sum(r["score"] for r in rows) / n,
             "val_format_rate": sum(r["format_ok"] for r in rows) / n,
@@ -1075,334 +738,273 @@ def validate(policy, tokenizer: M.Tokenizer, problems, cfg: PPOConfig, step: int
 
 
 # -----------------------------------------------------------------------------
-# Satori (optional): Restart-and-Explore and the reflection bonus
-#
-# A COAT trajectory is a chain of steps, each opened by a meta-action token (traces.COAT_TOKENS).
-# After each rollout, the trajectories of the batch's own prompts go to two buffers, D+ (right
-# answers) and D- (wrong ones). A restart takes one of them, keeps its first n - T steps (T >= 0
-# drawn per restart; n = its steps), appends <|reflect|>, and hands that to the policy as a prompt:
-# the policy learns to check work in progress, and to repair it (from D-) or keep it (from D+).
-# The reflection bonus makes those two lessons explicit: +beta when a restart from D- ends right,
-# -beta when one from D+ ends wrong; nothing otherwise.
+# Training
 
 
-def reflection_bonus(origin: Optional[str], correct: bool, beta: float) -> float:
-    """Satori's bonus for one response: origin None (a plain prompt), "+" or "-" (the restart's buffer)."""
-    if origin == "-" and correct:
-        return beta
-    if origin == "+" and not correct:
-        return -beta
-    return 0.0
+METRIC_KEYS = (
+    "step", "reward_mean", "accuracy", "format_rate", "response_length", "response_length_max", "truncated_frac",
+    "kl", "logp_mismatch", "sequence_reward_mean", "advantage_raw_mean", "entropy", "pg_loss", "actor_loss",
+    "pg_clipfrac", "ppo_kl", "value_loss", "vf_clipfrac", "value_mean", "return_mean", "explained_var",
+    "actor_grad_norm", "critic_grad_norm", "actor_lr", "critic_lr", "skipped_updates",
+    "val_accuracy", "val_score", "val_format_rate", "val_response_length", "val_truncated_frac",
+    "time_rollout", "time_reward", "time_prepare", "time_critic", "time_actor", "time_val", "time_step",
+    "tokens_per_s", "peak_mem_gb", "elapsed_s", "restart_frac", "restart_pos_accuracy", "restart_neg_accuracy",
+    "preference_bonus_mean", "orm_loss", "orm_pair_accuracy")
 
 
-_COAT_STEP = re.compile("|".join(re.escape(t) for t in traces.COAT_TOKENS.values()))
+class TrainingStopped(RuntimeError):
+    """Too many non-finite updates in a row."""
 
 
-def cut_back(text: str, back: int) -> Optional[str]:
-    """The reasoning of a COAT response with its last `back` steps removed and <|reflect|> appended,
-    or None when it has no complete reasoning (no </think>) or fewer than back + 1 steps."""
-    end = text.find("</think>")
-    if end < 0:
-        return None
-    starts = [m.start() for m in _COAT_STEP.finditer(text, 0, end)]
-    if back < 0 or len(starts) < back + 1:
-        return None
-    cuts = starts + [end]                      # step i is text[cuts[i]:cuts[i + 1]]
-    return text[:cuts[len(starts) - back]].rstrip() + " " + traces.COAT_TOKENS["reflect"]
+def train(cfg: PPOConfig) -> dict:
+    """Run (or resume) PPO as configured; returns the last metrics line."""
+    auto = cfg.device == "auto"
+    cfg = _resolve(cfg)
+    if auto and cfg.device == "cpu":   # no usable GPU: fine for a small model, a silent trap for a 3B one
+        M.refuse_cpu_fallback(param_count(_model_config(cfg.model)))
+    M.init_distributed(cfg.device, cfg.dist_timeout)   # nothing without torchrun
+    with files.lock_dir(cfg.out, "ppo.py run folder") if M.is_main() else nullcontext():  # one writer per --out
+        return _train(cfg)
 
 
-def coat_steps(text: str) -> int:
-    """Steps (meta-action tokens) in the reasoning of a response."""
-    end = text.find("</think>")
-    return len(_COAT_STEP.findall(text, 0, end if end >= 0 else len(text)))
+def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path) -> dict:
+    val_set = test_set[:cfg.n_val] if cfg.n_val else test_set
+
+    models, tokenizer = build_models(cfg, ckpt / "policy" if ckpt else init_path, init_path)
+    extension = _extension(cfg, models, tokenizer, init_path, run)   # Satori's hooks, or None
+    if cfg.cap_traces:
+        check_response_cap(tokenizer, cfg.cap_traces.split(","), cfg.max_response)
+    counters = {"actor_bad": 0, "critic_bad": 0, "elapsed_s": 0.0}
+    start = 0
+    if ckpt is not None:
+        start, saved_counters = load_training_state(ckpt, models, extension)
+        counters.update(saved_counters)
+
+    stop = {"requested": False}
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigint(signum, frame):
+            if stop["requested"]:
+                raise KeyboardInterrupt
+            stop["requested"] = True
+            print("\nCtrl-C: finishing this step, then checkpointing and stopping (Ctrl-C again aborts)", file=sys.stderr)
+        previous_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    def log(line):
+        row = {k: line.get(k) for k in METRIC_KEYS}
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # strict JSON
+        if M.is_main():
+            files.append_jsonl(run / "metrics.jsonl", row)
+        return row
+
+    row = {}
+    t_run = time.perf_counter() - counters["elapsed_s"]
+    try:
+        if start == 0 and cfg.val_before_train and cfg.val_every:
+            t = time.perf_counter()
+            row = log({"step": 0, **validate(sampling_policy(models), tokenizer, val_set, cfg, 0, run),
+                       "time_val": time.perf_counter() - t, "elapsed_s": time.perf_counter() - t_run})
+            if M.is_main():
+                print(f"step 0: val accuracy {row['val_accuracy']:.3f}, val score {row['val_score']:.3f}",
+                      file=sys.stderr)
+        from tqdm import tqdm
+        bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo",
+                   disable=not (cfg.progress and M.is_main()),
+                   file=sys.stderr, dynamic_ncols=True)
+        for step in bar:
+            t_step = time.perf_counter()
+            if models.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            problems = [train_set[i] for i in batch_indices(len(train_set), cfg.batch_prompts, step, cfg.seed)]
+            problems = rank_share(problems, cfg.mini_batch_prompts)   # all of them in one process
+            prompts = encode_prompts(tokenizer, problems, cfg)
+            if extension is not None:   # Satori: the batch's last prompts may restart from past trajectories
+                problems, prompts = extension.batch(problems, prompts, step)
+            reward_fn = countdown_reward(tokenizer, problems, cfg, extension)
+            metrics, _, (actor_ok, critic_ok) = ppo_iteration(models, prompts, reward_fn, cfg, step,
+                                                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+            if extension is not None:   # Satori: learn from this batch's outcomes
+                metrics.update(extension.after_step(step))
+            counters["actor_bad"] = _consecutive_bad(actor_ok, counters["actor_bad"])
+            counters["critic_bad"] = _consecutive_bad(critic_ok, counters["critic_bad"])
+            if metrics["skipped_updates"] and M.is_main():
+                print(f"step {step}: skipped {metrics['skipped_updates']} update(s) with a non-finite loss or gradient",
+                      file=sys.stderr)
+            metrics["time_step"] = time.perf_counter() - t_step
+            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+                t = time.perf_counter()
+                metrics.update(validate(sampling_policy(models), tokenizer, val_set, cfg, step, run))
+                metrics["time_val"] = time.perf_counter() - t
+            metrics["peak_mem_gb"] = _peak_memory_gb(models.device)
+            counters["elapsed_s"] = time.perf_counter() - t_run
+            row = log({"step": step, **metrics, "elapsed_s": counters["elapsed_s"]})
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}",
+                            **({"val": f"{row['val_accuracy']:.3f}"} if row["val_accuracy"] is not None else {}))
+            worst = max(counters["actor_bad"], counters["critic_bad"])
+            if M.distributed():   # a Ctrl-C that reached some ranks only stops them all after this step
+                stop["requested"] = not M.all_true(not stop["requested"])
+            if step % cfg.save_every == 0 or step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates:
+                save_checkpoint(run, step, models, tokenizer, cfg, counters, extension,
+                                last_save=step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates)
+            if worst >= cfg.max_bad_updates:
+                raise TrainingStopped(
+                    f"stopped at step {step}: {worst} optimizer updates in a row had a non-finite loss or gradient "
+                    f"(--max-bad-updates {cfg.max_bad_updates}); see {run / 'metrics.jsonl'}. Lower the learning "
+                    "rates, check the data, or resume from an earlier checkpoint with another --out")
+            if stop["requested"]:
+                if M.is_main():
+                    print(f"stopped after step {step}; checkpoint saved. Rerun the same command to continue.",
+                          file=sys.stderr)
+                break
+        bar.close()
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+    return row
+
+
+# ----- plumbing below: the config and its checks, memory, data, models, checkpoints, the CLI -----
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+_flag = runs.flag
 
 
 @dataclass
-class Restart:
-    problem: dict
-    prompt_ids: list      # the problem's prompt, the kept steps and <|reflect|>
-    origin: str           # "+" (cut from a right trajectory) or "-" (a wrong one)
-    back: int             # T, the steps cut back
+class PPOConfig:
+    """Every flag of a run, with the paper's defaults (paper_spec 2.1); written to config.json."""
+    # model and data
+    model: str = _flag("qwen2.5-3b", "initial checkpoint (policy, reference and critic backbone): a local folder, "
+                       "an alias or a Hub repo id")
+    out: str = _flag("runs/ppo", "run folder; rerunning with the same --out resumes from its newest checkpoint")
+    train_data: Optional[str] = _flag(None, "JSONL of training problems {\"nums\": [...], \"target\": int}, e.g. the real "
+                                      "Countdown-Tasks-3to4 rows; default: generated with countdown.make_splits")
+    test_data: Optional[str] = _flag(None, "JSONL of test problems (give both files or neither)")
+    distribution: str = _flag("rl", "problem distribution for generated data", choices=("rl", "priming"))
+    n_train: int = _flag(0, "generated training problems (0 = steps x batch-prompts: one pass, as the paper's run, "
+                         "which stopped long before its first epoch ended)")
+    n_test: int = _flag(1024, "generated test problems (paper: 1,024)")
+    n_val: int = _flag(0, "validate on the first N test problems (0 = all)")
+    template: str = _flag("base", "prompt template from countdown.PROMPT_TEMPLATES", choices=("base", "qwen-instruct"))
+    seed: int = _flag(0, "seed for the data, its order, the sampling and the critic head")
+    # rollout
+    steps: int = _flag(250, "PPO iterations (the paper analyses steps 0-250)")
+    batch_prompts: int = _flag(256, "prompts per iteration (paper: 256)")
+    samples: int = _flag(4, "responses sampled per prompt (paper: 4, so 1,024 sequences per iteration)")
+    temperature: float = _flag(1.0, "sampling temperature of the rollouts; log-probs use the same one")
+    top_p: float = _flag(1.0, "nucleus sampling of the rollouts: only 1 (off, the paper's) is accepted, since the "
+                         "log-probs PPO uses are those of the untruncated policy")
+    max_prompt: int = _flag(256, "longest prompt in tokens; a longer one is an error")
+    max_response: int = _flag(1024, "most new tokens per response; a response without EOS is truncated and scored as is")
+    cap_traces: str = _flag("", "comma-separated JSONL files of the traces the policy was primed on: PPO refuses to "
+                            "start when --max-response is below the p99 of their completions in the policy's tokens "
+                            "(a cap that cuts the longer traces makes RL punish them)")
+    # reward
+    format_score: float = _flag(0.1, "reward for a parsable but wrong <answer> on the last line")
+    correct_score: float = _flag(1.0, "reward for a correct answer")
+    lenient: bool = _flag(False, "take the last <answer> anywhere in the response, not only on the last line")
+    rule_reward: str = _flag("paper", "outcome reward: paper (correct-score / format-score / 0) or satori (0 right, "
+                             "-1 wrong)", choices=("paper", "satori"))
+    # Satori (optional; README "Satori"): Restart-and-Explore over COAT trajectories, reflection bonus
+    rae: bool = _flag(False, "Restart-and-Explore: part of each batch restarts from the policy's own past "
+                      "trajectories, cut back at a COAT step boundary and followed by <|reflect|> (needs a "
+                      "format-tuned model: sft.py --add-tokens coat)")
+    rae_ratio: float = _flag(0.5, "fraction of each batch's prompts that are restarts (once the buffers hold some)")
+    rae_max_back: int = _flag(4, "T, the COAT steps cut back, is drawn uniformly from 0..min(this, steps - 1)")
+    rae_buffer: int = _flag(1024, "trajectories kept in each restart buffer, D+ (correct) and D- (wrong); the "
+                            "oldest go first")
+    reflection_bonus: float = _flag(0.0, "beta: +beta when a restart from a wrong trajectory ends right, -beta when "
+                                    "one from a right trajectory ends wrong (Satori: 0.5)")
+    preference_bonus: bool = _flag(False, "add sigmoid(r_psi(x, y)) to the reward, r_psi an outcome reward model (the "
+                                   "critic's architecture) trained Bradley-Terry on right-vs-wrong pairs of the policy's "
+                                   "own samples, one step per iteration (one more model in memory; not in the budget)")
+    orm_lr: float = _flag(0.0, "learning rate of the outcome reward model (0 = --critic-lr)")
+    save_correct: bool = _flag(False, "append the rollouts that answered their own problem right to <out>/correct.jsonl "
+                               "as SFT rows (query, completion): the data of Satori's distillation round")
+    # algorithm
+    adv: str = _flag("gae", "advantage estimator: gae (PPO with a critic, the paper) or grpo (group-normalized "
+                     "sequence rewards, no critic: saves a model's worth of memory)", choices=("gae", "grpo"))
+    gamma: float = _flag(1.0, "GAE discount")
+    lam: float = _flag(1.0, "GAE lambda")
+    kl_coef: float = _flag(0.001, "beta: weight of the per-token KL penalty in the reward (0 = no reference model)")
+    kl_estimator: str = _flag("k1", "per-token KL estimator: k1 = logp - ref (the paper); k3 = low_var_kl; abs; mse",
+                              choices=("k1", "kl", "k3", "low_var_kl", "abs", "mse"))
+    clip_ratio: float = _flag(0.2, "PPO clip epsilon for the probability ratio")
+    value_clip: float = _flag(0.5, "clip range of the value update around the old values")
+    entropy_coef: float = _flag(0.001, "entropy bonus weight in the actor loss")
+    ppo_epochs: int = _flag(1, "passes over each iteration's data")
+    mini_batch_prompts: int = _flag(128, "prompts per actor optimizer step (x samples sequences; paper: 128)")
+    micro_batch: int = _flag(0, "sequences per forward/backward (gradient accumulation); memory only, unless "
+                             "--loss-agg micro-token-mean (0 = 4, or the original's 4 with --fidelity)")
+    critic_micro_batch: int = _flag(0, "sequences per critic forward/backward (0 = --micro-batch; --fidelity: 1)")
+    infer_batch: int = _flag(16, "sequences per no-grad forward (old log-probs, reference, values)")
+    # fidelity switches (the original's quirks, off by default)
+    fidelity: bool = _flag(False, "reproduce the original's quirks: --critic-mini-batch = mini-batch-prompts, "
+                           "--loss-agg micro-token-mean with micro-batches 4 (actor) / 1 (critic), "
+                           "--lr-zero-first-step, --value-post-eos")
+    critic_mini_batch: int = _flag(0, "sequences per critic optimizer step (0 = mini-batch-prompts x samples, the "
+                                   "actor's; the original: mini-batch-prompts, i.e. 4x more critic steps, D-P1)")
+    loss_agg: str = _flag("token-mean", "loss aggregation: token-mean over the mini-batch, or the original's mean over "
+                          "micro-batches of micro-batch token means (D-P2)", choices=("token-mean", "micro-token-mean"))
+    lr_zero_first_step: bool = _flag(False, "lr 0 for the whole first iteration, as the original's schedule (D-P3)")
+    value_post_eos: bool = _flag(False, "also train V on the state after the EOS toward 0, as the original (D-P6)")
+    # optimizer
+    actor_lr: float = _flag(1e-6, "actor learning rate (constant; paper: 1e-6)")
+    critic_lr: float = _flag(1e-5, "critic learning rate (constant; paper: 1e-5)")
+    adam_beta1: float = _flag(0.9, "AdamW beta1")
+    adam_beta2: float = _flag(0.999, "AdamW beta2")
+    adam_eps: float = _flag(1e-8, "AdamW epsilon")
+    weight_decay: float = _flag(0.01, "AdamW weight decay (every parameter, as the original)")
+    grad_clip: float = _flag(1.0, "clip each model's global gradient norm to this")
+    # schedule, checkpoints, logging
+    val_every: int = _flag(10, "validate every N steps (0 = never); also at step 0 with --val-before-train")
+    val_before_train: bool = _flag(True, "validate the initial model (step 0)")
+    val_temperature: float = _flag(0.0, "validation decoding: 0 = greedy (veRL's validation during training); "
+                                   "1.0 = one seeded sample per problem, the accuracy the paper's result tables "
+                                   "and behavior counts use")
+    save_every: int = _flag(10, "checkpoint every N steps; the last step is always checkpointed")
+    state_checkpoints: str = _flag("auto", "which checkpoints keep the training state needed to resume: last (older "
+                                   "state.pt files are deleted), all, final (only the run's last save, or a stop), "
+                                   "none (weights-only saves), auto (last if the disk has room, else none, said at "
+                                   "start; a 3B state is ~75 GiB)", choices=("auto", "last", "all", "final", "none"))
+    keep_policies: int = _flag(3, "step folders kept: the newest N (their policy and any state); 0 = all (a 3B "
+                               "policy folder is 5.75 GiB, 25 of them over the paper's run)")
+    state_dir: str = _flag("", "write the training states here (e.g. another disk) and link them from the step "
+                           "folders")
+    max_bad_updates: int = _flag(3, "stop after this many optimizer updates in a row were skipped for a non-finite "
+                                 "loss or gradient")
+    resume: bool = _flag(False, "require an existing run in --out to continue (a rerun resumes automatically anyway)")
+    progress: bool = _flag(True, "show a tqdm progress bar")
+    # device and memory
+    device: str = _flag("auto", "cuda, cpu or auto (cuda when available)")
+    dtype: str = _flag("auto", "weights and compute dtype: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32",
+                       choices=("auto", "bfloat16", "float32"))
+    optim_device: str = _flag("auto", "where fp32 master weights and Adam moments live: auto (the GPU if the "
+                              "budget fits, else cpu), cpu, device", choices=("auto", "cpu", "device"))
+    ref_offload: bool = _flag(True, "keep the reference model in host memory between uses (cuda only)")
+    grad_checkpointing: bool = _flag(True, "recompute each layer in backward (much less activation memory)")
+    rollout_batch: int = _flag(0, "prompts per generation call; bounds the KV cache (0 = auto from the budget)")
+    compile_rollout: bool = _flag(False, "generate with model.py's fast path: static shapes + torch.compile of the "
+                                  "decode step (CUDA graphs; for cuda, unverified here)")
+    val_batch: int = _flag(0, "prompts per validation generation call (0 = auto)")
+    logprob_chunk: int = _flag(1024, "tokens per chunk of the LM head in log-prob/entropy computation")
+    gpu_memory_gb: float = _flag(0.0, "GPU memory for the automatic choices (0 = the device's; 80 without one)")
+    threads: int = _flag(0, "CPU threads for torch (0 = torch's default)")
+    print_budget: bool = _flag(False, "print the memory budget for these settings and exit (reads only config.json)")
+    dist_timeout: int = _flag(M.DIST_TIMEOUT_S, "under torchrun: seconds a collective waits for the other ranks before "
+                              "this one stops with an error (a rank died or hangs)")
 
 
-class RestartBuffers:
-    """D+ and D-: (problem, response text) of past trajectories with complete reasoning, newest last."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.pos: list = []
-        self.neg: list = []
-
-    def add(self, problem: dict, text: str, correct: bool):
-        if coat_steps(text) == 0 or "</think>" not in text:
-            return                              # nothing to restart from
-        buf = self.pos if correct else self.neg
-        buf.append((problem, text))
-        del buf[:-self.size]
-
-    def state_dict(self) -> dict:
-        return {"pos": [[p, t] for p, t in self.pos], "neg": [[p, t] for p, t in self.neg]}
-
-    def load_state_dict(self, d: dict):
-        self.pos = [(p, t) for p, t in d["pos"]][-self.size:]
-        self.neg = [(p, t) for p, t in d["neg"]][-self.size:]
-
-
-def sample_restarts(buffers: RestartBuffers, k: int, rng: random.Random, tokenizer: M.Tokenizer,
-                    cfg: PPOConfig) -> list:
-    """Up to k restarts: a buffer at random (each half the time while both hold trajectories), a
-    trajectory of it uniformly, T uniformly in 0..min(--rae-max-back, steps - 1). Restarts longer
-    than --max-prompt tokens are skipped."""
-    out = []
-    for _ in range(4 * k):                     # a few spare draws for the skipped ones
-        if len(out) == k or not (buffers.pos or buffers.neg):
-            break
-        origin = rng.choice([b for b, buf in (("+", buffers.pos), ("-", buffers.neg)) if buf])
-        problem, text = rng.choice(buffers.pos if origin == "+" else buffers.neg)
-        back = rng.randint(0, min(cfg.rae_max_back, coat_steps(text) - 1))
-        prefix = cut_back(text, back)
-        ids = encode_prompts(tokenizer, [problem], cfg)[0] + tokenizer.encode(prefix)
-        if len(ids) <= cfg.max_prompt:
-            out.append(Restart(problem, ids, origin, back))
-    return out
-
-
-def fill_restart_buffers(buffers: RestartBuffers, rows, problems, origins, samples: int):
-    """Put this batch's trajectories of its own prompts (not the restarts' continuations) in D+ / D-."""
-    for i, (_, text, correct) in enumerate(rows):
-        if origins[i // samples] is None:
-            buffers.add(problems[i // samples], text, correct)
-
-
-def save_correct_rows(path: Path, rows, problems, origins, step: int, cfg: PPOConfig):
-    """Append the right answers to the batch's own prompts as SFT rows (a restart's continuation is
-    not a whole trajectory)."""
-    for i, (_, text, correct) in enumerate(rows):
-        p = problems[i // cfg.samples]
-        if correct and origins[i // cfg.samples] is None:
-            countdown.append_jsonl(path, {"query": countdown.make_prompt(p["nums"], p["target"], cfg.template),
-                                          "completion": text, "nums": p["nums"], "target": p["target"], "step": step})
-
-
-# The preference bonus. An outcome reward model r_psi (the critic's architecture; its score is the
-# head's output at the last token) learns from the policy's own samples: for a prompt with a right
-# response y+ and a wrong one y-, Bradley-Terry models P(y+ preferred) = sigmoid(r(y+) - r(y-)), and
-# the loss is -log of it, averaged over every such pair in the batch. sigmoid(r_psi(x, y)) in (0, 1)
-# joins the rule reward; each batch is scored before the ORM trains on it.
-
-
-def bradley_terry_loss(r_pos, r_neg):
-    """-log sigmoid(r+ - r-), the mean over pairs."""
-    return -F.logsigmoid(r_pos - r_neg).mean()
-
-
-def orm_scores(orm: Critic, sequences, pad_id: int) -> torch.Tensor:
-    """r_psi of each token list (prompt + response): the head at its last token. Right-padded and
-    unmasked: in a causal model no real token attends to the padding after it."""
-    device = orm.score.weight.device
-    lengths = torch.tensor([len(q) for q in sequences], device=device)
-    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
-    for i, q in enumerate(sequences):
-        ids[i, :len(q)] = torch.as_tensor(q, dtype=torch.long)
-    return orm(ids.to(device))[torch.arange(len(sequences), device=device), lengths - 1]
-
-
-@torch.no_grad()
-def preference_bonus(orm: Critic, sequences, pad_id: int, batch: int) -> list:
-    orm.eval()
-    return [b for i in range(0, len(sequences), batch)
-            for b in torch.sigmoid(orm_scores(orm, sequences[i:i + batch], pad_id)).tolist()]
-
-
-def preference_pairs(correct, group: int) -> list:
-    """(right row, wrong row) for every such pair within each prompt's group of samples."""
-    return [(i, j) for g in range(0, len(correct), group) for i in range(g, g + group)
-            for j in range(g, g + group) if correct[i] and not correct[j]]
-
-
-def update_orm(orm: Critic, opt: MasterAdamW, sequences, correct, cfg: PPOConfig, pad_id: int) -> dict:
-    """One optimizer step on the Bradley-Terry loss of the batch's pairs, a prompt group at a time."""
-    pairs = preference_pairs(correct, cfg.samples)
-    if not pairs:
-        return {}
-    orm.train()
-    opt.zero_grad()
-    loss_sum, ranked = 0.0, 0
-    for g in range(0, len(sequences), cfg.samples):
-        group = [(i - g, j - g) for i, j in pairs if g <= i < g + cfg.samples]
-        if group:
-            r = orm_scores(orm, sequences[g:g + cfg.samples], pad_id)
-            pos, neg = r[[i for i, _ in group]], r[[j for _, j in group]]
-            loss = bradley_terry_loss(pos, neg) * (len(group) / len(pairs))   # the mean over all pairs
-            loss.backward()
-            loss_sum += loss.item()
-            ranked += int((pos > neg).sum())
-    norm, ok = opt.step(cfg.orm_lr or cfg.critic_lr, cfg.grad_clip)
-    if not ok:
-        opt.zero_grad()
-    orm.eval()
-    return {"orm_loss": loss_sum, "orm_pair_accuracy": ranked / len(pairs)}
-
-
-# -----------------------------------------------------------------------------
-# Data
-
-
-def _read_problems(path) -> list:
-    rows = countdown.read_jsonl(path)
-    for i, r in enumerate(rows):
-        ok = (isinstance(r, dict) and isinstance(r.get("nums"), list) and r["nums"]
-              and all(isinstance(x, int) for x in r["nums"]) and isinstance(r.get("target"), int))
-        if not ok:
-            raise ValueError(f"{path}: row {i + 1} is not a problem {{\"nums\": [ints], \"target\": int}}: {str(r)[:80]}")
-    if not rows:
-        raise ValueError(f"{path} holds no problems")
-    return [{"nums": r["nums"], "target": r["target"], "id": r.get("id", i)} for i, r in enumerate(rows)]
-
-
-def load_problems(cfg: PPOConfig, run: Path):
-    """(train, test): the run folder's copy when resuming, else --train/test-data, else generated."""
-    data = run / "data"
-    if (data / "train.jsonl").is_file() and (data / "test.jsonl").is_file():
-        return _read_problems(data / "train.jsonl"), _read_problems(data / "test.jsonl")
-    if bool(cfg.train_data) != bool(cfg.test_data):
-        raise ValueError("give both --train-data and --test-data, or neither (then problems are generated)")
-    if cfg.train_data:
-        train, test = _read_problems(cfg.train_data), _read_problems(cfg.test_data)
-    else:
-        n_train = cfg.n_train or cfg.steps * cfg.batch_prompts
-        print(f"generating {n_train} training and {cfg.n_test} test problems ({cfg.distribution!r}, seed {cfg.seed}) ...",
-              file=sys.stderr)
-        train, test = countdown.make_splits(n_train, cfg.n_test, distribution=cfg.distribution, seed=cfg.seed)
-    if len(train) < cfg.batch_prompts:
-        raise ValueError(f"{len(train)} training problems, fewer than one batch (--batch-prompts {cfg.batch_prompts})")
-    countdown.write_jsonl(data / "test.jsonl", test)     # a copy in the run folder: what this run used
-    countdown.write_jsonl(data / "train.jsonl", train)
-    return train, test
-
-
-_ORDERS = {}
-
-
-def batch_indices(n: int, batch: int, step: int, seed: int) -> list:
-    """Problems of iteration `step` (1-based): a seeded shuffle per epoch, last partial batch dropped."""
-    per_epoch = n // batch
-    epoch, j = divmod(step - 1, per_epoch)
-    key = (n, seed, epoch)
-    if key not in _ORDERS:
-        order = list(range(n))
-        random.Random(f"ppo-order:{seed}:{epoch}").shuffle(order)
-        _ORDERS.clear()
-        _ORDERS[key] = order
-    return _ORDERS[key][j * batch:(j + 1) * batch]
-
-
-def rank_share(problems, group: int) -> list:
-    """This rank's problems of an iteration under torchrun (all of them in one process): the r-th
-    1/W of every consecutive `group` (a mini-batch of prompts), so that the ranks' k-th local
-    mini-batches together hold exactly the single-process k-th mini-batch's prompts."""
-    r, w = M.rank(), M.world_size()
-    lo, hi = r * group // w, (r + 1) * group // w
-    return [p for i in range(0, len(problems), group) for p in problems[i:i + group][lo:hi]]
-
-
-# -----------------------------------------------------------------------------
-# Memory budget (computed from the architecture, not measured)
-
-
-param_count = M.param_count   # in model.py, where sft.py's device check uses it too
-
-
-def memory_budget(cfg: PPOConfig, mc: M.ModelConfig) -> dict:
-    """Bytes of each resident item, where it lives, and the device peak of each phase."""
-    cuda = cfg.device == "cuda"
-    wb = 2 if cfg.dtype == "bfloat16" else 4
-    n_pol = param_count(mc)
-    n_crit = (n_pol - (0 if mc.tie_word_embeddings else mc.vocab_size * mc.hidden_size) + mc.hidden_size + 1
-              if cfg.adv == "gae" else 0)
-    n_ref = n_pol if cfg.kl_coef > 0 else 0
-    optim_on_device = not cuda or cfg.optim_device != "cpu"
-    mixed = wb != 4 or not optim_on_device
-    D, I, L, H = mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers, mc.num_attention_heads
-    S = cfg.max_prompt + cfg.max_response
-    kv_row = S * L * 2 * mc.num_key_value_heads * mc.head_dim * wb
-    layer_act = lambda b: b * S * (10 * D + 4 * I) * wb + b * H * S * S * wb  # noqa: E731  one layer, rough
-    micro = max(cfg.micro_batch or 4, cfg.critic_micro_batch or 1)
-    train_act = (micro * S * D * wb * L + layer_act(micro)) if cfg.grad_checkpointing else L * layer_act(micro)
-    chunk = 3 * cfg.logprob_chunk * mc.vocab_size * 4
-    rows = (cfg.rollout_batch or cfg.batch_prompts) * cfg.samples
-    # the compiled decode step samples with pre-drawn noise [rows, vocab] fp32 kept beside its cache
-    noise = rows * mc.vocab_size * 4 if cfg.compile_rollout else 0
-    optim = (4 * (n_pol + n_crit) if mixed else 0) + 8 * (n_pol + n_crit)
-    # generation also holds fp32 logits and their softmax for every row, and one layer of the prefill
-    gen_work = 3 * rows * mc.vocab_size * 4 + (rows // cfg.samples) * cfg.max_prompt * (10 * D + 4 * I) * wb
-    dev = "gpu" if cuda else "cpu"
-    ref_where = "cpu" if (cuda and cfg.ref_offload) else dev
-    # offloaded optimizer: pinned masters and the gradients' non-blocking copies (one model at a time;
-    # torch's pinned-block cache keeps them), allocated exactly (exact_pinning), not rounded up to 2^k
-    host_grads = 4 * max(n_pol, n_crit) if not optim_on_device else 0
-    pinned = (4 * (n_pol + n_crit) + host_grads) if not optim_on_device else 0
-    items = [  # (name, bytes, where)
-        ("policy weights", n_pol * wb, dev),
-        ("critic weights", n_crit * wb, dev),
-        ("reference weights", n_ref * wb, ref_where),
-        ("fp32 master weights (policy + critic)", 4 * (n_pol + n_crit) if mixed else 0,
-         "cpu, pinned" if not optim_on_device else dev),
-        ("Adam moments m, v fp32 (policy + critic)", 8 * (n_pol + n_crit), "cpu" if not optim_on_device else dev),
-        ("fp32 gradients (one model at a time)", 4 * max(n_pol, n_crit), dev),
-        ("their copies on the host for the CPU optimizer", host_grads, "cpu, pinned"),
-        (f"rollout KV cache ({rows} rows x {S} tokens)", rows * kv_row, dev),
-        ("compiled sampler's noise (rows x vocab fp32; --compile-rollout)", noise, dev),
-        ("generation working set (~: logits, prefill layer)", gen_work, dev),
-        ("training activations (~, per micro-batch)", train_act, dev),
-        ("log-prob chunk (~)", chunk, dev),
-    ]
-    base = n_pol * wb + n_crit * wb + (n_ref * wb if ref_where == dev else 0) + (optim if optim_on_device else 0)
-    kept = rows * kv_row + noise if cfg.compile_rollout else 0   # the compiled path's cache outlives the rollout
-    phases = {
-        "rollout": base + rows * kv_row + noise + gen_work,
-        "old/ref log-probs, values": base + kept + (n_ref * wb if ref_where != dev else 0)
-        + layer_act(cfg.infer_batch) + chunk,
-        "update": base + kept + 4 * max(n_pol, n_crit) + train_act + chunk,
-    }
-    host_extra = (n_ref * wb if ref_where == "cpu" and cuda else 0) + (optim if not optim_on_device else 0) + host_grads
-    state = n_crit * wb + optim
-    return {"params_policy": n_pol, "params_critic": n_crit, "items": items, "phases": phases,
-            "device_peak": max(phases.values()), "host": host_extra if cuda else max(phases.values()),
-            "pinned": pinned if cuda else 0,
-            "checkpoint_policy": n_pol * wb, "checkpoint_state": state, "kv_per_row": kv_row}
-
-
-def _params(n) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
-
-
-def _size(n) -> str:
-    return f"{n / 2**30:8.2f} GiB" if n >= 2**27 else f"{n / 2**20:8.2f} MiB"
-
-
-def format_budget(b: dict, cfg: PPOConfig) -> str:
-    lines = [f"memory budget (computed, not measured) for {_params(b['params_policy'])}-parameter policy, "
-             f"{_params(b['params_critic'])} critic; dtype {cfg.dtype}, device {cfg.device}, "
-             f"optimizer on {cfg.optim_device}, reference offload {cfg.ref_offload and cfg.device == 'cuda'}:"]
-    for name, n, where in b["items"]:
-        if n:
-            lines.append(f"  {name:<50} {_size(n)}  [{where}]")
-    for name, n in b["phases"].items():
-        lines.append(f"  peak during {name:<38} {_size(n)}  [{'gpu' if cfg.device == 'cuda' else 'cpu'}]")
-    if cfg.device == "cuda":
-        lines.append(f"  {'host memory held (offloaded parts)':<50} {_size(b['host'])}  [cpu]")
-        lines.append(f"  {'  of which pinned (page-locked)':<50} {_size(b['pinned'])}  [cpu]")
-    lines.append("  resume reads the training state memory-mapped (page cache), never a second copy in memory")
-    lines.append("  glibc's malloc keeps freed heap pages: RSS can run ~10% above this at small scale "
-                 "(MALLOC_MMAP_THRESHOLD_=131072 returns them; bench/bench_ppo.py --memory-only)")
-    lines.append(f"  per checkpoint: policy folder {_size(b['checkpoint_policy']).strip()}, training state "
-                 f"{_size(b['checkpoint_state']).strip()} (--state-checkpoints {cfg.state_checkpoints})")
-    return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# Config resolution
+# Settings that may change when a run is resumed (speed and memory knobs, the run length, logging);
+# everything else must match config.json. rollout/infer batch sizes change which sampled bits
+# come out of the generator, so a resume with a different one is valid but not bit-identical.
+_RESUMABLE_CHANGES = {"steps", "resume", "progress", "device", "threads", "max_bad_updates", "print_budget",
+                      "val_every", "save_every", "state_checkpoints", "rollout_batch", "val_batch", "infer_batch",
+                      "logprob_chunk", "gpu_memory_gb", "optim_device", "ref_offload", "compile_rollout",
+                      "dist_timeout", "keep_policies", "state_dir"}
 
 
 def _resolve(cfg: PPOConfig) -> PPOConfig:
@@ -1461,314 +1063,81 @@ def _resolve(cfg: PPOConfig) -> PPOConfig:
     return c
 
 
+# -----------------------------------------------------------------------------
+# Memory: the budget and the disk (plumbing/memory.py), for this model
+
+
+param_count = M.param_count   # in model.py, where sft.py's device check uses it too
+
+
+
+def memory_budget(cfg: PPOConfig, mc: M.ModelConfig) -> dict:
+    """Bytes of each resident item, where it lives, and the device peak of each phase (plumbing/memory.py)."""
+    return memory.memory_budget(cfg, mc, param_count(mc))
+
+
 def _resolve_memory(cfg: PPOConfig, mc: M.ModelConfig) -> PPOConfig:
     """Pick the optimizer's device and the generation batch sizes from the budget (cuda), or trivially (cpu)."""
-    c = replace(cfg)
-    if c.device != "cuda":
-        c.optim_device = "device"
-        c.rollout_batch = c.rollout_batch or c.batch_prompts
-        if c.compile_rollout:   # validation calls with the rollout's rows reuse its compiled graphs
-            c.val_batch = c.val_batch or c.rollout_batch * c.samples
-        return c
-    gpu = c.gpu_memory_gb * 2**30 if c.gpu_memory_gb else (
-        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30)
-    usable = 0.85 * gpu   # headroom for the allocator's fragmentation and CUDA's own context
-    if M.distributed():   # the budget below is one process's plan; under FSDP each GPU holds 1/N of the weights
-        c.optim_device = "device" if c.optim_device == "auto" else c.optim_device   # and of the Adam state
-        c.rollout_batch = c.rollout_batch or c.batch_prompts // M.world_size()     # all of a rank's prompts at once
-    if c.optim_device == "auto":
-        trial = replace(c, optim_device="device", rollout_batch=c.rollout_batch or 1)
-        c.optim_device = "device" if memory_budget(trial, mc)["device_peak"] <= usable else "cpu"
-    b = memory_budget(replace(c, rollout_batch=c.rollout_batch or 1), mc)
-    per_row = (b["kv_per_row"] + 3 * mc.vocab_size * 4                       # cache, logits
-               + c.max_prompt * (10 * mc.hidden_size + 4 * mc.intermediate_size) * 2)   # prefill layer
-    room = usable - (b["phases"]["rollout"] - c.samples * per_row)
-    rows = int(room // per_row)
-    if c.compile_rollout:   # its cache stays through the updates too: both phases must fit
-        kept_row = b["kv_per_row"] + mc.vocab_size * 4                      # cache and sampler noise
-        rows = min(rows, int((usable - (b["phases"]["update"] - c.samples * kept_row)) // kept_row))
-    if not c.rollout_batch:   # the most prompts that fit, in calls of equal size (one compiled row count)
-        most = max(1, min(c.batch_prompts, rows // c.samples))
-        calls = next(k for k in range(math.ceil(c.batch_prompts / most), c.batch_prompts + 1)
-                     if c.batch_prompts % k == 0)
-        c.rollout_batch = c.batch_prompts // calls
-    if not c.val_batch:   # validation prompts (1 sample each) per call: the rollout's row count, whose graphs
-        c.val_batch = c.rollout_batch * c.samples   # --compile-rollout has compiled already; its memory fits
-    return c
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints and the run folder
-
-
-def _step_dirs(run: Path) -> dict:
-    out = {}
-    for d in (run / "checkpoints").glob("step_*"):
-        if d.is_dir() and d.name[5:].isdigit():
-            out[int(d.name[5:])] = d
-    return out
-
-
-def latest_checkpoint(run: Path) -> Optional[Path]:
-    """The newest checkpoint folder that can be resumed (one with a state.pt)."""
-    dirs = {s: d for s, d in _step_dirs(run).items() if (d / "state.pt").is_file()}
-    return dirs[max(dirs)] if dirs else None
-
-
-def _remove_state(p: Path):
-    """Delete a step folder's state.pt, and the file it links to under --state-dir."""
-    target = p.resolve()
-    p.unlink()
-    if target != p.absolute():
-        target.unlink(missing_ok=True)
-
-
-def _make_room_for_state(run: Path, step: int, where: Path):
-    """With --state-checkpoints last, the previous state.pt is deleted once the new one is in place,
-    so a crash mid-save still leaves one to resume from; but that needs room for two (2 x 75 GiB for
-    3B). When the disk has no room for a second one, delete the previous one first, and say so."""
-    old = [d / "state.pt" for s, d in _step_dirs(run).items() if s != step and (d / "state.pt").is_file()]
-    if not old:
-        return
-    need = max(p.stat().st_size for p in old) * 1.05 + 2**26    # the new one is as big, plus a margin
-    if shutil.disk_usage(where).free >= need:
-        return
-    print(f"{run}: no disk room for a second training state ({need / 2**30:.1f} GiB); deleting the previous "
-          "one before writing the new one (a crash during this save would leave no state to resume from)",
-          file=sys.stderr)
-    for p in old:
-        _remove_state(p)
-
-
-def _existing(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists():
-        path = path.parent
-    return path
+    return memory.plan_memory(cfg, mc, param_count(mc), M.world_size(), M.distributed())
 
 
 def disk_preflight(cfg: PPOConfig, mc: M.ModelConfig, run: Path, start: int = 0) -> PPOConfig:
-    """Compare the free disk with what the run's checkpoints will occupy at their peak (the kept
-    policy folders plus the one being written, the training states); resolve --state-checkpoints
-    auto (last if it fits, else none, said on stderr); raise ValueError with the numbers and the
-    options when the chosen policy does not fit."""
-    c = replace(cfg)
-    b = memory_budget(c, mc)
-    policy = b["checkpoint_policy"] * 1.01 + 2**25                   # + tokenizer and config files
-    state = b["checkpoint_state"] * 1.01 + 2**20
-    saves = len({s for s in range(start + 1, c.steps + 1) if s % c.save_every == 0 or s == c.steps})
-    folders = min(saves, c.keep_policies + 1 if c.keep_policies else saves)   # + the one being written
-    states = {"none": 0, "final": 1, "last": 1, "all": folders, "auto": 1}[c.state_checkpoints]
-    run_disk = _existing(run)
-    state_disk = _existing(Path(c.state_dir)) if c.state_dir else run_disk
-    same = os.stat(run_disk).st_dev == os.stat(state_disk).st_dev
-    free_run, free_state = shutil.disk_usage(run_disk).free, shutil.disk_usage(state_disk).free
+    """Resolve --state-checkpoints auto and check the checkpoints fit the disk (plumbing/memory.py)."""
+    return memory.disk_preflight(cfg, mc, run, start, n_params=param_count(mc), verbose=M.is_main())
 
-    def fits(n_states):
-        if same:
-            return folders * policy + n_states * state <= free_run
-        return folders * policy <= free_run and n_states * state <= free_state
-    if c.state_checkpoints == "auto":
-        c.state_checkpoints = "last" if fits(1) else "none"
-        if c.state_checkpoints == "none" and fits(0) and M.is_main():
-            print(f"disk: no room for a training state ({state / 2**30:.1f} GiB) beside {folders} policy folders "
-                  f"({folders * policy / 2**30:.1f} GiB) in {free_run / 2**30:.1f} GiB free: saving weights only "
-                  "(--state-checkpoints none), so a stopped run cannot resume its optimizer; for that give "
-                  "--state-dir on a disk with room", file=sys.stderr)
-        states = 1 if c.state_checkpoints == "last" else 0
-    if fits(states):
-        return c
-    where = f"{_size(free_run).strip()} free in {run_disk}" + (
-        "" if same else f", {_size(free_state).strip()} in {state_disk}")
-    gib = lambda n: _size(n).strip()   # noqa: E731
-    raise ValueError(
-        f"not enough disk for this run's checkpoints: {saves} saves keep up to {folders} policy folders of "
-        f"{gib(policy)} ({gib(folders * policy)}) and {states} training state(s) of {gib(state)} "
-        f"({gib(states * state)}) at once; {where}. Options: "
-        "--keep-policies N (keep the newest N step folders), --state-checkpoints none (weights-only saves) or "
-        "final (the state only at the end), --state-dir PATH (states on another disk), --save-every N, or free "
-        "some disk")
-
-
-def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOConfig, counters: dict,
-                    rae: Optional[RestartBuffers] = None, last_save: bool = True) -> Path:
-    """checkpoints/step_<N>/{policy/, state.pt}, written in a temp folder and renamed into place.
-    Under torchrun every rank gathers its shards and rank 0 writes the same files, plus the fp32
-    policy (the master weights) and the world size in state.pt."""
-    ck = run / "checkpoints"
-    with_state = cfg.state_checkpoints in ("last", "all", "auto") or (cfg.state_checkpoints == "final" and last_save)
-    last_only = cfg.state_checkpoints in ("last", "final", "auto")   # older states go once this one is in place
-    final = ck / f"step_{step}"
-    policy, trained = models.policy, None
-    if M.distributed():
-        policy = M.gather_full(models.policy, device="cpu", dtype=cfg.dtype, rank0_only=True)
-        if with_state:
-            trained = _full_training_state(models)
-        if not M.is_main():
-            M.barrier()   # until rank 0 has written
-            return final
-    tmp = ck / f".step_{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    M.save(policy, tokenizer, tmp / "policy")
-    if with_state and last_only:
-        _make_room_for_state(run, step, Path(cfg.state_dir) if cfg.state_dir else run)
-    if with_state:
-        state = {"step": step, "config": asdict(cfg), "counters": dict(counters), "rng": M.rng_state(),
-                 **(trained or {
-                     "actor_opt": models.actor_opt.state_dict(),
-                     "critic": models.critic.state_dict() if models.critic is not None else None,
-                     "critic_opt": models.critic_opt.state_dict() if models.critic_opt is not None else None}),
-                 "rae": rae.state_dict() if rae is not None else None,
-                 "orm": models.orm.state_dict() if models.orm is not None else None,
-                 "orm_opt": models.orm_opt.state_dict() if models.orm is not None else None}
-        if cfg.state_dir:   # the file there, a link to it in the step folder (so resume finds it as usual)
-            target = Path(cfg.state_dir).absolute() / f"{run.absolute().name}-step_{step}.pt"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            part = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            torch.save(state, part)
-            os.replace(part, target)
-            (tmp / "state.pt").symlink_to(target)
-        else:
-            torch.save(state, tmp / "state.pt")
-    if final.exists():   # only after a resume re-reaches a step whose folder exists (identical content)
-        old = ck / f".step_{step}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    if with_state and last_only:
-        for s, d in _step_dirs(run).items():
-            if s != step and (d / "state.pt").is_file():
-                _remove_state(d / "state.pt")
-    if cfg.keep_policies:   # the newest N step folders stay, this one among them, and the newest state's
-        resumable = latest_checkpoint(run)
-        for s, d in sorted(_step_dirs(run).items())[:-cfg.keep_policies]:
-            if d == resumable:
-                continue
-            if (d / "state.pt").is_file():
-                _remove_state(d / "state.pt")
-            shutil.rmtree(d)
-    M.barrier()
-    return final
-
-
-def _full_training_state(models: Models) -> dict:
-    """state.pt's trained parts gathered from the shards (on rank 0; every rank must call it)."""
-    def opt_state(net, opt):
-        return {"opt": M.full_optimizer_state(net, opt.opt)}
-    critic = models.critic is not None
-    return {"world_size": M.world_size(), "policy": M.full_state_dict(models.policy),
-            "actor_opt": opt_state(models.policy, models.actor_opt),
-            "critic": M.full_state_dict(models.critic) if critic else None,
-            "critic_opt": opt_state(models.critic, models.critic_opt) if critic else None}
-
-
-def load_training_state(ckpt: Path, models: Models, rae: Optional[RestartBuffers] = None) -> tuple:
-    """Restore the critic, both optimizers and the RNGs from ckpt/state.pt; returns (step, counters).
-
-    The loaded dict holds a second copy of the fp32 master weights and of the critic (~29 GiB of
-    host memory for 3B) once they are copied in; it lives only inside this function, so it is freed
-    on return instead of for the whole run. Adam's moments are copied out of the memory-mapped file one
-    tensor at a time (own_optimizer_state).
-    """
-    # memory-mapped: read from the page cache as it is copied in; a plain load would hold the whole
-    # ~75 GiB 3B state in RAM beside the live optimizer (killed on a 128 GiB host)
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=True)
-    saved_world = state.get("world_size", 1)
-    if saved_world != M.world_size():
-        raise ValueError(f"{ckpt} was written by {saved_world} process(es) and this run has {M.world_size()}: its "
-                         "rollout streams and mini-batch shares are per process; resume with torchrun "
-                         f"--nproc-per-node {saved_world}" + (" (or plain python)" if saved_world == 1 else ""))
-    if M.distributed():   # every rank reads the full state (memory-mapped) and keeps its shards
-        M.load_full_state(models.policy, state["policy"], models.actor_opt.opt, state["actor_opt"]["opt"])
-        if models.critic is not None:
-            M.load_full_state(models.critic, state["critic"], models.critic_opt.opt, state["critic_opt"]["opt"])
-        M.set_rng_state(state["rng"])
-        return state["step"], state["counters"]
-    models.actor_opt.load_state_dict(state.pop("actor_opt"))
-    if models.critic is not None:
-        models.critic.load_state_dict(state.pop("critic"))
-        models.critic_opt.load_state_dict(state.pop("critic_opt"))
-    if rae is not None and state.get("rae") is not None:
-        rae.load_state_dict(state["rae"])
-    if models.orm is not None and state.get("orm") is not None:
-        models.orm.load_state_dict(state.pop("orm"))
-        models.orm_opt.load_state_dict(state.pop("orm_opt"))
-    M.set_rng_state(state["rng"])
-    return state["step"], state["counters"]
-
-
-def _write_json(path: Path, obj):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _open_run(cfg: PPOConfig, run: Path) -> Optional[Path]:
-    """Create the run folder, or check it belongs to this config and return its newest checkpoint."""
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file() and run.exists() and any(p.name != countdown.LOCK_FILE for p in run.iterdir()):
-        raise ValueError(f"{run} exists, is not empty and has no config.json: it is not a ppo.py run; choose another --out")
-    if not cfg_path.is_file():
-        if cfg.resume:
-            raise ValueError(f"--resume: no run to resume in {run}")
-        run.mkdir(parents=True, exist_ok=True)
-        _write_json(cfg_path, asdict(cfg))
-        return None
-    saved = json.loads(cfg_path.read_text(encoding="utf-8"))
-    new = asdict(cfg)
-    # a setting added to ppo.py after the run started is absent from its config.json: it ran with the default
-    default = asdict(PPOConfig())
-    diff = [k for k in new if k not in _RESUMABLE_CHANGES and saved.get(k, default[k]) != new[k]]
-    if diff and not _step_dirs(run) and not (run / "metrics.jsonl").is_file():
-        # an attempt that died before recording anything (a typo in a path, say): nothing to lose
-        print(f"{run}: the earlier attempt recorded nothing; starting over with the new settings", file=sys.stderr)
-        shutil.rmtree(run / "data", ignore_errors=True)
-        _write_json(cfg_path, new)
-        return None
-    if diff:
-        detail = ", ".join(f"{k}: {saved.get(k, default[k])!r} -> {new[k]!r}" for k in diff)
-        raise ValueError(f"{run} holds a run with different settings ({detail}); rerun with the same flags to "
-                         "resume it, or choose another --out")
-    ckpt = latest_checkpoint(run)
-    if ckpt is None and _step_dirs(run):
-        raise ValueError(f"{run} has checkpoints but none with training state (--state-checkpoints none?), so it "
-                         "cannot be resumed and will not be overwritten; choose another --out")
-    if ckpt is None and cfg.resume:
-        raise ValueError(f"--resume: {run} has no checkpoint with training state to resume from")
-    step = int(ckpt.name[5:]) if ckpt else 0
-    for log in (run / "metrics.jsonl", run / "correct.jsonl"):
-        if log.is_file():   # lines after the checkpoint describe steps that will be redone (identically)
-            rows = countdown.read_jsonl(log)
-            keep = [r for r in rows if r.get("step", 0) < step or (ckpt and r.get("step") == step)]
-            if len(keep) != len(rows):
-                print(f"{log}: dropping {len(rows) - len(keep)} line(s) after the checkpoint at step {step}; "
-                      "those steps are redone", file=sys.stderr)
-                countdown.write_jsonl(log, keep)
-    _write_json(cfg_path, new)
-    print(f"resuming {run} from step {step}" if ckpt else f"{run}: no checkpoint yet, starting from step 0",
-          file=sys.stderr)
-    return ckpt
 
 
 # -----------------------------------------------------------------------------
-# Training
+# Distributed bookkeeping and timing
 
 
-METRIC_KEYS = (
-    "step", "reward_mean", "accuracy", "format_rate", "response_length", "response_length_max", "truncated_frac",
-    "kl", "logp_mismatch", "sequence_reward_mean", "advantage_raw_mean", "entropy", "pg_loss", "actor_loss",
-    "pg_clipfrac", "ppo_kl", "value_loss", "vf_clipfrac", "value_mean", "return_mean", "explained_var",
-    "actor_grad_norm", "critic_grad_norm", "actor_lr", "critic_lr", "skipped_updates",
-    "val_accuracy", "val_score", "val_format_rate", "val_response_length", "val_truncated_frac",
-    "time_rollout", "time_reward", "time_prepare", "time_critic", "time_actor", "time_val", "time_step",
-    "tokens_per_s", "peak_mem_gb", "elapsed_s", "restart_frac", "restart_pos_accuracy", "restart_neg_accuracy",
-    "preference_bonus_mean", "orm_loss", "orm_pair_accuracy")
+class _Accum:
+    """Weighted running means for update statistics. Under torchrun, sums and weights are summed over
+    ranks (token-weighted means of the global batch), except `replicated` values, the same on every
+    rank already (a global loss or gradient norm)."""
+
+    def __init__(self):
+        self.sums, self.weights, self.replicated = {}, {}, set()
+
+    def add(self, key, value, weight=1.0, replicated=False):
+        self.sums[key] = self.sums.get(key, 0.0) + float(value) * float(weight)
+        self.weights[key] = self.weights.get(key, 0.0) + float(weight)
+        if replicated:
+            self.replicated.add(key)
+
+    def means(self):
+        sums, weights = dict(self.sums), dict(self.weights)
+        if M.distributed():
+            keys = sorted(k for k in sums if k not in self.replicated)
+            summed = M.all_sum(*(sums[k] for k in keys), *(weights[k] for k in keys))
+            sums.update(zip(keys, summed[:len(keys)]))
+            weights.update(zip(keys, summed[len(keys):]))
+        return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
 
 
-class TrainingStopped(RuntimeError):
-    """Too many non-finite updates in a row."""
+def _global_sum(x):
+    """A scalar tensor summed over ranks (x itself without torchrun)."""
+    return x if not M.distributed() else torch.tensor(M.all_sum(x)[0], dtype=x.dtype, device=x.device)
+
+
+def _all_rows(exp: Experience) -> Experience:
+    """The per-response tensors of every rank's experience, stacked in rank order (for metrics)."""
+    keep = ("scores", "ended", "response_mask", "rollout_logp", "old_logp", "ref_logp", "kl", "values", "rewards",
+            "advantages", "returns", "raw_advantages")
+    return replace(exp, **{k: M.all_gather_rows(getattr(exp, k)) for k in keep if getattr(exp, k) is not None})
+
+
+class _Timer:
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
 
 
 def _peak_memory_gb(device) -> float:
@@ -1776,6 +1145,89 @@ def _peak_memory_gb(device) -> float:
         return torch.cuda.max_memory_allocated() / 2**30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux: host peak RSS
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def _read_problems(path) -> list:
+    rows = files.read_jsonl(path)
+    for i, r in enumerate(rows):
+        ok = (isinstance(r, dict) and isinstance(r.get("nums"), list) and r["nums"]
+              and all(isinstance(x, int) for x in r["nums"]) and isinstance(r.get("target"), int))
+        if not ok:
+            raise ValueError(f"{path}: row {i + 1} is not a problem {{\"nums\": [ints], \"target\": int}}: {str(r)[:80]}")
+    if not rows:
+        raise ValueError(f"{path} holds no problems")
+    return [{"nums": r["nums"], "target": r["target"], "id": r.get("id", i)} for i, r in enumerate(rows)]
+
+
+def load_problems(cfg: PPOConfig, run: Path):
+    """(train, test): the run folder's copy when resuming, else --train/test-data, else generated."""
+    data = run / "data"
+    if (data / "train.jsonl").is_file() and (data / "test.jsonl").is_file():
+        return _read_problems(data / "train.jsonl"), _read_problems(data / "test.jsonl")
+    if bool(cfg.train_data) != bool(cfg.test_data):
+        raise ValueError("give both --train-data and --test-data, or neither (then problems are generated)")
+    if cfg.train_data:
+        train, test = _read_problems(cfg.train_data), _read_problems(cfg.test_data)
+    else:
+        n_train = cfg.n_train or cfg.steps * cfg.batch_prompts
+        print(f"generating {n_train} training and {cfg.n_test} test problems ({cfg.distribution!r}, seed {cfg.seed}) ...",
+              file=sys.stderr)
+        train, test = countdown.make_splits(n_train, cfg.n_test, distribution=cfg.distribution, seed=cfg.seed)
+    if len(train) < cfg.batch_prompts:
+        raise ValueError(f"{len(train)} training problems, fewer than one batch (--batch-prompts {cfg.batch_prompts})")
+    files.write_jsonl(data / "test.jsonl", test)     # a copy in the run folder: what this run used
+    files.write_jsonl(data / "train.jsonl", train)
+    return train, test
+
+
+_ORDERS = {}
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> list:
+    """Problems of iteration `step` (1-based): a seeded shuffle per epoch, last partial batch dropped."""
+    per_epoch = n // batch
+    epoch, j = divmod(step - 1, per_epoch)
+    key = (n, seed, epoch)
+    if key not in _ORDERS:
+        order = list(range(n))
+        random.Random(f"ppo-order:{seed}:{epoch}").shuffle(order)
+        _ORDERS.clear()
+        _ORDERS[key] = order
+    return _ORDERS[key][j * batch:(j + 1) * batch]
+
+
+def rank_share(problems, group: int) -> list:
+    """This rank's problems of an iteration under torchrun (all of them in one process): the r-th
+    1/W of every consecutive `group` (a mini-batch of prompts), so that the ranks' k-th local
+    mini-batches together hold exactly the single-process k-th mini-batch's prompts."""
+    r, w = M.rank(), M.world_size()
+    lo, hi = r * group // w, (r + 1) * group // w
+    return [p for i in range(0, len(problems), group) for p in problems[i:i + group][lo:hi]]
+
+
+def check_response_cap(tokenizer: M.Tokenizer, files, max_response: int) -> dict:
+    """{file: p99 tokens of its completions (with EOS)}; a ValueError with the numbers when
+    max_response is below any of them."""
+    p99 = {}
+    for f in files:
+        lengths = sorted(len(tokenizer.encode(r["completion"], bos=False)) + 1 for r in files.read_jsonl(f))
+        if not lengths:
+            raise ValueError(f"--cap-traces {f}: no rows")
+        p99[f] = lengths[min(len(lengths) - 1, math.ceil(0.99 * len(lengths)) - 1)]
+    short = {f: p for f, p in p99.items() if p > max_response}
+    if short:
+        raise ValueError(f"--max-response {max_response} would cut the priming traces: p99 completion length "
+                         + ", ".join(f"{f} {p}" for f, p in short.items()) + f" tokens; raise --max-response to "
+                         f">= {max(short.values())}")
+    return p99
+
+
+# -----------------------------------------------------------------------------
+# Models, the Satori seam, starting a run
 
 
 def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
@@ -1797,9 +1249,7 @@ def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
         ref_device = "cpu" if (cfg.device == "cuda" and cfg.ref_offload and not dist) else device
         ref, _ = M.load(init_path, device=ref_device, dtype=cfg.dtype)
         ref.requires_grad_(False)
-    optim_device = "cpu" if cfg.optim_device == "cpu" else device
-    adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                master_device=optim_device)
+    adam = _adam(cfg, device)
     critic = critic_opt = None
     shard = partial(M.shard, compute_dtype=cfg.dtype)
     if cfg.adv == "gae":
@@ -1818,42 +1268,30 @@ def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
     actor_opt = MasterAdamW(policy.parameters(), lr=cfg.actor_lr, **adam)
     models = Models(policy, critic, ref, actor_opt, critic_opt, device,
                     ref_offload=cfg.device == "cuda" and cfg.ref_offload and not dist, sampler=sampler)
-    if cfg.preference_bonus:  # Satori's outcome reward model: a critic-shaped scorer with a head of its own
-        backbone, _ = M.load(init_path, device=device, dtype=cfg.dtype)
-        models.orm = Critic(backbone, seed=cfg.seed + 1).eval()
-        models.orm_opt = MasterAdamW(models.orm.parameters(), lr=cfg.orm_lr or cfg.critic_lr, **adam)
     return models, tokenizer
 
 
+def _adam(cfg: PPOConfig, device) -> dict:
+    """MasterAdamW's settings for every trained model (policy, critic, Satori's ORM)."""
+    return dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                master_device="cpu" if cfg.optim_device == "cpu" else device)
+
+
+
+def _extension(cfg: PPOConfig, models: Models, tokenizer, init_path, run: Path):
+    """The seam where Satori (satori.py) joins the training loop: None for plain PPO, else an object with
+      batch(problems, prompts, step) -> (problems, prompts)   before the rollout: may swap in restart prompts
+      reward(responses, texts, judged, scores, extra) -> (scores, own judgments)   inside the reward
+      after_step(step) -> dict of metrics                       after the PPO update: learn from the outcomes
+      state_dict() / load_state_dict(state)                      its keys in state.pt
+    It is imported only when one of its flags is on."""
+    if not (cfg.rae or cfg.preference_bonus or cfg.save_correct):
+        return None
+    import satori
+    return satori.Satori(cfg, tokenizer, run).start(models, init_path, _adam(cfg, models.device))
+
+
 _model_config = M.checkpoint_config
-
-
-def check_response_cap(tokenizer: M.Tokenizer, files, max_response: int) -> dict:
-    """{file: p99 tokens of its completions (with EOS)}; a ValueError with the numbers when
-    max_response is below any of them."""
-    p99 = {}
-    for f in files:
-        lengths = sorted(len(tokenizer.encode(r["completion"], bos=False)) + 1 for r in countdown.read_jsonl(f))
-        if not lengths:
-            raise ValueError(f"--cap-traces {f}: no rows")
-        p99[f] = lengths[min(len(lengths) - 1, math.ceil(0.99 * len(lengths)) - 1)]
-    short = {f: p for f, p in p99.items() if p > max_response}
-    if short:
-        raise ValueError(f"--max-response {max_response} would cut the priming traces: p99 completion length "
-                         + ", ".join(f"{f} {p}" for f, p in short.items()) + f" tokens; raise --max-response to "
-                         f">= {max(short.values())}")
-    return p99
-
-
-def train(cfg: PPOConfig) -> dict:
-    """Run (or resume) PPO as configured; returns the last metrics line."""
-    auto = cfg.device == "auto"
-    cfg = _resolve(cfg)
-    if auto and cfg.device == "cpu":   # no usable GPU: fine for a small model, a silent trap for a 3B one
-        M.refuse_cpu_fallback(param_count(_model_config(cfg.model)))
-    M.init_distributed(cfg.device, cfg.dist_timeout)   # nothing without torchrun
-    with countdown.lock_dir(cfg.out, "ppo.py run folder") if M.is_main() else nullcontext():  # one writer per --out
-        return _train(cfg)
 
 
 def _train(cfg: PPOConfig) -> dict:
@@ -1894,139 +1332,154 @@ def _train(cfg: PPOConfig) -> dict:
     return _train_loop(cfg, run, ckpt, train_set, test_set, init_path)
 
 
-def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path) -> dict:
-    val_set = test_set[:cfg.n_val] if cfg.n_val else test_set
+# -----------------------------------------------------------------------------
+# Checkpoints and the run folder
 
-    models, tokenizer = build_models(cfg, ckpt / "policy" if ckpt else init_path, init_path)
-    rae = None
-    if cfg.rae:
-        missing = [t for t in traces.COAT_TOKENS.values() if tokenizer.tk.token_to_id(t) is None]
-        if missing:
-            raise ValueError(f"--rae restarts at COAT meta-action tokens, and {cfg.model}'s tokenizer lacks "
-                             f"{', '.join(missing)}: format-tune it first (sft.py --add-tokens coat --data "
-                             "<traces.py traces --condition coat>)")
-        rae = RestartBuffers(cfg.rae_buffer)
-    if cfg.cap_traces:
-        check_response_cap(tokenizer, cfg.cap_traces.split(","), cfg.max_response)
-    counters = {"actor_bad": 0, "critic_bad": 0, "elapsed_s": 0.0}
-    start = 0
-    if ckpt is not None:
-        start, saved_counters = load_training_state(ckpt, models, rae)
-        counters.update(saved_counters)
 
-    stop = {"requested": False}
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        def on_sigint(signum, frame):
-            if stop["requested"]:
-                raise KeyboardInterrupt
-            stop["requested"] = True
-            print("\nCtrl-C: finishing this step, then checkpointing and stopping (Ctrl-C again aborts)", file=sys.stderr)
-        previous_handler = signal.signal(signal.SIGINT, on_sigint)
+def latest_checkpoint(run: Path) -> Optional[Path]:
+    """The newest checkpoint folder that can be resumed (one with a state.pt)."""
+    dirs = {s: d for s, d in _step_dirs(run).items() if (d / "state.pt").is_file()}
+    return dirs[max(dirs)] if dirs else None
 
-    def log(line):
-        row = {k: line.get(k) for k in METRIC_KEYS}
-        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # strict JSON
-        if M.is_main():
-            countdown.append_jsonl(run / "metrics.jsonl", row)
-        return row
 
-    row = {}
-    t_run = time.perf_counter() - counters["elapsed_s"]
-    try:
-        if start == 0 and cfg.val_before_train and cfg.val_every:
-            t = time.perf_counter()
-            row = log({"step": 0, **validate(sampling_policy(models), tokenizer, val_set, cfg, 0, run),
-                       "time_val": time.perf_counter() - t, "elapsed_s": time.perf_counter() - t_run})
-            if M.is_main():
-                print(f"step 0: val accuracy {row['val_accuracy']:.3f}, val score {row['val_score']:.3f}",
-                      file=sys.stderr)
-        from tqdm import tqdm
-        bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo",
-                   disable=not (cfg.progress and M.is_main()),
-                   file=sys.stderr, dynamic_ncols=True)
-        for step in bar:
-            t_step = time.perf_counter()
-            if models.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            problems = [train_set[i] for i in batch_indices(len(train_set), cfg.batch_prompts, step, cfg.seed)]
-            problems = rank_share(problems, cfg.mini_batch_prompts)   # all of them in one process
-            prompts = encode_prompts(tokenizer, problems, cfg)
-            origins = [None] * len(problems)
-            if rae is not None:  # Satori: the batch's last prompts restart from past trajectories
-                restarts = sample_restarts(rae, round(cfg.rae_ratio * len(problems)),
-                                           random.Random(f"rae:{cfg.seed}:{step}"), tokenizer, cfg)
-                keep = len(problems) - len(restarts)
-                problems = problems[:keep] + [r.problem for r in restarts]
-                prompts = prompts[:keep] + [r.prompt_ids for r in restarts]
-                origins = origins[:keep] + [r.origin for r in restarts]
-            rows = []   # (prompt + response ids, text, correct?) per row, filled by the reward
-            reward_fn = countdown_reward(tokenizer, problems, cfg, origins, models.orm, prompts, rows)
-            metrics, _, (actor_ok, critic_ok) = ppo_iteration(models, prompts, reward_fn, cfg, step,
-                                                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-            # Satori: learn from this batch's outcomes
-            if rae is not None:
-                fill_restart_buffers(rae, rows, problems, origins, cfg.samples)
-            if cfg.save_correct:
-                save_correct_rows(run / "correct.jsonl", rows, problems, origins, step, cfg)
-            if models.orm is not None:
-                metrics.update(update_orm(models.orm, models.orm_opt, [r[0] for r in rows], [r[2] for r in rows],
-                                          cfg, tokenizer.pad_id))
-            counters["actor_bad"] = _consecutive_bad(actor_ok, counters["actor_bad"])
-            counters["critic_bad"] = _consecutive_bad(critic_ok, counters["critic_bad"])
-            if metrics["skipped_updates"] and M.is_main():
-                print(f"step {step}: skipped {metrics['skipped_updates']} update(s) with a non-finite loss or gradient",
-                      file=sys.stderr)
-            metrics["time_step"] = time.perf_counter() - t_step
-            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-                t = time.perf_counter()
-                metrics.update(validate(sampling_policy(models), tokenizer, val_set, cfg, step, run))
-                metrics["time_val"] = time.perf_counter() - t
-            metrics["peak_mem_gb"] = _peak_memory_gb(models.device)
-            counters["elapsed_s"] = time.perf_counter() - t_run
-            row = log({"step": step, **metrics, "elapsed_s": counters["elapsed_s"]})
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}",
-                            **({"val": f"{row['val_accuracy']:.3f}"} if row["val_accuracy"] is not None else {}))
-            worst = max(counters["actor_bad"], counters["critic_bad"])
-            if M.distributed():   # a Ctrl-C that reached some ranks only stops them all after this step
-                stop["requested"] = not M.all_true(not stop["requested"])
-            if step % cfg.save_every == 0 or step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates:
-                save_checkpoint(run, step, models, tokenizer, cfg, counters, rae,
-                                last_save=step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates)
-            if worst >= cfg.max_bad_updates:
-                raise TrainingStopped(
-                    f"stopped at step {step}: {worst} optimizer updates in a row had a non-finite loss or gradient "
-                    f"(--max-bad-updates {cfg.max_bad_updates}); see {run / 'metrics.jsonl'}. Lower the learning "
-                    "rates, check the data, or resume from an earlier checkpoint with another --out")
-            if stop["requested"]:
-                if M.is_main():
-                    print(f"stopped after step {step}; checkpoint saved. Rerun the same command to continue.",
-                          file=sys.stderr)
-                break
-        bar.close()
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-    return row
+def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOConfig, counters: dict,
+                    extension=None, last_save: bool = True) -> Path:
+    """checkpoints/step_<N>/{policy/, state.pt}, written in a temp folder and renamed into place.
+    Under torchrun every rank gathers its shards and rank 0 writes the same files, plus the fp32
+    policy (the master weights) and the world size in state.pt."""
+    ck = run / "checkpoints"
+    with_state = cfg.state_checkpoints in ("last", "all", "auto") or (cfg.state_checkpoints == "final" and last_save)
+    last_only = cfg.state_checkpoints in ("last", "final", "auto")   # older states go once this one is in place
+    final = ck / f"step_{step}"
+    policy, trained = models.policy, None
+    if M.distributed():
+        policy = M.gather_full(models.policy, device="cpu", dtype=cfg.dtype, rank0_only=True)
+        if with_state:
+            trained = _full_training_state(models)
+        if not M.is_main():
+            M.barrier()   # until rank 0 has written
+            return final
+    tmp = ck / f".step_{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    M.save(policy, tokenizer, tmp / "policy")
+    if with_state and last_only:
+        memory.make_room_for_state(run, step, Path(cfg.state_dir) if cfg.state_dir else run)
+    if with_state:
+        state = {"step": step, "config": asdict(cfg), "counters": dict(counters), "rng": M.rng_state(),
+                 **(trained or {
+                     "actor_opt": models.actor_opt.state_dict(),
+                     "critic": models.critic.state_dict() if models.critic is not None else None,
+                     "critic_opt": models.critic_opt.state_dict() if models.critic_opt is not None else None}),
+                 **(extension.state_dict() if extension is not None else {})}
+        if cfg.state_dir:   # the file there, a link to it in the step folder (so resume finds it as usual)
+            target = Path(cfg.state_dir).absolute() / f"{run.absolute().name}-step_{step}.pt"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            runs.save_atomic(torch.save, state, target, target.with_name(f".{target.name}.tmp-{os.getpid()}"))
+            (tmp / "state.pt").symlink_to(target)
+        else:
+            torch.save(state, tmp / "state.pt")
+    runs.publish_dir(tmp, final)   # an existing one only after a resume re-reaches its step (identical content)
+    if with_state and last_only:
+        for s, d in _step_dirs(run).items():
+            if s != step and (d / "state.pt").is_file():
+                memory.remove_state(d / "state.pt")
+    if cfg.keep_policies:   # the newest N step folders stay, this one among them, and the newest state's
+        resumable = latest_checkpoint(run)
+        for s, d in sorted(_step_dirs(run).items())[:-cfg.keep_policies]:
+            if d == resumable:
+                continue
+            if (d / "state.pt").is_file():
+                memory.remove_state(d / "state.pt")
+            shutil.rmtree(d)
+    M.barrier()
+    return final
+
+
+def _full_training_state(models: Models) -> dict:
+    """state.pt's trained parts gathered from the shards (on rank 0; every rank must call it)."""
+    def opt_state(net, opt):
+        return {"opt": M.full_optimizer_state(net, opt.opt)}
+    critic = models.critic is not None
+    return {"world_size": M.world_size(), "policy": M.full_state_dict(models.policy),
+            "actor_opt": opt_state(models.policy, models.actor_opt),
+            "critic": M.full_state_dict(models.critic) if critic else None,
+            "critic_opt": opt_state(models.critic, models.critic_opt) if critic else None}
+
+
+def load_training_state(ckpt: Path, models: Models, extension=None) -> tuple:
+    """Restore the critic, both optimizers and the RNGs from ckpt/state.pt; returns (step, counters).
+
+    The loaded dict holds a second copy of the fp32 master weights and of the critic (~29 GiB of
+    host memory for 3B) once they are copied in; it lives only inside this function, so it is freed
+    on return instead of for the whole run. Adam's moments are copied out of the memory-mapped file one
+    tensor at a time (own_optimizer_state).
+    """
+    # memory-mapped: read from the page cache as it is copied in; a plain load would hold the whole
+    # ~75 GiB 3B state in RAM beside the live optimizer (killed on a 128 GiB host)
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+    saved_world = state.get("world_size", 1)
+    if saved_world != M.world_size():
+        raise ValueError(f"{ckpt} was written by {saved_world} process(es) and this run has {M.world_size()}: its "
+                         "rollout streams and mini-batch shares are per process; resume with torchrun "
+                         f"--nproc-per-node {saved_world}" + (" (or plain python)" if saved_world == 1 else ""))
+    if M.distributed():   # every rank reads the full state (memory-mapped) and keeps its shards
+        M.load_full_state(models.policy, state["policy"], models.actor_opt.opt, state["actor_opt"]["opt"])
+        if models.critic is not None:
+            M.load_full_state(models.critic, state["critic"], models.critic_opt.opt, state["critic_opt"]["opt"])
+        M.set_rng_state(state["rng"])
+        return state["step"], state["counters"]
+    models.actor_opt.load_state_dict(state.pop("actor_opt"))
+    if models.critic is not None:
+        models.critic.load_state_dict(state.pop("critic"))
+        models.critic_opt.load_state_dict(state.pop("critic_opt"))
+    if extension is not None:
+        extension.load_state_dict(state)
+    M.set_rng_state(state["rng"])
+    return state["step"], state["counters"]
+
+
+def _open_run(cfg: PPOConfig, run: Path) -> Optional[Path]:
+    """Create the run folder, or check it belongs to this config and return its newest checkpoint."""
+    if runs.foreign_folder(run):
+        raise ValueError(f"{run} exists, is not empty and has no config.json: it is not a ppo.py run; choose another --out")
+    saved, new = runs.read_config(run), asdict(cfg)
+    if saved is None:
+        if cfg.resume:
+            raise ValueError(f"--resume: no run to resume in {run}")
+        runs.write_config(run, new)
+        return None
+    diff = runs.changed_settings(saved, new, asdict(PPOConfig()), _RESUMABLE_CHANGES)
+    if diff and not _step_dirs(run) and not (run / "metrics.jsonl").is_file():
+        # an attempt that died before recording anything (a typo in a path, say): nothing to lose
+        print(f"{run}: the earlier attempt recorded nothing; starting over with the new settings", file=sys.stderr)
+        shutil.rmtree(run / "data", ignore_errors=True)
+        runs.write_config(run, new)
+        return None
+    if diff:
+        raise runs.different_settings(run, diff)
+    ckpt = latest_checkpoint(run)
+    if ckpt is None and _step_dirs(run):
+        raise ValueError(f"{run} has checkpoints but none with training state (--state-checkpoints none?), so it "
+                         "cannot be resumed and will not be overwritten; choose another --out")
+    if ckpt is None and cfg.resume:
+        raise ValueError(f"--resume: {run} has no checkpoint with training state to resume from")
+    step = int(ckpt.name[5:]) if ckpt else 0
+    for log in (run / "metrics.jsonl", run / "correct.jsonl"):
+        if log.is_file():   # lines after the checkpoint describe steps that will be redone (identically)
+            rows = files.read_jsonl(log)
+            keep = [r for r in rows if r.get("step", 0) < step or (ckpt and r.get("step") == step)]
+            if len(keep) != len(rows):
+                print(f"{log}: dropping {len(rows) - len(keep)} line(s) after the checkpoint at step {step}; "
+                      "those steps are redone", file=sys.stderr)
+                files.write_jsonl(log, keep)
+    runs.write_config(run, new)
+    print(f"resuming {run} from step {step}" if ckpt else f"{run}: no checkpoint yet, starting from step 0",
+          file=sys.stderr)
+    return ckpt
 
 
 # -----------------------------------------------------------------------------
 # CLI
-
-
-def _add_flags(parser, cls):
-    for f in fields(cls):
-        name = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "") + (f" (default: {f.default})" if f.default not in (None, "") else "")
-        help_ = help_.replace("%", "%%")
-        kw = {"help": help_, "default": f.default}
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        if isinstance(f.default, bool):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            typ = {int: int, float: float}.get(type(f.default), str)
-            parser.add_argument(name, type=typ, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2041,7 +1494,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--distribution priming --n-test 500 --batch-prompts 64 --samples 4 --mini-batch-prompts 32 "
                     "--micro-batch 64 --max-response 96 --steps 150 --actor-lr 2e-4 --critic-lr 1e-3 "
                     "--no-grad-checkpointing (a tiny model needs far larger learning rates than the paper's).")
-    _add_flags(p, PPOConfig)
+    runs.add_flags(p, PPOConfig)
     return p
 
 
@@ -2059,7 +1512,7 @@ def main(argv=None) -> int:
             return 0
         row = train(cfg)
         quiet = not M.is_main()   # under torchrun only rank 0 reports
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, countdown.FolderLocked) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, files.FolderLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:

@@ -57,13 +57,12 @@ Rerunning the same command resumes from the newest complete checkpoint; it never
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -74,13 +73,13 @@ from torch.utils.checkpoint import checkpoint
 import countdown as C
 import traces
 import model as M
+from plumbing import files, runs
 
 # -----------------------------------------------------------------------------
 # Config
 
 
-def _flag(default, help, **kw):
-    return field(default=default, metadata=dict(help=help, **kw))
+_flag = runs.flag
 
 
 @dataclass
@@ -409,9 +408,8 @@ def _state_path(run: Path, step: int) -> Path:
 def latest_state(run: Path) -> Optional[Path]:
     """The newest complete checkpoint's state file. The state file is written last, after the
     weights folder has been renamed into place, so its existence marks a complete checkpoint."""
-    files = [(int(p.stem.split("_")[1]), p) for p in (run / "state").glob("step_*.pt")
-             if p.stem.split("_")[1].isdigit()]
-    return max(files)[1] if files else None
+    states = runs.numbered(run / "state", "step_", ".pt")
+    return states[max(states)] if states else None
 
 
 def save_checkpoint(run: Path, name: str, model, tokenizer, state: dict) -> Path:
@@ -421,13 +419,8 @@ def save_checkpoint(run: Path, name: str, model, tokenizer, state: dict) -> Path
     M.save(model, tokenizer, ckpt, overwrite=True)  # a leftover from an interrupted attempt is replaced
     path = _state_path(run, state["step"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        torch.save(dict(state, checkpoint=name), tmp)
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C mid-write: no half file remains, the previous checkpoint stays the newest
-        tmp.unlink(missing_ok=True)
-        raise
+    # Ctrl-C mid-write: no half file remains, the previous checkpoint stays the newest
+    runs.save_atomic(torch.save, dict(state, checkpoint=name), path)
     for old in (run / "state").glob("step_*.pt"):
         if old != path:
             old.unlink(missing_ok=True)
@@ -435,19 +428,6 @@ def save_checkpoint(run: Path, name: str, model, tokenizer, state: dict) -> Path
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return ckpt
-
-
-def _publish_final(src: Path, dst: Path):
-    """dst = the files of src as hard links (no extra disk), made in a temp folder and renamed."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:
-            shutil.copy2(f, tmp / f.name)
-    os.replace(tmp, dst)
 
 
 # -----------------------------------------------------------------------------
@@ -469,12 +449,7 @@ def _metric(**kw) -> dict:
     return {k: kw.get(k) for k in METRIC_KEYS}
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    return torch.device(name)
+_resolve_device = runs.resolve_device
 
 
 def _check_config(cfg: SFTConfig):
@@ -497,20 +472,13 @@ def _check_config(cfg: SFTConfig):
 def _open_run(cfg: SFTConfig, run: Path) -> Optional[Path]:
     """Check that an existing run folder belongs to this run; return the newest state file to
     resume from (or None)."""
-    cfg_file = run / "config.json"
     state = latest_state(run) if run.exists() else None
-    if cfg_file.exists():
-        saved = json.loads(cfg_file.read_text())
-        new = asdict(cfg)
-        # a setting added to sft.py after the run started is absent from its config.json: it ran with the default
-        default = asdict(SFTConfig())
-        saved = {**{k: v for k, v in default.items() if k not in saved}, **saved}
-        diff = sorted(k for k in set(saved) | set(new) if k not in _RESUMABLE_CHANGES and saved.get(k) != new.get(k))
+    saved = runs.read_config(run)
+    if saved is not None:
+        diff = runs.changed_settings(saved, asdict(cfg), asdict(SFTConfig()), _RESUMABLE_CHANGES, every_key=True)
         if diff:
-            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in diff)
-            raise ValueError(f"{run} holds a run with different settings ({changes}); "
-                             "rerun with the same flags to resume it, or choose a new --out")
-    elif run.exists() and any(p.name != C.LOCK_FILE for p in run.iterdir()):
+            raise runs.different_settings(run, diff, "choose a new --out")
+    elif runs.foreign_folder(run):
         raise FileExistsError(f"{run} exists, is not empty and has no config.json: not a run folder of sft.py; "
                               "choose a new --out")
     # leftovers of a save interrupted by Ctrl-C: temp folders/files that never got renamed into place
@@ -524,12 +492,8 @@ def _open_run(cfg: SFTConfig, run: Path) -> Optional[Path]:
 def _write_config(cfg: SFTConfig, run: Path):
     """config.json is written once the data and the model have loaded, so a typo in a flag leaves
     no run folder behind that a corrected command would then refuse."""
-    cfg_file = run / "config.json"
-    if not cfg_file.exists():
-        run.mkdir(parents=True, exist_ok=True)
-        tmp = cfg_file.with_name("config.json.tmp")
-        tmp.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-        os.replace(tmp, cfg_file)
+    if not (run / "config.json").exists():
+        runs.write_config(run, asdict(cfg))
 
 
 def train(cfg: SFTConfig) -> Optional[Path]:
@@ -538,7 +502,7 @@ def train(cfg: SFTConfig) -> Optional[Path]:
     if cfg.device == "auto" and cfg.model and _resolve_device("auto").type == "cpu":
         M.refuse_cpu_fallback(M.param_count(M.checkpoint_config(cfg.model)))   # no GPU: fine only for small models
     M.init_distributed(_resolve_device(cfg.device), cfg.dist_timeout)   # nothing without torchrun
-    with C.lock_dir(cfg.out, "sft.py run folder") if M.is_main() else nullcontext():  # one writer per --out
+    with files.lock_dir(cfg.out, "sft.py run folder") if M.is_main() else nullcontext():  # one writer per --out
         return _train(cfg)
 
 
@@ -745,7 +709,7 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
     finally:
         bar.close()
     if M.is_main():
-        _publish_final(run / "checkpoints" / f"epoch_{cfg.epochs}", final)
+        runs.publish_links(run / "checkpoints" / f"epoch_{cfg.epochs}", final)
         print(f"done: {total_steps} steps, {tokens_seen / max(elapsed, 1e-9):.0f} tokens/s over {elapsed:.1f} s of "
               f"training; model in {final}", file=sys.stderr)
     M.barrier()
@@ -754,20 +718,6 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
 
 # -----------------------------------------------------------------------------
 # CLI
-
-
-def _add_flags(parser, cls):
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        meta = dict(f.metadata)
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=meta["help"])
-            continue
-        typ = f.type if f.type in (int, float) else (float if "float" in str(f.type) else str)  # Optional[x] -> x
-        default = f.default
-        help_ = meta["help"] + ("" if default is None else f" (default: {default})")
-        parser.add_argument(flag, type=typ, default=default, choices=meta.get("choices"),
-                            required=f.name in ("data", "out"), help=help_)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -783,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
                "      --out runs/sft_tiny --epochs 2 --batch-size 32 --num-threads 1\n"
                "  python sft.py eval --model runs/sft_tiny/final --problems data/priming/test.jsonl --n 1000",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_flags(p, SFTConfig)
+    runs.add_flags(p, SFTConfig, required=("data", "out"))
     return p
 
 
@@ -884,7 +834,7 @@ def main(argv=None) -> int:
     try:
         train(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, PermissionError, ConnectionError,
-            C.FolderLocked) as e:
+            files.FolderLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -492,6 +492,21 @@ def count_tokens(text: str, tokenizer=None) -> int:
     return len(getattr(ids, "ids", ids))
 
 
+def load_tokenizer(path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json or the folder holding one; None without a path (count_tokens
+    then counts words). The one loader of traces.py and curate.py (--tokenizer)."""
+    if not path:
+        return None
+    try:
+        from tokenizers import Tokenizer  # optional: only token counts need it
+    except ImportError:
+        raise ValueError("--tokenizer needs the `tokenizers` package (pip install tokenizers)") from None
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else os.fspath(path)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: no tokenizer.json there; pass a tokenizer.json file or its folder")
+    return Tokenizer.from_file(file)
+
+
 def _reasoning(nums, target, condition, rng, coat: bool = False):
     """(think text, answer tree, behavior counts, dead ends) for a condition that writes
     reasoning, or None when this problem gives no trace of the condition (see TRACE_BUDGET).
@@ -654,38 +669,50 @@ def pretraining_corpus(n_solutions: int, n_drill: int, seed: int = 0, distributi
     return rows
 
 
-# Arithmetic statements as the traces (and models imitating them) write them: "a op b = c" and
-# the worded forms. check_arithmetic reads them back, for the step accuracy of sampled text.
-_ARITH = [
-    (re.compile(r"(\d+) ([-+*/]) (\d+)(?: =|\? That gives| makes) (\d+)"), None),
-    (re.compile(r"[Aa]dding (\d+) and (\d+) gives (\d+)"), "+"),
-    (re.compile(r"(\d+) plus (\d+) is (\d+)"), "+"),
-    (re.compile(r"[Ss]ubtracting (\d+) from (\d+) leaves (\d+)"), "-r"),
-    (re.compile(r"(\d+) minus (\d+) is (\d+)"), "-"),
-    (re.compile(r"[Mm]ultiplying (\d+) by (\d+) gives (\d+)"), "*"),
-    (re.compile(r"(\d+) times (\d+) is (\d+)"), "*"),
-    (re.compile(r"[Dd]ividing (\d+) by (\d+) gives (\d+)"), "/"),
-    (re.compile(r"(\d+) divided by (\d+) is (\d+)"), "/"),
-]
+# Arithmetic statements, read back from text: "a op b = c" and the worded forms ("adding 6 and 4 gives 10").
+# One reader, arithmetic_steps, for two grammars: _ARITH below, the forms the traces write (and models
+# imitating them), which check_arithmetic scores for the step accuracy of sampled text; and classify.py's
+# looser one (free spacing, "x" and "÷", negative results), on which its rules find bare restarts. The two
+# stay apart because they read some texts differently ("12 + 3 * 2 = 18" is one wrong step here, no step
+# there) and the measured numbers must not move. Each pattern has four groups: a, op, b, c or op, a, b, c.
+_OPS = {"+": "+", "-": "-", "*": "*", "/": "/", "x": "*", "×": "*", "÷": "/", "plus": "+", "minus": "-",
+        "times": "*", "divided by": "/", "adding": "+", "multiplying": "*", "dividing": "/", "subtracting": "-"}
+_ARITH = [re.compile(p) for p in (
+    r"(\d+) ([-+*/]) (\d+)(?: =|\? That gives| makes) (\d+)",
+    r"([Aa]dding) (\d+) and (\d+) gives (\d+)",
+    r"(\d+) (plus) (\d+) is (\d+)",
+    r"([Ss]ubtracting) (\d+) from (\d+) leaves (\d+)",
+    r"(\d+) (minus) (\d+) is (\d+)",
+    r"([Mm]ultiplying) (\d+) by (\d+) gives (\d+)",
+    r"(\d+) (times) (\d+) is (\d+)",
+    r"([Dd]ividing) (\d+) by (\d+) gives (\d+)",
+    r"(\d+) (divided by) (\d+) is (\d+)",
+)]
+
+
+def arithmetic_steps(text: str, grammar=_ARITH) -> list[tuple[int, str, int, int, int]]:
+    """[(a, op, b, c, start)]: each statement "a op b = c" of text, ordered by position, op one of + - * /
+    ("subtracting 4 from 6 leaves 2" is 6 - 4 = 2). grammar: regexes of four groups, a op b c or op a b c."""
+    out = []
+    for rx in grammar:
+        for m in rx.finditer(text):
+            g = m.groups()
+            if g[0][0].isdigit():
+                a, op, b = g[0], g[1], g[2]
+            else:
+                op, a, b = g[0], g[1], g[2]
+            op = _OPS[" ".join(op.lower().split())]
+            if g[0].lower() == "subtracting":  # "subtracting a from b": b - a
+                a, b = b, a
+            out.append((int(a), op, int(b), int(g[3]), m.start()))
+    return sorted(out, key=lambda s: s[4])
 
 
 def check_arithmetic(text: str) -> tuple[int, int]:
     """(right, stated): how many arithmetic statements in text are exactly right, of how many."""
-    right = stated = 0
-    for pattern, op in _ARITH:
-        for m in pattern.finditer(text):
-            g = m.groups()
-            if op is None:
-                a, op_, b, c = int(g[0]), g[1], int(g[2]), int(g[3])
-            elif op == "-r":
-                b, a, c, op_ = int(g[0]), int(g[1]), int(g[2]), "-"
-            else:
-                a, b, c, op_ = int(g[0]), int(g[1]), int(g[2]), op
-            stated += 1
-            right += _value_of(op_, Fraction(a), Fraction(b)) == c if (op_ != "/" or b) else 0
-    return right, stated
-
-
+    steps = arithmetic_steps(text)
+    right = sum(_value_of(op, Fraction(a), Fraction(b)) == c if (op != "/" or b) else 0 for a, op, b, c, _ in steps)
+    return right, len(steps)
 
 
 # -----------------------------------------------------------------------------
@@ -899,18 +926,6 @@ def restart_corpus(problems, n_drill: int, seed: int = 0) -> list[dict]:
     rows += restart_drill(n_drill, seed=seed)
     random.Random(f"countdown-restart-corpus:{seed}").shuffle(rows)
     return rows
-def _load_tokenizer(path):
-    if path is None:
-        return None
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise ValueError("--tokenizer needs the `tokenizers` package (pip install tokenizers)") from None
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: no tokenizer.json there; pass a tokenizer.json file or its folder")
-    return Tokenizer.from_file(file)
-
 
 
 def _problem_rows(path, offset, n):
@@ -929,7 +944,7 @@ def _run(args):
     if args.command == "traces":
         if args.n < 0:
             raise ValueError(f"--n must be >= 0, got {args.n}")
-        tok = _load_tokenizer(args.tokenizer)
+        tok = load_tokenizer(args.tokenizer)
         problems = None if args.problems is None else _problem_rows(args.problems, args.offset, args.n)
         rows = generate_traces(args.condition, args.n, args.seed, args.distribution, tok, progress=True,
                                problems=problems)

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
+from plumbing import fast_decode  # noqa: E402
 
 CPU_CONFIG = dict(model_type="llama", vocab_size=32000, hidden_size=512, intermediate_size=1536,
                   num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
@@ -100,14 +101,14 @@ def runners(hf, ours, ids, compile_ours: bool, temperature: float = 0.0, n_sampl
 
     def run_ours(whole_cache=False, **fast):
         def run(n):
-            attend_len = M._attend_len
+            attend_len = fast_decode._attend_len
             if whole_cache:   # the fast path as it was: every step attends over the whole cache
-                M._attend_len = lambda filled, cache_len: cache_len
+                fast_decode._attend_len = lambda filled, cache_len: cache_len
             try:
                 return M.generate(ours, prompts, max_new_tokens=n, n_samples=n_samples, temperature=temperature,
                                   eos_id=-1, pad_id=0, seed=0, **fast).tokens
             finally:
-                M._attend_len = attend_len
+                fast_decode._attend_len = attend_len
         return run
 
     out = {"transformers": run_hf, "ours": run_ours()}

@@ -20,6 +20,7 @@ from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from plumbing.memory import MMAP_THRESHOLD  # noqa: E402
 
 
 def _logprob_child(kind: str, tokens: int, vocab: int, hidden: int, chunk: int):
@@ -146,7 +147,7 @@ def _memory_child(spec: dict):
 # allocator's retention (measured 5-18% above the tensors alive at this scale) on top of what PPO
 # allocates. A fixed threshold returns every large freed block at once, so RSS tracks the live tensors
 # that memory_budget counts. Both figures are reported.
-FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
 
 
 def measure_memory(model: Optional[dict] = None, fixed_threshold: bool = True, **ppo_kw) -> dict:

@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import model as M  # noqa: E402
+from plumbing import fast_decode  # noqa: E402
 import ppo  # noqa: E402
 import sft  # noqa: E402
 from bench_generate import QWEN25_3B, build_models, bytes_per_decode_step, peak_bandwidth_gbps  # noqa: E402
@@ -194,12 +195,12 @@ def check_compiled_sampling(rep, policy, device):
     eos = sorted({int(free.tokens[r, r if r < 8 else 32 + r]) for r in range(16)})
     eager = M.generate(policy, prompts, eos_id=eos, **kw)
     rows = []
-    inner = M._compiled_step()
-    M._compiled_decode_step = lambda *a: rows.append(a[2].shape[0]) or inner(*a)
+    inner = fast_decode._compiled_step()
+    fast_decode._compiled_decode_step = lambda *a: rows.append(a[2].shape[0]) or inner(*a)
     try:
         comp = M.generate(policy, prompts, eos_id=eos, compile=True, **kw)
     finally:
-        M._compiled_decode_step = inner
+        fast_decode._compiled_decode_step = inner
         M.release_static_cache()
     T = min(comp.tokens.shape[1], eager.tokens.shape[1])
     same = int(((comp.tokens[:, :T] == eager.tokens[:, :T]).all(-1) & (comp.lengths == eager.lengths)).sum())
@@ -596,7 +597,8 @@ def main(argv=None) -> int:
     budget = args.budget_s if args.budget_s is not None else (None if args.tiny else 480.0)
     backend = args.compile_backend or ("aot_eager" if dev.type == "cpu" else "")
     if backend:   # model.py compiles with mode="reduce-overhead" (inductor + CUDA graphs); swap for a light one
-        M._compiled_decode_step = torch.compile(M._decode_step, backend=backend, fullgraph=True, dynamic=False)
+        fast_decode._compiled_decode_step = torch.compile(fast_decode._decode_step, backend=backend, fullgraph=True,
+                                                          dynamic=False)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     tiny = args.tiny
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

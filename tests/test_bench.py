@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 pytest.importorskip("transformers")
 import gpu_check  # noqa: E402
-import ppo  # noqa: E402
+from plumbing import memory  # noqa: E402
 
 
 def test_help_documents_the_one_command_and_its_wall_time(capsys):
@@ -33,7 +33,7 @@ def test_gpu_check_runs_every_section_on_cpu_tiny(tmp_path):
 
 def test_a_failed_correctness_check_exits_non_zero(tmp_path, monkeypatch):
     # gradients that never arrive (what reading a non_blocking copy too early can give)
-    monkeypatch.setattr(ppo, "copy_grads", lambda grads, device: [torch.zeros_like(g, device=device) for g in grads])
+    monkeypatch.setattr(memory, "copy_grads", lambda grads, device: [torch.zeros_like(g, device=device) for g in grads])
     out = tmp_path / "table.md"
     assert gpu_check.main(["--device", "cpu", "--tiny", "--skip", "decode,ppo,sft", "--out", str(out)]) == 1
     assert "| FAIL |" in out.read_text()

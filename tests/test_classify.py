@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import classify  # noqa: E402
 import countdown  # noqa: E402
 import traces  # noqa: E402
+from plumbing import report as study_report  # noqa: E402
 from fake_judge import FakeJudge  # noqa: E402
 
 KEY = "sk-FAKE-0123456789-do-not-leak"
@@ -679,7 +680,7 @@ def test_report_writes_results_and_figures(tmp_path, capsys):
     assert c["empty_cot"]["final_accuracy"] == pytest.approx(0.2)
     table = (out / "results.md").read_text()
     assert "| all_strategies | pooled | 10x2 |" in table and "0.700 [" in table
-    if classify._pyplot() is not None:
+    if study_report._pyplot() is not None:
         for name in ("accuracy.png", "behaviors.png", "response_length.png", "truncated.png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert len(res["figures"]) == 4
@@ -687,7 +688,7 @@ def test_report_writes_results_and_figures(tmp_path, capsys):
 
 def test_report_without_matplotlib_and_bad_input(tmp_path, monkeypatch, capsys):
     _fake_ppo_run(tmp_path / "ppo" / "x_s0", {0: 1})
-    monkeypatch.setattr(classify, "_pyplot", lambda: None)
+    monkeypatch.setattr(study_report, "_pyplot", lambda: None)
     assert classify.main(["report", str(tmp_path / "ppo" / "x_s0"), "--out", str(tmp_path / "r")]) == 0
     assert "matplotlib is not installed" in capsys.readouterr().err
     assert json.loads((tmp_path / "r" / "results.json").read_text())["figures"] == []

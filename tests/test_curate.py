@@ -19,6 +19,7 @@ import traces  # noqa: E402
 import curate  # noqa: E402
 from conftest import lock_held_elsewhere  # noqa: E402
 from fake_judge import FakeJudge  # noqa: E402
+from plumbing import documents  # noqa: E402
 
 KEY = "sk-FAKE-curate-0123456789"
 FAST = ["--backoff-base", "0.01", "--backoff-max", "0.05", "--timeout", "2", "--max-retries", "2",
@@ -395,7 +396,7 @@ def test_pretrain_chunks_bound_requests_and_a_rerun_resumes(tmp_path, monkeypatc
     assert [r["id"] for r in countdown.read_jsonl(path)] == list(DOCS)
     # the torn line is cut off, so a row appended after it (then a second kill) is still readable
     path.write_text('{"id": "a"}\n{"id": "b", "tok')
-    assert list(curate._load_labels(path)) == ["a"]
+    assert list(documents.load_labels(path)) == ["a"]
     with open(path, "a") as f:
         f.write('{"id": "c"}\n')
     assert [r["id"] for r in countdown.read_jsonl(path)] == ["a", "c"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import model as M
+from plumbing import hub as hub_client  # `hub` is this file's fake-Hub fixture
 from conftest import ROOT, make_config, make_tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -150,8 +151,8 @@ def hub(repo_files, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no token file from the real home
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(M.time, "sleep", lambda s: None)  # no back-off pauses in tests
-    monkeypatch.setattr(M, "_DOWNLOAD_CHUNK", 4096)      # our files are ~100 kB, not GBs
+    monkeypatch.setattr(hub_client.time, "sleep", lambda s: None)  # no back-off pauses in tests
+    monkeypatch.setattr(hub_client, "_DOWNLOAD_CHUNK", 4096)      # our files are ~100 kB, not GBs
     yield fake
     fake.server.shutdown()
     fake.server.server_close()

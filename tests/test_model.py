@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from plumbing import fast_decode, hub
 from conftest import EOS, make_checkpoint, make_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -329,8 +330,8 @@ def test_compiled_decode_step_is_one_graph_with_the_same_tokens(tiny, monkeypatc
     model, tok = tiny
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(M, "_compiled_decode_step", torch.compile(M._decode_step, backend="aot_eager",
-                                                                  fullgraph=True, dynamic=False))
+    monkeypatch.setattr(fast_decode, "_compiled_decode_step",
+                        torch.compile(fast_decode._decode_step, backend="aot_eager", fullgraph=True, dynamic=False))
     kw = dict(max_new_tokens=12, temperature=1.0, n_samples=2, seed=1, eos_id=tok.eos_id, pad_id=tok.pad_id)
     assert torch.equal(M.generate(model, PROMPTS, compile=True, **kw).tokens, M.generate(model, PROMPTS, **kw).tokens)
     other = [[9, 9, 9, 9, 9], [4], [3, 3, 3]]  # other lengths, same rows: the same graph is reused
@@ -352,16 +353,16 @@ def test_compiled_calls_reuse_one_cache_and_one_graph(tiny, monkeypatch):
     M.release_static_cache()
     mark = torch._dynamo.mark_static_address
     monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda t, guard=True: mark(t, guard=True))
-    monkeypatch.setattr(M, "_compiled_decode_step", torch.compile(M._decode_step, backend="aot_eager",
-                                                                  fullgraph=True, dynamic=False))
+    monkeypatch.setattr(fast_decode, "_compiled_decode_step",
+                        torch.compile(fast_decode._decode_step, backend="aot_eager", fullgraph=True, dynamic=False))
     kw = dict(max_new_tokens=10, temperature=0, n_samples=2, eos_id=tok.eos_id, pad_id=tok.pad_id)
     seen = []
     for prompts in (PROMPTS, [[9, 9, 9, 9, 9], [4], [3, 3, 3]], [[1, 2], [3, 4, 5, 6], [7]]):
         out = M.generate(model, prompts, compile=True, **kw)
         assert torch.equal(out.tokens, M.generate(model, prompts, **kw).tokens)
-        seen.append(weakref.ref(M._static_cache.k[0]) if M._static_cache is not None else None)
+        seen.append(weakref.ref(fast_decode._static_cache.k[0]) if fast_decode._static_cache is not None else None)
     gc.collect()
-    live = [o for o in gc.get_objects() if isinstance(o, M.KVCache)]
+    live = [o for o in gc.get_objects() if isinstance(o, (M.KVCache, fast_decode.StaticKVCache))]
     assert counters["stats"]["unique_graphs"] == 1
     assert len(live) == 1 and sum(r is not None and r() is not None for r in seen) == 3   # the same one each time
     assert len({id(r()) for r in seen}) == 1
@@ -418,7 +419,7 @@ def test_static_decode_attends_over_length_buckets_of_the_filled_prefix(tiny, mo
     step sees all filled slots and at most about twice as many, never the whole 48-slot cache from
     the start; the tokens are the default path's."""
     model, tok = tiny
-    monkeypatch.setattr(M, "_STATIC_LEN_MULTIPLE", 8)
+    monkeypatch.setattr(fast_decode, "_STATIC_LEN_MULTIPLE", 8)
     kw = dict(max_new_tokens=40, eos_id=-1, pad_id=tok.pad_id, **sampling)
     want = M.generate(model, PROMPTS, **kw)
     M.release_static_cache()
@@ -426,7 +427,8 @@ def test_static_decode_attends_over_length_buckets_of_the_filled_prefix(tiny, mo
     got = M.generate(model, PROMPTS, static=True, **kw)
     monkeypatch.undo()
     assert torch.equal(got.tokens, want.tokens) and torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
-    P, layers, S = max(map(len, PROMPTS)), model.config.num_hidden_layers, M._static_cache.key_valid.shape[1]
+    P, layers = max(map(len, PROMPTS)), model.config.num_hidden_layers
+    S = fast_decode._static_cache.key_valid.shape[1]
     assert S == 48 and seen[:layers] == [P] * layers                 # the prefill, then 39 decode steps
     steps = seen[layers:]
     assert len(steps) == 39 * layers
@@ -451,9 +453,9 @@ def test_compiled_bucketed_decode_matches_eager_with_one_graph_per_bucket(tiny, 
     torch._dynamo.reset()
     counters.clear()
     M.release_static_cache()
-    monkeypatch.setattr(M, "_STATIC_LEN_MULTIPLE", 8)
-    monkeypatch.setattr(M, "_compiled_decode_step", torch.compile(M._decode_step, backend="aot_eager",
-                                                                  fullgraph=True, dynamic=False))
+    monkeypatch.setattr(fast_decode, "_STATIC_LEN_MULTIPLE", 8)
+    monkeypatch.setattr(fast_decode, "_compiled_decode_step",
+                        torch.compile(fast_decode._decode_step, backend="aot_eager", fullgraph=True, dynamic=False))
     kw = dict(eos_id=-1, pad_id=tok.pad_id, **sampling)
     for prompts, new in ((PROMPTS, 40), ([[9, 9, 9, 9, 9], [4], [3, 3, 3]], 30), (PROMPTS, 40), ([[1, 2], [3], [7]], 12)):
         got = M.generate(model, prompts, max_new_tokens=new, compile=True, **kw)
@@ -472,9 +474,9 @@ def test_compiled_step_may_hold_more_graphs_than_dynamos_default(tiny, monkeypat
     model, tok = tiny
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(M, "_STATIC_LEN_MULTIPLE", 8)
-    monkeypatch.setattr(M, "_compiled_decode_step", torch.compile(M._decode_step, backend="aot_eager",
-                                                                  fullgraph=True, dynamic=False))
+    monkeypatch.setattr(fast_decode, "_STATIC_LEN_MULTIPLE", 8)
+    monkeypatch.setattr(fast_decode, "_compiled_decode_step",
+                        torch.compile(fast_decode._decode_step, backend="aot_eager", fullgraph=True, dynamic=False))
     with torch._dynamo.config.patch(recompile_limit=8):
         for n in (1, 2, 3):
             M.release_static_cache()
@@ -503,19 +505,21 @@ def test_fast_path_compacts_finished_rows_without_changing_any_output(monkeypatc
     for c in (1, 4, 9, 20, 35):
         eos += sorted({int(x) for x in free.tokens[:, c]} - {int(x) for x in free.tokens[:, :c].flatten()})[:1]
     want = M.generate(model, prompts, eos_id=eos, **kw)
-    monkeypatch.setattr(M, "_STATIC_LEN_MULTIPLE", 8)
+    monkeypatch.setattr(fast_decode, "_STATIC_LEN_MULTIPLE", 8)
     torch._dynamo.reset()
     counters.clear()
     M.release_static_cache()
     rows_seen = []
-    step = torch.compile(M._decode_step, backend=compiled, fullgraph=True, dynamic=False) if compiled else M._decode_step
+    step = fast_decode._decode_step
+    if compiled:
+        step = torch.compile(step, backend=compiled, fullgraph=True, dynamic=False)
 
     def recording_step(*a):
         rows_seen.append(a[2].shape[0])
         return step(*a)
-    monkeypatch.setattr(M, "_compiled_decode_step", recording_step)
+    monkeypatch.setattr(fast_decode, "_compiled_decode_step", recording_step)
     if not compiled:
-        monkeypatch.setattr(M, "_decode_step", recording_step)
+        monkeypatch.setattr(fast_decode, "_decode_step", recording_step)
     got = M.generate(model, prompts, eos_id=eos, static=True, compile=compiled, **kw)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
     assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
@@ -523,7 +527,8 @@ def test_fast_path_compacts_finished_rows_without_changing_any_output(monkeypatc
     assert rows_seen == sorted(rows_seen, reverse=True)
     if compiled:
         P = max(map(len, prompts))
-        pairs = {(r, M._attend_len(P + j + 1, M._static_cache.key_valid.shape[1])) for j, r in enumerate(rows_seen)}
+        S = fast_decode._static_cache.key_valid.shape[1]
+        pairs = {(r, fast_decode._attend_len(P + j + 1, S)) for j, r in enumerate(rows_seen)}
         assert counters["stats"]["unique_graphs"] == len(pairs)
     torch._dynamo.reset()
     M.release_static_cache()
@@ -720,7 +725,7 @@ def test_bad_config_gives_clear_error(ck, changes, pattern):
 
 
 def test_bad_dtype_fails_before_any_download(ck, monkeypatch):
-    monkeypatch.setattr(M, "download", lambda *a, **k: pytest.fail("must not download"))
+    monkeypatch.setattr(hub, "download", lambda *a, **k: pytest.fail("must not download"))
     with pytest.raises(ValueError, match="unknown dtype 'fp8'; use one of float32, bfloat16, float16"):
         M.load("Qwen/Qwen2.5-3B", dtype="fp8")
     with pytest.raises(ValueError, match="unknown dtype"):

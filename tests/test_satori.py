@@ -12,6 +12,7 @@ import countdown as C
 import traces as T
 import model as M
 import ppo
+import satori
 
 COAT = list(T.COAT_TOKENS.values())
 CONT, REFL, EXPL = T.COAT_TOKENS["continue"], T.COAT_TOKENS["reflect"], T.COAT_TOKENS["explore"]
@@ -101,7 +102,7 @@ def test_sft_add_tokens_flag_format_tunes_with_coat_tokens(tmp_path):
     ("+", True, 0.0), ("+", False, -0.5),       # spoiled a right one: -beta
 ])
 def test_reflection_bonus_sign_table(origin, correct, bonus):
-    assert ppo.reflection_bonus(origin, correct, 0.5) == bonus
+    assert satori.reflection_bonus(origin, correct, 0.5) == bonus
 
 
 def test_rule_rewards_paper_and_satori():
@@ -118,7 +119,7 @@ def test_countdown_reward_adds_the_bonus_to_restarts_only_and_measures_them_apar
     cfg = ppo._resolve(ppo.PPOConfig(device="cpu", samples=2, rae=True, reflection_bonus=0.5))
     p = {"nums": [3, 5, 7], "target": 22}
     right, wrong = tok.encode("<answer> 3 * 5 + 7 </answer>"), tok.encode("<answer> 3 + 5 + 7 </answer>")
-    fn = ppo.countdown_reward(tok, [p, p, p], cfg, origins=[None, "-", "+"])
+    fn = satori.countdown_reward(tok, [p, p, p], cfg, origins=[None, "-", "+"])
     scores, extra = fn([right, wrong, right, wrong, right, wrong])
     assert scores == [1.0, 0.1, 1.5, 0.1, 1.0, 0.1 - 0.5]
     assert extra["accuracy"] == 0.5 and extra["restart_frac"] == pytest.approx(2 / 3)
@@ -128,21 +129,21 @@ def test_countdown_reward_adds_the_bonus_to_restarts_only_and_measures_them_apar
 # -- restart buffers and cut-back ------------------------------------------------------------------
 
 def test_cut_back_on_a_hand_made_trajectory():
-    assert ppo.coat_steps(TRAJ) == 7
-    assert ppo.cut_back(TRAJ, 0) == TRAJ.split("\n</think>")[0] + f" {REFL}"
-    assert ppo.cut_back(TRAJ, 1) == f"\n{CONT} Numbers: 3, 5 and 7. {CONT} 3 + 5 = 8. That leaves 8 and 7. " \
+    assert satori.coat_steps(TRAJ) == 7
+    assert satori.cut_back(TRAJ, 0) == TRAJ.split("\n</think>")[0] + f" {REFL}"
+    assert satori.cut_back(TRAJ, 1) == f"\n{CONT} Numbers: 3, 5 and 7. {CONT} 3 + 5 = 8. That leaves 8 and 7. " \
                                     f"{CONT} 8 + 7 = 15. {REFL} 15 is not 22.\n{EXPL} Let's try something else." \
                                     f"\n{CONT} 3 * 5 = 15. {REFL}"
-    assert ppo.cut_back(TRAJ, 4) == f"\n{CONT} Numbers: 3, 5 and 7. {CONT} 3 + 5 = 8. That leaves 8 and 7. " \
+    assert satori.cut_back(TRAJ, 4) == f"\n{CONT} Numbers: 3, 5 and 7. {CONT} 3 + 5 = 8. That leaves 8 and 7. " \
                                     f"{CONT} 8 + 7 = 15. {REFL}"
-    assert ppo.cut_back(TRAJ, 6) == f"\n{CONT} Numbers: 3, 5 and 7. {REFL}"
-    assert ppo.cut_back(TRAJ, 7) is None                    # at least the first step stays
-    assert ppo.cut_back(TRAJ.replace("</think>", ""), 0) is None   # no complete reasoning
-    assert ppo.cut_back("plain text </think>", 0) is None   # no COAT steps
+    assert satori.cut_back(TRAJ, 6) == f"\n{CONT} Numbers: 3, 5 and 7. {REFL}"
+    assert satori.cut_back(TRAJ, 7) is None                    # at least the first step stays
+    assert satori.cut_back(TRAJ.replace("</think>", ""), 0) is None   # no complete reasoning
+    assert satori.cut_back("plain text </think>", 0) is None   # no COAT steps
 
 
 def test_restart_buffers_sort_by_outcome_cap_size_and_round_trip():
-    b = ppo.RestartBuffers(size=2)
+    b = satori.RestartBuffers(size=2)
     p = {"nums": [3, 5, 7], "target": 22, "id": 0}
     for k in range(3):
         b.add(dict(p, id=k), TRAJ, correct=True)
@@ -150,7 +151,7 @@ def test_restart_buffers_sort_by_outcome_cap_size_and_round_trip():
     b.add(p, "no steps </think>", correct=False)           # nothing to restart from
     b.add(p, TRAJ.replace("</think>", ""), correct=False)  # truncated
     assert [q["id"] for q, _ in b.pos] == [1, 2] and len(b.neg) == 1
-    c = ppo.RestartBuffers(size=2)
+    c = satori.RestartBuffers(size=2)
     c.load_state_dict(json.loads(json.dumps(b.state_dict())))
     assert c.pos == b.pos and c.neg == b.neg
 
@@ -161,11 +162,11 @@ def test_sample_restarts_is_seeded_and_draws_t_and_buffers_uniformly():
                                              num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1)),
                  tok, COAT)
     cfg = ppo._resolve(ppo.PPOConfig(device="cpu", rae=True, rae_max_back=3, max_prompt=1024))
-    b = ppo.RestartBuffers(size=8)
+    b = satori.RestartBuffers(size=8)
     p = {"nums": [3, 5, 7], "target": 22, "id": 0}
     b.add(p, TRAJ, correct=True)
     b.add(p, TRAJ.replace("3 * 5 + 7 </answer>", "3 + 5 + 7 </answer>"), correct=False)
-    draw = lambda seed: ppo.sample_restarts(b, 400, random.Random(seed), tok, cfg)  # noqa: E731
+    draw = lambda seed: satori.sample_restarts(b, 400, random.Random(seed), tok, cfg)  # noqa: E731
     rs = draw(1)
     assert len(rs) == 400 and [(r.origin, r.back, r.prompt_ids) for r in rs] == \
         [(r.origin, r.back, r.prompt_ids) for r in draw(1)]
@@ -176,12 +177,12 @@ def test_sample_restarts_is_seeded_and_draws_t_and_buffers_uniformly():
     assert abs(sum(r.origin == "-" for r in rs) - 200) < 50
     r = rs[0]
     prompt = ppo.encode_prompts(tok, [p], cfg)[0]
-    assert r.prompt_ids == prompt + tok.encode(ppo.cut_back(TRAJ, r.back))
+    assert r.prompt_ids == prompt + tok.encode(satori.cut_back(TRAJ, r.back))
     assert tok.decode(r.prompt_ids).endswith(REFL)
     # too long for --max-prompt: skipped, not cut
     short = ppo._resolve(ppo.PPOConfig(device="cpu", rae=True, max_prompt=len(prompt) + 5))
-    assert ppo.sample_restarts(b, 10, random.Random(0), tok, short) == []
-    assert ppo.sample_restarts(ppo.RestartBuffers(4), 10, random.Random(0), tok, cfg) == []
+    assert satori.sample_restarts(b, 10, random.Random(0), tok, short) == []
+    assert satori.sample_restarts(satori.RestartBuffers(4), 10, random.Random(0), tok, cfg) == []
 
 
 def test_rae_flags_are_checked():
@@ -195,12 +196,12 @@ def test_rae_flags_are_checked():
 
 def test_bradley_terry_loss_and_pairs_by_hand():
     # -log sigmoid(2 - 0.5) = log(1 + e^-1.5) = 0.201413; -log sigmoid(-1) = log(1 + e) = 1.313262
-    got = ppo.bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.5, 1.0]))
+    got = satori.bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.5, 1.0]))
     assert got.item() == pytest.approx((0.201413 + 1.313262) / 2, abs=1e-5)
-    assert ppo.preference_pairs([True, False, False, True, False, False], 3) == [(0, 1), (0, 2), (3, 4), (3, 5)]
-    assert ppo.preference_pairs([True, False, True, False], 2) == [(0, 1), (2, 3)]
-    assert ppo.preference_pairs([True, True, False, False], 4) == [(0, 2), (0, 3), (1, 2), (1, 3)]
-    assert ppo.preference_pairs([False, False, True, True], 2) == []   # no pair crosses prompts
+    assert satori.preference_pairs([True, False, False, True, False, False], 3) == [(0, 1), (0, 2), (3, 4), (3, 5)]
+    assert satori.preference_pairs([True, False, True, False], 2) == [(0, 1), (2, 3)]
+    assert satori.preference_pairs([True, True, False, False], 4) == [(0, 2), (0, 3), (1, 2), (1, 3)]
+    assert satori.preference_pairs([False, False, True, True], 2) == []   # no pair crosses prompts
 
 
 def _toy_orm(seed=0, vocab=16):
@@ -217,7 +218,7 @@ def _toy_orm(seed=0, vocab=16):
 def test_orm_scores_read_the_last_token_of_each_unpadded_sequence():
     orm, _ = _toy_orm()
     seqs = [[1, 2, 3], [4, 5], [6]]
-    got = ppo.orm_scores(orm, seqs, pad_id=0)
+    got = satori.orm_scores(orm, seqs, pad_id=0)
     for q, r in zip(seqs, got):
         assert r.item() == pytest.approx(orm(torch.tensor([q]))[0, -1].item(), abs=1e-5)
 
@@ -241,16 +242,16 @@ def test_orm_learns_to_rank_right_above_wrong_from_the_policys_pairs():
     first = None
     for _ in range(30):
         seqs, correct = batch()
-        stats = ppo.update_orm(orm, opt, seqs, correct, cfg, pad_id=0)
+        stats = satori.update_orm(orm, opt, seqs, correct, cfg, pad_id=0)
         first = first or stats
     seqs, correct = batch()
-    bonus = ppo.preference_bonus(orm, seqs, 0, batch=7)
+    bonus = satori.preference_bonus(orm, seqs, 0, batch=7)
     right = [b for b, ok in zip(bonus, correct) if ok]
     wrong = [b for b, ok in zip(bonus, correct) if not ok]
     assert first["orm_loss"] == pytest.approx(math.log(2), abs=0.1)   # an untrained head ranks at chance
     assert stats["orm_pair_accuracy"] == 1.0 and stats["orm_loss"] < 0.1
     assert min(right) > 0.5 > max(wrong)
-    assert ppo.update_orm(orm, opt, [[1, 9]] * 4, [False] * 4, cfg, 0) == {}   # no pairs: no step
+    assert satori.update_orm(orm, opt, [[1, 9]] * 4, [False] * 4, cfg, 0) == {}   # no pairs: no step
 
 
 def test_countdown_reward_adds_the_orms_sigmoid_score_of_prompt_and_response():
@@ -261,7 +262,7 @@ def test_countdown_reward_adds_the_orms_sigmoid_score_of_prompt_and_response():
     prompts = [[5, 6, 7], [8]]
     right, wrong = tok.encode("<answer> 3 * 5 + 7 </answer>"), tok.encode("<answer> 3 + 5 + 7 </answer>")
     responses = [right, wrong, wrong, right]
-    scores, extra = ppo.countdown_reward(tok, [p, p], cfg, orm=orm, prompts=prompts)(responses)
+    scores, extra = satori.countdown_reward(tok, [p, p], cfg, orm=orm, prompts=prompts)(responses)
     seqs = [[5, 6, 7] + right, [5, 6, 7] + wrong, [8] + wrong, [8] + right]
     with torch.no_grad():
         bonus = [torch.sigmoid(orm(torch.tensor([q]))[0, -1]).item() for q in seqs]
@@ -278,7 +279,7 @@ def _coat_checkpoint(tmp_path):
     return M.save(model, tok, tmp_path / "coat")
 
 
-class _FilledBuffers(ppo.RestartBuffers):
+class _FilledBuffers(satori.RestartBuffers):
     """Buffers that start with one right and one wrong hand-made trajectory. A random tiny policy
     never writes a COAT trajectory of its own, so each of its responses enters wrapped in two steps:
     the restarts of later steps then depend on every earlier rollout (and on a correct resume)."""
@@ -286,8 +287,8 @@ class _FilledBuffers(ppo.RestartBuffers):
     def __init__(self, size):
         super().__init__(size)
         p = {"nums": [3, 5, 7], "target": 22, "id": -1}
-        ppo.RestartBuffers.add(self, p, TRAJ, correct=True)
-        ppo.RestartBuffers.add(self, p, TRAJ.replace("3 * 5 + 7 </answer>", "3 + 5 + 7 </answer>"), correct=False)
+        satori.RestartBuffers.add(self, p, TRAJ, correct=True)
+        satori.RestartBuffers.add(self, p, TRAJ.replace("3 * 5 + 7 </answer>", "3 + 5 + 7 </answer>"), correct=False)
 
     def add(self, problem, text, correct):
         super().add(problem, f"\n{CONT} {text!r} {CONT} {len(text)}.\n</think>", correct)
@@ -301,7 +302,7 @@ def _rae_cfg(ck, out, steps):
 
 
 def test_rae_run_restarts_half_its_batch_checkpoints_the_buffers_and_resumes_exactly(tmp_path, monkeypatch):
-    monkeypatch.setattr(ppo, "RestartBuffers", _FilledBuffers)
+    monkeypatch.setattr(satori, "RestartBuffers", _FilledBuffers)
     ck = _coat_checkpoint(tmp_path)
     straight, split = tmp_path / "straight", tmp_path / "split"
     ppo.train(_rae_cfg(ck, straight, 4))
@@ -365,7 +366,7 @@ def test_restarts_teach_a_toy_policy_to_repair_after_reflect():
             got = [o for i, o in enumerate(ok) if origins[i // samples] is not None]
             if got:
                 restart_acc.append(sum(got) / len(got))
-            return [float(o) + ppo.reflection_bonus(origins[i // samples], o, cfg.reflection_bonus)
+            return [float(o) + satori.reflection_bonus(origins[i // samples], o, cfg.reflection_bonus)
                     for i, o in enumerate(ok)], {}
         _, exp, _ = ppo.ppo_iteration(models, prompts, reward_fn, cfg, step, eos_id=0, pad_id=0)
         for i in range(len(ps) * samples):      # the plain prompts' answers fill D+ and D-

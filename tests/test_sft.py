@@ -1,6 +1,7 @@
 """sft.py: example layout and loss mask, the loss against a hand computation, gradients at prompt
 positions, micro-batch invariance, resume equivalence, Ctrl-C safety, overfitting + greedy accuracy,
 and the from-scratch checkpoint loading in model.py and in transformers with the same logits."""
+import dataclasses
 import json
 import math
 
@@ -397,7 +398,7 @@ def test_help_documents_every_flag():
     for parser in (sft.build_parser(), sft.build_eval_parser()):
         for action in parser._actions:
             assert action.help, f"{action.option_strings} has no help text"
-        assert set(f.name for f in sft.fields(sft.SFTConfig)) <= {a.dest for a in sft.build_parser()._actions}
+        assert set(f.name for f in dataclasses.fields(sft.SFTConfig)) <= {a.dest for a in sft.build_parser()._actions}
 
 
 # ---------------------------------------------------------------------------------------------

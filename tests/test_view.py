@@ -11,6 +11,7 @@ import pytest
 import classify
 import countdown
 import traces as T
+from plumbing import view as study_page
 
 # -----------------------------------------------------------------------------------------------
 # A small, realistic fake study: ppo.py-like run folders whose completions are countdown.py's
@@ -127,7 +128,7 @@ def test_hostile_completions_render_as_text(tmp_path):
         assert "".join(shown.get(ch, ch) for ch in h) in texts, h
     assert "bad \ufffd\ufffd bytes <u>" in texts and "lone \ufffd surrogate" in texts
     big = [c for c in p.cards if c["text"].startswith("Let me verify this.")]
-    assert big and all(len(c["text"]) <= classify.VIEW_MAX_CHARS for c in big)
+    assert big and all(len(c["text"]) <= study_page.VIEW_MAX_CHARS for c in big)
     assert "more characters not shown" in page and "completion(s) cut" in page
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
     assert "src=\"data:image/png;base64," in page or "No figures" in page
@@ -210,7 +211,7 @@ def test_size_bound_and_sampling(tmp_path, monkeypatch):
     p = Page(out.read_text())
     assert len(p.cards) == 600 + 2 * 3
     # a larger request is sampled and the page says so
-    monkeypatch.setattr(classify, "VIEW_MAX_CARDS", 30)
+    monkeypatch.setattr(study_page, "VIEW_MAX_CARDS", 30)
     assert _view([*runs[:3], "--out", out, "--per-step", "20", "--steps", "10"]) == 0
     page = out.read_text()
     assert "Sampled: 180 completions asked for, 27 shown" in page
