@@ -298,9 +298,9 @@ def load_prompts(kind="countdown", prompts_dir=None):
 
 def dump_prompts(out_dir):
     """Write the built-in prompts as editable files (refuses to overwrite)."""
-    files = {f"countdown_{b}.txt": t for b, t in COUNTDOWN_PROMPTS.items()}
-    files.update({f"text_{b}.txt": t for b, t in TEXT_PROMPTS.items()})
-    return judge_http.dump_prompt_files(out_dir, files)
+    prompt_files = {f"countdown_{b}.txt": t for b, t in COUNTDOWN_PROMPTS.items()}
+    prompt_files.update({f"text_{b}.txt": t for b, t in TEXT_PROMPTS.items()})
+    return judge_http.dump_prompt_files(out_dir, prompt_files)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -1209,11 +1209,11 @@ def rank_share(problems, group: int) -> list:
     return [p for i in range(0, len(problems), group) for p in problems[i:i + group][lo:hi]]
 
 
-def check_response_cap(tokenizer: M.Tokenizer, files, max_response: int) -> dict:
+def check_response_cap(tokenizer: M.Tokenizer, paths, max_response: int) -> dict:
     """{file: p99 tokens of its completions (with EOS)}; a ValueError with the numbers when
     max_response is below any of them."""
     p99 = {}
-    for f in files:
+    for f in paths:
         lengths = sorted(len(tokenizer.encode(r["completion"], bos=False)) + 1 for r in files.read_jsonl(f))
         if not lengths:
             raise ValueError(f"--cap-traces {f}: no rows")
