@@ -716,7 +716,7 @@ def save(model: Transformer, tokenizer: hub.Tokenizer, out_dir, *, max_shard_siz
     gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}
     files.write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
     tokenizer.save(tmp)
-    hub.replace_folder(tmp, out)
+    files.replace_dir(tmp, out)
     return out
 
 

@@ -1378,7 +1378,7 @@ def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOCon
             (tmp / "state.pt").symlink_to(target)
         else:
             torch.save(state, tmp / "state.pt")
-    runs.publish_dir(tmp, final)   # an existing one only after a resume re-reaches its step (identical content)
+    files.replace_dir(tmp, final)   # an existing one only after a resume re-reaches its step (identical content)
     if with_state and last_only:
         for s, d in _step_dirs(run).items():
             if s != step and (d / "state.pt").is_file():

@@ -353,18 +353,6 @@ def write_weights(folder: Path, tensors, max_shard_size: int, dtype=None):
                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
-def replace_folder(tmp: Path, out: Path):
-    """Rename the finished folder tmp to out, replacing an old out: out is never half-written."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-
-
 # -----------------------------------------------------------------------------
 # The tokenizer files of a checkpoint folder: tokenizer.json (the `tokenizers` library's format) and
 # tokenizer_config.json (its special tokens)

@@ -14,7 +14,7 @@ from dataclasses import field, fields
 from pathlib import Path
 from typing import Optional
 
-from plumbing.files import LOCK_FILE, read_json, write_json
+from plumbing.files import LOCK_FILE, read_json, replace_dir, write_json
 
 # -----------------------------------------------------------------------------
 # Flags: every field of a config dataclass is one command-line flag
@@ -100,17 +100,6 @@ def step_dirs(run: Path) -> dict:
     return {s: d for s, d in numbered(Path(run) / "checkpoints").items() if d.is_dir()}
 
 
-def publish_dir(tmp: Path, final: Path):
-    """Rename a finished temp folder to `final`; an existing `final` is swapped out, then deleted."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def publish_links(src: Path, dst: Path):
     """dst = the files of src as hard links (no extra disk), made in a temp folder and renamed."""
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
@@ -121,7 +110,7 @@ def publish_links(src: Path, dst: Path):
             os.link(f, tmp / f.name)
         except OSError:
             shutil.copy2(f, tmp / f.name)
-    publish_dir(tmp, dst)
+    replace_dir(tmp, dst)
 
 
 def save_atomic(save, obj, path: Path, tmp: Optional[Path] = None):
