@@ -228,7 +228,10 @@ class KVCache:
 
     def fill_from(self, prefill: "KVCache", n: int):
         """Copy a prefill cache of B rows and P slots into this one's first P slots, n copies of each
-        row (B * n rows here), in place: this cache's tensors keep their addresses."""
+        row (B * n rows here), in place: this cache's tensors keep their addresses.
+
+        It reads and writes only k, v, key_valid and padded, which the fast decode's StaticKVCache
+        has in the same layout: generate() calls it on that cache too."""
         P = prefill.key_valid.shape[1]
         for dst, src in zip(self.k + self.v, prefill.k + prefill.v):
             B = src.shape[0]                                   # a broadcast copy: no [B * n, ...] temporary
@@ -534,7 +537,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         h = model.hidden_states(ids, position_ids=pos, cache=prefill, cache_start=0)
         logits = model.logits(h[:, -1])                      # [B, V]: only the last position is needed
         if prefill is not cache:
-            cache.fill_from(prefill, n_samples)
+            KVCache.fill_from(cache, prefill, n_samples)   # cache may be the fast path's StaticKVCache
             del prefill
         if n_samples > 1:
             logits = logits.repeat_interleave(n_samples, dim=0)

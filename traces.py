@@ -375,10 +375,7 @@ class _Narrator:
                     pref = {"factor": 0, "below": 1, "above": 2, "multiple": 3}[kind]
                     plans.append((pref + 2 * self.rng.random(), k, n, x, op, kind))
         plans.sort()
-        for tries, (_, k, n, s, op, kind) in enumerate(plans[:2]):
-            if tries:
-                self.abandon(_SUBGOAL_FAIL, s=prev)
-            prev = s
+        for _, k, n, s, op, kind in plans[:2]:
             self.new_paragraph()
             self.behavior("subgoal", _SUBGOAL[kind], s=s, n=n, t=self.t)
             rest = [(v, i) for i, v in enumerate(self.nums) if i != k]
@@ -389,8 +386,7 @@ class _Narrator:
                 self.equations.append(fwd)
                 self.say(_SUBGOAL_REACHED, s=s, n=n, fwd=fwd)
                 return (op, tree, k)
-        if plans:
-            self.abandon(_SUBGOAL_FAIL, s=prev)
+            self.abandon(_SUBGOAL_FAIL, s=s)
         return None
 
     def backward(self, goal=None, items=None, depth=0):
@@ -405,12 +401,10 @@ class _Narrator:
             for x, op, x_left in _inverse(goal, n, _NATURAL):
                 if x is not None and 0 < x <= VALUE_CAP and x != goal:
                     opts.append((abs(x - goal) / 10 + 2 * self.rng.random(), k, n, leaf, x, op, x_left))
-        opts.sort()
-        for tries, (_, k, n, leaf, x, op, x_left) in enumerate(opts[:_WIDTH]):
+        opts = sorted(opts)[:_WIDTH]
+        for tries, (_, k, n, leaf, x, op, x_left) in enumerate(opts, 1):
             rest = [it for m, it in enumerate(items) if m != k]
-            if tries:
-                self.abandon(_BACKWARD_FAIL, x=prev_x, rest=prev_rest)
-            prev_x, prev_rest = x, _join(v for v, _ in rest)
+            rest_text = _join(v for v, _ in rest)
             fwd = f"{x} {op} {n} = {goal}" if x_left else f"{n} {op} {x} = {goal}"
             inv = {("+", True): f"{goal} - {n} = {x}", ("-", True): f"{goal} + {n} = {x}",
                    ("-", False): f"{n} - {goal} = {x}", ("*", True): f"{goal} / {n} = {x}",
@@ -419,15 +413,17 @@ class _Narrator:
             if depth == 0:
                 self.new_paragraph()
             self.behavior("backward", templates, g=goal, inv=inv, fwd=fwd, x=x)
-            self.say(_NEED, meta=None, x=x, rest=prev_rest)
+            self.say(_NEED, meta=None, x=x, rest=rest_text)
             self.first = True
             sub = self.backward(x, rest, depth + 1)
             if sub is not None:
                 self.equations.append(fwd)
                 self.say(_SO, fwd=fwd)
                 return (op, sub, leaf) if x_left else (op, leaf, sub)
-        if depth == 0 and opts:
-            self.abandon(_BACKWARD_FAIL, x=prev_x, rest=prev_rest)
+            # leave this attempt for the next one; after the last one only the top level says so
+            # (a deeper level returns None and its caller leaves its own attempt)
+            if tries < len(opts) or depth == 0:
+                self.abandon(_BACKWARD_FAIL, x=x, rest=rest_text)
         return None
 
     # -- a whole trace -------------------------------------------------------------------------

@@ -229,7 +229,8 @@ def main():
         base = rows["transformers"]["decode"]
         for impl, r in rows.items():
             same = f"{r['agree']:.0%}" if temperature == 0 else "n/a (sampled)"
-            print(f"| {batch} x {n_samples} | {plen} | {new} | {'greedy' if temperature == 0 else f'T = {temperature:g}'} "
+            sampling = "greedy" if temperature == 0 else f"T = {temperature:g}"
+            print(f"| {batch} x {n_samples} | {plen} | {new} | {sampling} "
                   f"| {impl} | {r['prefill']:,.0f} | {r['decode']:,.1f} | {r['decode'] / base:.2f}x | {same} |")
         sys.stdout.flush()
     if device == "cuda" or args.smoke:

@@ -59,7 +59,8 @@ def bench_logprobs(args):
         rows[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     for kind in ("full", "chunked"):
         r = rows[kind]
-        print(f"  {kind:<8} peak +{r['extra_peak_mib'] - rows['none']['extra_peak_mib']:8.0f} MiB   {r['seconds']:6.2f} s")
+        extra = r['extra_peak_mib'] - rows['none']['extra_peak_mib']
+        print(f"  {kind:<8} peak +{extra:8.0f} MiB   {r['seconds']:6.2f} s")
     ratio = (rows["full"]["extra_peak_mib"] - rows["none"]["extra_peak_mib"]) / max(
         1.0, rows["chunked"]["extra_peak_mib"] - rows["none"]["extra_peak_mib"])
     print(f"  memory ratio full / chunked (chunk {args.chunk}): {ratio:.1f}x; "

@@ -98,7 +98,8 @@ def memory(args):
     model.gradient_checkpointing = not args.no_grad_checkpointing
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.layers} layers, {n_params / 1e9:.3f}e9 parameters "
-          f"({n_params / est_params:.3f} of Llama-3.2-3B); micro-batch {args.micro_batch_size} x {args.seq_len} tokens, "
+          f"({n_params / est_params:.3f} of Llama-3.2-3B); "
+          f"micro-batch {args.micro_batch_size} x {args.seq_len} tokens, "
           f"grad checkpointing {model.gradient_checkpointing}")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
     g = torch.Generator().manual_seed(0)
@@ -113,7 +114,8 @@ def memory(args):
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         print(f"step {i}: loss {loss:.4f}, {n_tok / dt:.0f} tokens/s, peak allocated "
-              f"{torch.cuda.max_memory_allocated() / 1e9:.2f} GB, peak reserved {torch.cuda.max_memory_reserved() / 1e9:.2f} GB")
+              f"{torch.cuda.max_memory_allocated() / 1e9:.2f} GB, "
+              f"peak reserved {torch.cuda.max_memory_reserved() / 1e9:.2f} GB")
     print(f"measured peak: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB allocated, "
           f"{torch.cuda.max_memory_reserved() / 1e9:.2f} GB reserved, of "
           f"{torch.cuda.get_device_properties(0).total_memory / 1e9:.1f} GB")

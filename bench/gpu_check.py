@@ -325,8 +325,9 @@ def decode_case(rep, hf, ours, device, batch, plen, new, temperature, eager, tin
         detail = f"{equal}/{len(a)} rows equal over {new} tokens"
         if ties or bad:
             detail += "; splits (step, top-2 gap): " + ", ".join(f"({t}, {g:.3f})" for t, g in ties + bad)
-        rep.add("correctness", "compiled vs eager greedy tokens (bf16)" if not tiny else "compiled vs eager greedy tokens",
-                detail, f"equal, or split at a top-2 gap < {TIE_GAP_BF16}", "FAIL" if bad else "ok")
+        what = "compiled vs eager greedy tokens" + ("" if tiny else " (bf16)")
+        rep.add("correctness", what, detail, f"equal, or split at a top-2 gap < {TIE_GAP_BF16}",
+                "FAIL" if bad else "ok")
 
 
 # -----------------------------------------------------------------------------

@@ -35,7 +35,8 @@ _static_cache: Optional["StaticKVCache"] = None   # the one KV cache, reused by 
 class StaticKVCache:
     """model.KVCache's layout ([R, n_kv_heads, max_len, head_dim] keys and values per layer, key_valid
     [R, max_len]) with the decode step's interface: update() writes one slot chosen by a tensor, and
-    the step attends over the first `attend` slots of the first `rows` rows (both set by Decoder)."""
+    the step attends over the first `attend` slots of the first `rows` rows (both set by Decoder).
+    Same layout, so model.generate fills it from the prefill with model.KVCache.fill_from."""
 
     def __init__(self, config, rows: int, max_len: int, dtype, device):
         shape = (rows, config.num_key_value_heads, max_len, config.head_dim)
@@ -62,16 +63,6 @@ class StaticKVCache:
     def attn_mask(self, slot, T: int):
         # [B, 1, 1, L]: the one query per row sees its valid slots; slots not written yet are masked
         return self.key_valid[:self.rows, None, None, :self.attend]
-
-    def fill_from(self, prefill, n: int):
-        """Copy a prefill cache of B rows and P slots into this one's first P slots, n copies of each
-        row (B * n rows here), in place: this cache's tensors keep their addresses."""
-        P = prefill.key_valid.shape[1]
-        for dst, src in zip(self.k + self.v, prefill.k + prefill.v):
-            B = src.shape[0]                                   # a broadcast copy: no [B * n, ...] temporary
-            dst[:, :, :P].view(B, n, *dst.shape[1:2], P, dst.shape[3]).copy_(src[:, None, :, :P])
-        self.key_valid[:, :P] = prefill.key_valid.repeat_interleave(n, dim=0)
-        self.padded = prefill.padded
 
     def compact_rows(self, keep):
         """Move rows `keep` (an index tensor of n rows) to the first n rows, in place: the tensors keep

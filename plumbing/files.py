@@ -73,7 +73,8 @@ def append_jsonl(path, row) -> None:
 # -----------------------------------------------------------------------------
 # One writer per folder. Two processes writing one run folder interleave metrics rows and replace
 # each other's checkpoints, so every CLI that writes a folder (sft.py, ppo.py, classify.py,
-# curate.py) holds this lock on it, and model.py's downloads hold it per cached file. Only the process that writes takes it (under torchrun that will be rank 0). The lock file is never
+# curate.py) holds this lock on it, and model.py's downloads hold it per cached file. Only the
+# process that writes takes it (under torchrun that will be rank 0). The lock file is never
 # deleted: a process that had opened the deleted file and one that created a new file could then
 # both hold "the" lock.
 

@@ -32,6 +32,14 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def client_flags(timeout, max_retries):
+    """The judge client's flags for tests against a FakeJudge: short backoffs and a short
+    deadline, so injected faults are retried in a fraction of a second; --no-progress comes last
+    (a test that wants the progress bar drops it)."""
+    return ["--backoff-base", "0.01", "--backoff-max", "0.05", "--timeout", str(timeout),
+            "--max-retries", str(max_retries), "--no-progress"]
+
+
 def _user_text(kind, body):
     """The last user message as plain text (string content or a list of text blocks)."""
     msgs = [m for m in body.get("messages", []) if m.get("role") == "user"]

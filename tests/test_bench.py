@@ -26,8 +26,9 @@ def test_gpu_check_runs_every_section_on_cpu_tiny(tmp_path):
     assert {"correctness", "decode", "ppo", "sft", "all"} <= sections
     assert not any(r[-1].strip(" |") == "FAIL" for r in rows)
     checks = " ".join(r[1] for r in rows)
-    for what in ("bf16 vs fp32 logits", "rollout log-probs vs recomputed", "MasterAdamW", "compiled vs eager greedy", "compiled vs eager sampled",
-                 "ours compiled: batch 4", "phase rollout", "one step, micro-batch"):
+    for what in ("bf16 vs fp32 logits", "rollout log-probs vs recomputed", "MasterAdamW",
+                 "compiled vs eager greedy", "compiled vs eager sampled", "ours compiled: batch 4",
+                 "phase rollout", "one step, micro-batch"):
         assert what in checks, what
 
 

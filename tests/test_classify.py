@@ -10,19 +10,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import classify  # noqa: E402
-import countdown  # noqa: E402
-import traces  # noqa: E402
-from plumbing import report as study_report  # noqa: E402
-from fake_judge import FakeJudge  # noqa: E402
+import classify
+import countdown
+import traces
+from conftest import ROOT   # conftest put ROOT on sys.path; pytest puts tests/ there
+from fake_judge import FakeJudge, client_flags
+from plumbing import report as study_report
 
 KEY = "sk-FAKE-0123456789-do-not-leak"
-FAST = ["--backoff-base", "0.01", "--backoff-max", "0.05", "--timeout", "1.5", "--max-retries", "3",
-        "--no-progress"]
+FAST = client_flags(timeout=1.5, max_retries=3)
 
 
 def behavior_of(prompt):
@@ -104,7 +100,8 @@ def test_prompts_render_and_original_files_drop_in(tmp_path):
     # the original math-text prompts are str.format templates named *_v0.txt
     (tmp_path / "backtracking_v0.txt").write_text("# Task\n{{literal}}\n{response}\n# Response\n")
     cd, v1 = classify.load_prompts("countdown", tmp_path)
-    assert cd["backward"].startswith("Numbers {numbers}") and cd["verification"] == classify.COUNTDOWN_PROMPTS["verification"]
+    assert cd["backward"].startswith("Numbers {numbers}")
+    assert cd["verification"] == classify.COUNTDOWN_PROMPTS["verification"]
     assert classify.render_prompt(cd["backward"], numbers=[1, 2], target=9, completion="x") == \
         "Numbers [1, 2], target 9: x. Half is 4. <count> </count>"
     tx, v2 = classify.load_prompts("text", tmp_path)
@@ -225,7 +222,8 @@ def test_faults_every_item_labelled_or_failed_with_reason(tmp_path, monkeypatch,
             else:
                 assert c == true_count(i, b), (i, b)
     by = {item_of(r["completion"]): r for r in labels}
-    assert "malformed response" in by[4]["failed"]["backtracking"] and "gave up after 4" in by[4]["failed"]["backtracking"]
+    failed = by[4]["failed"]["backtracking"]
+    assert "malformed response" in failed and "gave up after 4" in failed
     assert by[6]["failed"]["verification"] == "HTTP 400: prompt too long"
     assert "HTTP 503: overloaded" in by[7]["failed"]["subgoal"]
 
@@ -585,7 +583,7 @@ def test_rules_judge_on_the_held_out_set():
     # the issue's cases, by hand
     ([6, 2, 3], 15, "First, multiply 6 by 2 to get 12. Then add 3 to get 15.", dict()),       # a plan, no subgoal
     ([2, 3, 4, 5], 19, "I'll go back over the arithmetic: 2 * 3 = 6, 6 * 4 = 24, 24 - 5 = 19.",
-     dict(verification=1)),                                                                   # a re-check, no backtracking
+     dict(verification=1)),                                                   # a re-check, no backtracking
     ([55, 19, 7], 65, "55 + 19 = 74. That's too high.", dict(verification=1)),
     ([25, 3], 22, "25 - 3 = 22. That's it!", dict(verification=1)),
     ([6, 4, 9, 2], 15, "6 + 4 = 10, 10 + 9 = 19. 9 - 6 = 3, 3 * 4 = 12. 9 * 2 = 18.", dict(backtracking=2)),
@@ -598,7 +596,7 @@ def test_rules_judge_on_the_held_out_set():
     ([6, 4, 9], 19, "What about 6 + 4?", dict()),                                            # a first attempt
     ([6, 4, 9], 19, "6 + 4 = 10. Scratch that. 6 + 9 = 15.", dict(backtracking=1)),          # announced: once
     ([9, 3, 7], 34, "Use 9 * 3 instead of 3 * 9 for clarity: 9 * 3 = 27, 27 + 7 = 34.", dict()),
-    ([25, 4, 2], 25, "25 * 4 = 100. 100 / 2 = 50.", dict()),                                 # the target is a given number
+    ([25, 4, 2], 25, "25 * 4 = 100. 100 / 2 = 50.", dict()),                    # the target is a given number
 ])
 def test_rules_judge_cases_from_the_issue(nums, target, text, want):
     assert classify.count_behaviors_rules(text, nums, target) == {b: want.get(b, 0) for b in classify.BEHAVIORS}

@@ -9,21 +9,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import classify  # noqa: E402
-import countdown  # noqa: E402
-import traces  # noqa: E402
-import curate  # noqa: E402
-from conftest import lock_held_elsewhere  # noqa: E402
-from fake_judge import FakeJudge  # noqa: E402
-from plumbing import documents  # noqa: E402
+import classify   # the project root is on sys.path (conftest), and tests/ too (pytest)
+import countdown
+import traces
+import curate
+from conftest import lock_held_elsewhere
+from fake_judge import FakeJudge, client_flags
+from plumbing import documents
 
 KEY = "sk-FAKE-curate-0123456789"
-FAST = ["--backoff-base", "0.01", "--backoff-max", "0.05", "--timeout", "2", "--max-retries", "2",
-        "--no-progress"]
+FAST = client_flags(timeout=2, max_retries=2)
 
 
 def all_output_text(folder):
@@ -42,7 +37,8 @@ def priming_responder(prompt, system):
     expr = countdown.solve(nums, target)
     if target % 7 == 0:  # some answers are wrong, as Claude's were
         expr = " + ".join(map(str, nums))
-    return f"<think>\nLet me try {expr}. 12 is not {target}, let's try something else.\n</think>\n<answer> {expr} </answer>"
+    return (f"<think>\nLet me try {expr}. 12 is not {target}, let's try something else.\n</think>\n"
+            f"<answer> {expr} </answer>")
 
 
 @pytest.mark.parametrize("api", ["anthropic", "openai"])
@@ -144,7 +140,8 @@ def test_controls_match_countdown_reference_and_hand_counts(tmp_path):
     assert curate.dots([row])[0][0]["completion"] == " . . . . . . .</think>\n<answer> 12 * 2 </answer>"
     # the Whitespace pre-tokenizer splits \w+ and punctuation runs: 12 + 2 = 14 . Then 12 * 2 = 24 .
     assert traces.count_tokens("\n12 + 2 = 14. Then 12*2=24.\n", tok) == 13
-    assert curate.empty_cot([row])[0]["completion"] == " </think>\n<answer> 12 * 2 </answer> extra <think> </think><answer>9</answer>"
+    assert (curate.empty_cot([row])[0]["completion"]
+            == " </think>\n<answer> 12 * 2 </answer> extra <think> </think><answer>9</answer>")
     # an answer-less item is dropped from dots; a query in the paper's old format also works
     assert curate.dots([dict(row, completion="no tags")]) == ([], 1)
     old = dict(query=countdown.make_query([12, 2], 24), completion="<think>a b</think>\n<answer>12*2</answer>")
@@ -164,7 +161,8 @@ def test_no_positive_keeps_every_answer_below_full_score(tmp_path, capsys):
     assert curate.no_positive(traces.generate_traces("all_strategies", 30, seed=1)) == []
     assert len(curate.no_positive(traces.generate_traces("no_positive", 30, seed=1))) == 30
     countdown.write_jsonl(tmp_path / "in.jsonl", rows)
-    args = ["controls", "--input", str(tmp_path / "in.jsonl"), "--kind", "no_positive", "--out", str(tmp_path / "np.jsonl")]
+    args = ["controls", "--input", str(tmp_path / "in.jsonl"), "--kind", "no_positive",
+            "--out", str(tmp_path / "np.jsonl")]
     assert curate.main(args) == 0
     out = countdown.read_jsonl(tmp_path / "np.jsonl")
     assert len(out) == 3 and {r["condition"] for r in out} == {"no_positive"}
@@ -233,7 +231,7 @@ def doc_text(i, counts):
 
 def pretrain_responder(prompt, system):
     doc = re.search(r"<<(d\d+)>>", prompt).group(1)
-    if prompt.startswith(curate.REWRITE_PROMPTS["rich"][:200]) or prompt.startswith(curate.REWRITE_PROMPTS["minimal"][:200]):
+    if any(prompt.startswith(curate.REWRITE_PROMPTS[k][:200]) for k in ("rich", "minimal")):
         kind = "rich" if "backtracking, verifying" in prompt else "minimal"
         if doc == "d2":
             return "I could not find a question."
@@ -243,7 +241,8 @@ def pretrain_responder(prompt, system):
                 f"<answer>{doc} solved</answer> <answer>second answer ignored</answer>")
     if prompt.startswith(curate.PROBLEM_SOLUTION_PROMPT[:200]):
         p, s = PROBLEM_SOLUTION.get(doc, ("yes", "yes"))
-        return f"## Rationale\nx\n\n## Contains Problem?\n{p}\n\n## Contains Solution?\n**{s}**\n\n## Text domain (broad)\nmath"
+        return (f"## Rationale\nx\n\n## Contains Problem?\n{p}\n\n## Contains Solution?\n**{s}**\n\n"
+                "## Text domain (broad)\nmath")
     for k, b in enumerate(classify.BEHAVIORS):
         if prompt.startswith(classify.TEXT_PROMPTS[b][:250]):
             if "<think>" in prompt:  # a rewritten example: "What is <<dX>>?\n\n<think>I think about dX (kind)..."

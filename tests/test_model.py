@@ -409,7 +409,8 @@ def test_attention_backends_turn_cudnn_off_on_cuda_paths_and_ppo_sets_them(tmp_p
 def _attended_lengths(model, monkeypatch):
     """A list that records the key length of every SDPA call (eager runs only)."""
     seen, sdpa = [], F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(k.shape[-2]) or sdpa(q, k, v, **kw))
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(k.shape[-2]) or sdpa(q, k, v, **kw))
     return seen
 
 
@@ -457,7 +458,8 @@ def test_compiled_bucketed_decode_matches_eager_with_one_graph_per_bucket(tiny, 
     monkeypatch.setattr(fast_decode, "_compiled_decode_step",
                         torch.compile(fast_decode._decode_step, backend="aot_eager", fullgraph=True, dynamic=False))
     kw = dict(eos_id=-1, pad_id=tok.pad_id, **sampling)
-    for prompts, new in ((PROMPTS, 40), ([[9, 9, 9, 9, 9], [4], [3, 3, 3]], 30), (PROMPTS, 40), ([[1, 2], [3], [7]], 12)):
+    for prompts, new in ((PROMPTS, 40), ([[9, 9, 9, 9, 9], [4], [3, 3, 3]], 30), (PROMPTS, 40),
+                         ([[1, 2], [3], [7]], 12)):
         got = M.generate(model, prompts, max_new_tokens=new, compile=True, **kw)
         want = M.generate(model, prompts, max_new_tokens=new, **kw)
         assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
@@ -488,7 +490,8 @@ def test_compiled_step_may_hold_more_graphs_than_dynamos_default(tiny, monkeypat
 
 
 INDUCTOR = pytest.param("inductor", marks=pytest.mark.skipif(
-    not os.environ.get("MODEL_TEST_INDUCTOR"), reason="inductor builds C++ for minutes on CPU; set MODEL_TEST_INDUCTOR=1"))
+    not os.environ.get("MODEL_TEST_INDUCTOR"),
+    reason="inductor builds C++ for minutes on CPU; set MODEL_TEST_INDUCTOR=1"))
 
 
 @pytest.mark.parametrize("compiled", [False, "aot_eager", INDUCTOR])
@@ -560,7 +563,8 @@ def test_sampler_draws_from_the_softmax_and_returns_its_logprobs(temperature, to
     logits = torch.tensor(row).expand(N, V)
     if compiled:
         sampler = torch.compile(M.sample_next, backend="aot_eager", fullgraph=True, dynamic=False)
-        tok, lp = sampler(logits, temperature, top_p, noise=M.exponential_noise((N, V), torch.Generator().manual_seed(0)))
+        noise = M.exponential_noise((N, V), torch.Generator().manual_seed(0))
+        tok, lp = sampler(logits, temperature, top_p, noise=noise)
     else:
         tok, lp = M.sample_next(logits, temperature, top_p, torch.Generator().manual_seed(0))
     counts = torch.bincount(tok, minlength=V).tolist()

@@ -370,8 +370,8 @@ def _toy_models(cfg, seed=0, vocab=16):
 
 
 def _toy_cfg(**kw):
-    base = dict(device="cpu", dtype="float32", batch_prompts=16, samples=4, mini_batch_prompts=8, max_response=2, micro_batch=32,
-                actor_lr=1e-2, critic_lr=1e-2, progress=False)
+    base = dict(device="cpu", dtype="float32", batch_prompts=16, samples=4, mini_batch_prompts=8,
+                max_response=2, micro_batch=32, actor_lr=1e-2, critic_lr=1e-2, progress=False)
     base.update(kw)
     return ppo._resolve(ppo.PPOConfig(**base))
 
@@ -854,9 +854,9 @@ def test_second_process_on_a_run_folder_is_refused_and_the_first_finishes(tmp_pa
     out = tmp_path / "run"
     argv = [sys.executable, str(ROOT / "ppo.py"), "--model", str(ck), "--out", str(out), "--device", "cpu",
             "--batch-prompts", "2", "--samples", "2", "--mini-batch-prompts", "1", "--micro-batch", "2",
-            "--max-response", "5", "--max-prompt", "1024", "--steps", "3", "--val-every", "2", "--n-val", "2", "--n-train", "8",
-            "--n-test", "3", "--save-every", "2", "--no-progress", "--actor-lr", "1e-3", "--critic-lr", "1e-3",
-            "--seed", "3", "--threads", "1"]
+            "--max-response", "5", "--max-prompt", "1024", "--steps", "3", "--val-every", "2", "--n-val", "2",
+            "--n-train", "8", "--n-test", "3", "--save-every", "2", "--no-progress", "--actor-lr", "1e-3",
+            "--critic-lr", "1e-3", "--seed", "3", "--threads", "1"]
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120

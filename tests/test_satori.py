@@ -400,8 +400,8 @@ def test_save_correct_writes_sft_rows_and_a_resume_drops_the_steps_it_redoes(tmp
 def test_a_run_started_before_a_setting_existed_resumes_with_its_default(tmp_path):
     ck = make_checkpoint(tmp_path / "ck")
     cfg = ppo.PPOConfig(model=str(ck), out=str(tmp_path / "run"), device="cpu", batch_prompts=2, samples=2,
-                        mini_batch_prompts=1, micro_batch=2, max_response=4, max_prompt=1024, steps=1, val_every=0, n_train=4,
-                        n_test=2, progress=False)
+                        mini_batch_prompts=1, micro_batch=2, max_response=4, max_prompt=1024, steps=1,
+                        val_every=0, n_train=4, n_test=2, progress=False)
     ppo.train(cfg)
     cfg_path = tmp_path / "run" / "config.json"
     saved = json.loads(cfg_path.read_text())

@@ -252,7 +252,8 @@ def test_single_path_corpus_is_behavior_free_and_right():
 
 def test_traces_cli_from_a_problem_file(tmp_path, capsys):
     data = tmp_path / "data"
-    assert C.main(["problems", "--distribution", "priming", "--n-train", "60", "--n-test", "5", "--out", str(data)]) == 0
+    assert C.main(["problems", "--distribution", "priming", "--n-train", "60", "--n-test", "5",
+                   "--out", str(data)]) == 0
     for cond in ("restart", "restart_empty_cot"):
         out = tmp_path / f"{cond}.jsonl"
         assert T.main(["traces", "--condition", cond, "--n", "20", "--problems", str(data / "train.jsonl"),
