@@ -46,15 +46,12 @@ import traces
 from plumbing import files, judge_http
 from plumbing import report as study_report
 from plumbing import view as study_page
-# re-exported: callers use classify.<name> (curate.py, the tests, the README's API list)
-from plumbing.files import write_text_atomic  # noqa: F401
-from plumbing.judge_http import (HelpFormatter, JudgeConfig, JudgeError, Reply, add_judge_args,  # noqa: F401
-                                 guard_run_config, judge_config_from_args, normalize_base_url, render_prompt,
-                                 run_judged_command)
+from plumbing.files import write_text_atomic
+from plumbing.judge_http import (JudgeConfig, guard_run_config, judge_config_from_args, normalize_base_url,
+                                 render_prompt, run_judged_command)
 from plumbing.judge_http import build_label_parser as build_parser
-from plumbing.report import (GATES, draw_figures, format_gates_table, format_results_table,  # noqa: F401
-                             greedy_results, is_control, load_completions, study_gates, wilson_interval)
-from plumbing.view import write_view  # noqa: F401
+from plumbing.report import load_completions
+from plumbing.view import write_view
 
 BEHAVIORS = traces.BEHAVIORS  # ("verification", "backtracking", "subgoal", "backward")
 

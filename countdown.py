@@ -27,9 +27,8 @@ from functools import lru_cache
 from itertools import combinations
 
 # -----------------------------------------------------------------------------
-# JSONL files and folder locks live in plumbing/files.py; re-exported here for callers of countdown.*
-from plumbing.files import (FolderLocked, LOCK_FILE, append_jsonl, lock_dir, read_jsonl,  # noqa: E402,F401
-                            write_jsonl)
+# JSONL files live in plumbing/files.py; re-exported here for callers of countdown.* (sft.py, the tests)
+from plumbing.files import append_jsonl, read_jsonl, write_jsonl  # noqa: E402,F401
 from plumbing.commands import progress_bar, refuse_overwrite, run_command  # noqa: E402
 
 

@@ -46,9 +46,7 @@ from classify import BEHAVIORS, JudgeClient
 from plumbing import documents, files, judge_http
 from plumbing import report as study_report
 from plumbing.judge_http import add_judge_args, judge_config_from_args, run_judged_command
-# re-exported: callers use curate.<name> (the tests, the README's API list)
-from plumbing.documents import iter_documents, read_documents  # noqa: F401
-from plumbing.report import format_frequencies  # noqa: F401
+from plumbing.documents import iter_documents
 from traces import load_tokenizer
 
 
@@ -323,15 +321,15 @@ DERIVED = CONTROLS + ("coat",)  # what `curate.py controls` derives from a gener
 def load_budget_tokenizer(name):
     """The tokenizer that counts document tokens for truncation and the budget. "words" -> None
     (whitespace-separated words, only on request); a tokenizer.json or a folder holding one; else a
-    model alias or Hub repo id (model.ALIASES, e.g. llama-3.2-3b), whose checkpoint folder is taken
+    model alias or Hub repo id (hub.ALIASES, e.g. llama-3.2-3b), whose checkpoint folder is taken
     from the Hugging Face cache or downloaded (sft.py needs that checkpoint anyway)."""
     if name == "words":
         return None
     if Path(name).exists():
         return load_tokenizer(name)
-    import model  # torch comes with it; only needed to find a checkpoint by name
+    from plumbing import hub  # torch comes with it; only needed to find a checkpoint by name
     try:
-        folder = model.resolve_checkpoint(name)
+        folder = hub.resolve_checkpoint(name)
     except (OSError, ValueError) as e:  # FileNotFoundError, PermissionError, ConnectionError
         raise ValueError(f"--tokenizer {name}: {e} -- pass a tokenizer.json (or its folder), or "
                          "--tokenizer words to count whitespace words instead of tokens") from None

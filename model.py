@@ -733,19 +733,16 @@ def checkpoint_config(name_or_path) -> ModelConfig:
 
 # ----- plumbing below: re-exports of the plumbing modules, then the CLI -----
 
-# re-exported: callers use M.<name>
-from plumbing.hub import ALIASES, Tokenizer, download, resolve_checkpoint  # noqa: E402,F401
-# re-exported: callers use M.<name>
-from plumbing.fast_decode import release_static_cache, static_cache  # noqa: E402,F401
+# re-exported: ppo.py, sft.py and satori.py use M.<name>; other callers import the plumbing module
+from plumbing.hub import Tokenizer, resolve_checkpoint  # noqa: E402,F401
 # re-exported: callers use M.<name>
 from plumbing.dist import (DIST_TIMEOUT_S, all_gather_objects, all_gather_rows, all_sum, all_true,  # noqa: E402,F401
                            barrier, close_distributed, collective_failure_message, distributed, exit_process,
                            full_optimizer_state, full_state_dict, gather_full, init_distributed,
                            is_collective_failure, is_main, load_full_state, rank, shard, world_size)
 # re-exported: callers use M.<name>
-from plumbing.device import (CPU_FALLBACK_MAX_PARAMS, attention_backends, no_cuda_help,  # noqa: E402,F401
-                             nvidia_driver, own_optimizer_state, param_count, refuse_cpu_fallback, rng_state,
-                             set_rng_state)
+from plumbing.device import (attention_backends, own_optimizer_state, param_count,  # noqa: E402,F401
+                             refuse_cpu_fallback, rng_state, set_rng_state)
 
 
 # -----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ chunk at a time (--chunk-docs).
 """
 import argparse
 import json
-import os
 import random
 import resource
 import subprocess

@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import model as M  # noqa: E402
 from plumbing import fast_decode  # noqa: E402
+from plumbing.device import no_cuda_help, nvidia_driver  # noqa: E402
 import ppo  # noqa: E402
 import sft  # noqa: E402
 from bench_generate import QWEN25_3B, build_models, bytes_per_decode_step, peak_bandwidth_gbps  # noqa: E402
@@ -201,7 +202,7 @@ def check_compiled_sampling(rep, policy, device):
         comp = M.generate(policy, prompts, eos_id=eos, compile=True, **kw)
     finally:
         fast_decode._compiled_decode_step = inner
-        M.release_static_cache()
+        fast_decode.release_static_cache()
     T = min(comp.tokens.shape[1], eager.tokens.shape[1])
     same = int(((comp.tokens[:, :T] == eager.tokens[:, :T]).all(-1) & (comp.lengths == eager.lengths)).sum())
     dlogp = float((comp.logprobs[:, :T] - eager.logprobs[:, :T]).abs().max())
@@ -501,9 +502,9 @@ def preflight(rep, args, dev) -> bool:
     cuda = dev.type == "cuda"
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     rep.add("preflight", "torch / CUDA / cuDNN / driver",
-            f"{torch.__version__} / {torch.version.cuda} / {cudnn} / {M.nvidia_driver()}", "driver >= 580 for CUDA 13")
+            f"{torch.__version__} / {torch.version.cuda} / {cudnn} / {nvidia_driver()}", "driver >= 580 for CUDA 13")
     if cuda and not torch.cuda.is_available():
-        rep.add("preflight", "CUDA device", M.no_cuda_help(), "a CUDA device", "FAIL")
+        rep.add("preflight", "CUDA device", no_cuda_help(), "a CUDA device", "FAIL")
         return False
     if cuda:
         props = torch.cuda.get_device_properties(0)
@@ -655,10 +656,10 @@ def main(argv=None) -> int:
         hf, ours = decode_models()
         plen = 16 if tiny else 256
         decode_case(rep, hf, ours, args.device, 1, plen, 24 if tiny else 256, 0.0, True, tiny, section="compiled")
-        M.release_static_cache()
+        fast_decode.release_static_cache()
         decode_case(rep, hf, ours, args.device, 4 if tiny else 256, plen, 32 if tiny else 256, 1.0, False, tiny,
                     section="compiled")
-        M.release_static_cache()
+        fast_decode.release_static_cache()
 
     run = {"correctness": correctness, "attention": lambda: attention_report(rep, args.device, tiny),
            "canary": lambda: decode_canary(rep, args.device, dtype, tiny),

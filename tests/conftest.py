@@ -72,10 +72,10 @@ def tiny_checkpoint(tmp_path):
 
 @contextmanager
 def lock_held_elsewhere(folder):
-    """Another process holding countdown.lock_dir(folder) until the with-block ends (or it is killed);
-    yields its Popen."""
-    code = ("import sys, countdown\n"
-            "with countdown.lock_dir(sys.argv[1]):\n    print('locked', flush=True)\n    sys.stdin.read()")
+    """Another process holding plumbing.files.lock_dir(folder) until the with-block ends (or it is
+    killed); yields its Popen."""
+    code = ("import sys\nfrom plumbing import files\n"
+            "with files.lock_dir(sys.argv[1]):\n    print('locked', flush=True)\n    sys.stdin.read()")
     p = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     try:

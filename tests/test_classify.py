@@ -649,9 +649,9 @@ def test_wilson_interval_against_hand_values():
     # textbook values: 8/10 -> [0.490, 0.943]; 0/20 -> [0, 0.161]; 50/100 -> [0.404, 0.596]
     for (k, n), (lo, hi) in {(8, 10): (0.4902, 0.9433), (0, 20): (0.0, 0.1611),
                              (50, 100): (0.4038, 0.5962)}.items():
-        got = classify.wilson_interval(k, n)
+        got = study_report.wilson_interval(k, n)
         assert abs(got[0] - lo) < 1e-3 and abs(got[1] - hi) < 1e-3, (k, n, got)
-    assert classify.wilson_interval(0, 0) is None
+    assert study_report.wilson_interval(0, 0) is None
 
 
 def test_report_writes_results_and_figures(tmp_path, capsys):
@@ -667,7 +667,7 @@ def test_report_writes_results_and_figures(tmp_path, capsys):
     a = c["all_strategies"]
     assert a["n_eval"] == 10 and a["n_seeds"] == 2 and set(a["seeds"]) == {"1", "2"}
     assert a["final_accuracy"] == pytest.approx(14 / 20) and a["initial_accuracy"] == pytest.approx(7 / 20)
-    assert a["final_ci95"] == pytest.approx(classify.wilson_interval(14, 20))
+    assert a["final_ci95"] == pytest.approx(study_report.wilson_interval(14, 20))
     s1 = a["seeds"]["1"]
     assert s1["steps"] == [0, 10] and s1["accuracy"] == [0.3, 0.6] and s1["response_length"] == [20, 30]
     # behaviors: rules counts of the fixed texts (good: one check; bad: one backtrack)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import countdown as C  # noqa: E402
 import traces as T  # noqa: E402
 from conftest import lock_held_elsewhere  # noqa: E402
+from plumbing import files  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Independent references
@@ -508,11 +509,11 @@ def test_jsonl_round_trip_and_atomicity(tmp_path):
 def test_lock_dir_refuses_a_second_process_and_names_its_pid(tmp_path):
     folder = tmp_path / "run"
     with lock_held_elsewhere(folder) as holder:
-        with pytest.raises(C.FolderLocked, match=rf"^{re.escape(str(folder))} is in use by another process "
+        with pytest.raises(files.FolderLocked, match=rf"^{re.escape(str(folder))} is in use by another process "
                                                  rf"\(pid {holder.pid}\): .*choose another --out$"):
-            with C.lock_dir(folder, "run folder"):
+            with files.lock_dir(folder, "run folder"):
                 raise AssertionError("two holders")
-    with C.lock_dir(folder):  # the holder exited: free again
+    with files.lock_dir(folder):  # the holder exited: free again
         assert (folder / ".lock").read_text() == f"{os.getpid()}\n"
     assert (folder / ".lock").read_text() == ""  # a clean release leaves no pid behind
 
@@ -524,7 +525,7 @@ def test_lock_dir_of_a_sigkilled_holder_is_free_at_once(tmp_path):
         holder.wait()
         assert (folder / ".lock").read_text() == f"{holder.pid}\n"  # the file and a dead pid stay: harmless
         t = time.perf_counter()
-        with C.lock_dir(folder):  # no waiting, no stale-lock cleanup: the kernel dropped the flock
+        with files.lock_dir(folder):  # no waiting, no stale-lock cleanup: the kernel dropped the flock
             assert time.perf_counter() - t < 1
 
 
@@ -533,7 +534,7 @@ def test_lock_dir_wait_says_whom_it_waits_for_and_blocks_until_it_lets_go(tmp_pa
     folder, got = tmp_path / "cache", threading.Event()
 
     def take():
-        with C.lock_dir(folder, "download of x", wait=True):
+        with files.lock_dir(folder, "download of x", wait=True):
             got.set()
     with lock_held_elsewhere(folder) as holder:
         t = threading.Thread(target=take)

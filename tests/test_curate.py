@@ -472,10 +472,10 @@ def test_pretrain_counts_tokens_with_a_real_tokenizer_by_default(tmp_path, monke
 
 def test_read_documents_streams_jsonl(tmp_path):
     countdown.write_jsonl(tmp_path / "a.jsonl", [{"content": "x"}, {"content": "y"}])
-    docs = curate.read_documents(tmp_path / "a.jsonl", text_field="content")
+    docs = documents.read_documents(tmp_path / "a.jsonl", text_field="content")
     assert docs == [dict(id="a:0", text="x"), dict(id="a:1", text="y")]
     with pytest.raises(ValueError, match="--text-field"):
-        curate.read_documents(tmp_path / "a.jsonl")
+        documents.read_documents(tmp_path / "a.jsonl")
     # a stream: the first document comes before a bad line further down is even read
     (tmp_path / "b.jsonl").write_text('{"text": "first", "id": 1}\n{"text": broken\n')
     it = curate.iter_documents(tmp_path / "b.jsonl")
@@ -484,7 +484,7 @@ def test_read_documents_streams_jsonl(tmp_path):
         next(it)
     (tmp_path / "c.jsonl").write_text('{"text": "a", "id": 7}\n{"text": "b", "id": 7}\n')
     with pytest.raises(ValueError, match="appears twice"):
-        curate.read_documents(tmp_path / "c.jsonl")
+        documents.read_documents(tmp_path / "c.jsonl")
 
 
 def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
@@ -498,7 +498,7 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
     (tmp_path / "b.parquet").write_bytes(b"PAR1")
     with pytest.raises(ValueError, match="optional package pyarrow: pip install pyarrow"):
-        curate.read_documents(tmp_path / "b.parquet")
+        documents.read_documents(tmp_path / "b.parquet")
 
 
 def test_parquet_is_read_in_batches_of_the_needed_columns(tmp_path, monkeypatch):
@@ -534,7 +534,7 @@ def test_parquet_is_read_in_batches_of_the_needed_columns(tmp_path, monkeypatch)
     assert next(it) == dict(id="r0", text="doc 0") and calls == [(3, ["text", "id"])]
     assert [d["id"] for d in it] == [f"r{i}" for i in range(1, 7)]
     with pytest.raises(ValueError, match="no column 'content'"):
-        curate.read_documents(tmp_path / "s.parquet", text_field="content")
+        documents.read_documents(tmp_path / "s.parquet", text_field="content")
 
 
 def test_parquet_with_pyarrow(tmp_path):
@@ -542,7 +542,7 @@ def test_parquet_with_pyarrow(tmp_path):
     import pyarrow.parquet as pq
     table = pa.table({"text": [f"doc {i}" for i in range(10)], "id": list(range(10))})
     pq.write_table(table, tmp_path / "x.parquet", row_group_size=4)
-    assert curate.read_documents(tmp_path / "x.parquet") == [dict(id=i, text=f"doc {i}") for i in range(10)]
+    assert documents.read_documents(tmp_path / "x.parquet") == [dict(id=i, text=f"doc {i}") for i in range(10)]
 
 
 def test_every_flag_has_help():

@@ -215,7 +215,7 @@ def test_two_processes_downloading_one_repo_fetch_each_file_once(hub, repo_files
     once (one waits on the other's per-file lock, saying so) and both get complete files."""
     hub.wait_for_clients = 2  # no file is served before both processes have asked for the repo ...
     hub.file_delay = 0.3      # ... and each takes a while, so one meets the other mid-download
-    code = "import sys, model; print(model.download(sys.argv[1]))"
+    code = "import sys; from plumbing import hub; print(hub.download(sys.argv[1]))"
     procs = [subprocess.Popen([sys.executable, "-c", code, REPO], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     (out_a, err_a), (out_b, err_b) = [p.communicate(timeout=120) for p in procs]
@@ -234,7 +234,7 @@ def test_two_processes_downloading_one_repo_fetch_each_file_once(hub, repo_files
 def test_resume_after_broken_transfer(hub, repo_files, tmp_path):
     shard = sorted(n for n in repo_files[1] if n.startswith("model-"))[0]
     hub.cut_once.add(shard)
-    path = M.download(REPO)
+    path = hub_client.download(REPO)
     assert (path / shard).read_bytes() == repo_files[1][shard]
     tries = [r for r in hub.resolve_requests() if r["path"].endswith(shard)]
     assert len(tries) == 2 and tries[0]["range"] is None
@@ -248,7 +248,7 @@ def test_resume_partial_file_from_an_earlier_run(hub, repo_files, tmp_path):
     blobs = tmp_path / "cache" / "models--test-org--tiny-llama" / "blobs"
     blobs.mkdir(parents=True)
     (blobs / (hashlib.sha256(data).hexdigest() + ".incomplete")).write_bytes(data[:1000])
-    path = M.download(REPO)
+    path = hub_client.download(REPO)
     assert (path / shard).read_bytes() == data
     assert [r["range"] for r in hub.resolve_requests() if r["path"].endswith(shard)] == ["bytes=1000-"]
 
@@ -257,7 +257,7 @@ def test_server_that_ignores_range_still_gives_the_right_file(hub, repo_files):
     shard = sorted(n for n in repo_files[1] if n.startswith("model-"))[0]
     hub.cut_once.add(shard)
     hub.no_range = True  # answers 200 + whole file: the partial must be overwritten, not appended to
-    path = M.download(REPO)
+    path = hub_client.download(REPO)
     assert (path / shard).read_bytes() == repo_files[1][shard]
 
 
@@ -296,23 +296,23 @@ def test_missing_repo_says_not_found(hub):
     with pytest.raises(FileNotFoundError, match=r"(?s)not found.*check the repo name.*no local folder"):
         M.load("test-org/no-such-model")
     with pytest.raises(FileNotFoundError, match="RevisionNotFound"):
-        M.download(REPO, revision="v9")
+        hub_client.download(REPO, revision="v9")
 
 
 def test_truncated_download_is_detected_and_discarded(hub, repo_files, tmp_path):
     shard = sorted(n for n in repo_files[1] if n.startswith("model-"))[0]
     hub.truncate.add(shard)
     with pytest.raises(ValueError, match=rf"{shard}.*received \d+ bytes but the Hub lists {len(repo_files[1][shard])}"):
-        M.download(REPO)
+        hub_client.download(REPO)
     blobs = tmp_path / "cache" / "models--test-org--tiny-llama" / "blobs"
     assert not list(blobs.glob(hashlib.sha256(repo_files[1][shard]).hexdigest() + "*"))
     hub.truncate.clear()
     hub.corrupt.add(shard)
     with pytest.raises(ValueError, match="sha256"):
-        M.download(REPO)
+        hub_client.download(REPO)
     assert not list(blobs.glob(hashlib.sha256(repo_files[1][shard]).hexdigest() + "*"))
     hub.corrupt.clear()
-    assert (M.download(REPO) / shard).read_bytes() == repo_files[1][shard]  # a clean retry works
+    assert (hub_client.download(REPO) / shard).read_bytes() == repo_files[1][shard]  # a clean retry works
 
 
 def _closed_port_url():
@@ -339,5 +339,5 @@ def test_no_network_names_the_local_folder_layout(hub, monkeypatch):
 def test_repo_without_safetensors_is_refused_before_downloading(hub, repo_files):
     hub.repos["test-org/bin-only"] = {k: v for k, v in repo_files[1].items() if not k.startswith("model")}
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        M.download("test-org/bin-only")
+        hub_client.download("test-org/bin-only")
     assert not hub.resolve_requests()

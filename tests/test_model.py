@@ -350,7 +350,7 @@ def test_compiled_calls_reuse_one_cache_and_one_graph(tiny, monkeypatch):
     model, tok = tiny
     torch._dynamo.reset()
     counters.clear()
-    M.release_static_cache()
+    fast_decode.release_static_cache()
     mark = torch._dynamo.mark_static_address
     monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda t, guard=True: mark(t, guard=True))
     monkeypatch.setattr(fast_decode, "_compiled_decode_step",
@@ -368,7 +368,7 @@ def test_compiled_calls_reuse_one_cache_and_one_graph(tiny, monkeypatch):
     assert len({id(r()) for r in seen}) == 1
     del live
     torch._dynamo.reset()                                       # drops the guards' references
-    M.release_static_cache()
+    fast_decode.release_static_cache()
     gc.collect()
     assert seen[0]() is None                                    # released: nothing else holds it
 
@@ -377,13 +377,13 @@ def test_static_cache_marked_static_is_not_reused_unmarked_or_back(tiny):
     """mark_static is part of the cache's key: a cache whose addresses a compiled graph may keep
     (marked) and one an uncompiled static call mutates freely are different caches."""
     model, _ = tiny
-    M.release_static_cache()
-    get = lambda mark: M.static_cache(model.config, 2, 16, torch.float32, "cpu", mark_static=mark)  # noqa: E731
+    fast_decode.release_static_cache()
+    get = lambda mark: fast_decode.static_cache(model.config, 2, 16, torch.float32, "cpu", mark_static=mark)  # noqa: E731
     plain = get(False)
     assert get(False) is plain                                  # same key: reused
     marked = get(True)
     assert marked is not plain and get(True) is marked and get(False) is not marked
-    M.release_static_cache()
+    fast_decode.release_static_cache()
 
 
 def test_attention_backends_turn_cudnn_off_on_cuda_paths_and_ppo_sets_them(tmp_path, monkeypatch):
@@ -423,7 +423,7 @@ def test_static_decode_attends_over_length_buckets_of_the_filled_prefix(tiny, mo
     monkeypatch.setattr(fast_decode, "_STATIC_LEN_MULTIPLE", 8)
     kw = dict(max_new_tokens=40, eos_id=-1, pad_id=tok.pad_id, **sampling)
     want = M.generate(model, PROMPTS, **kw)
-    M.release_static_cache()
+    fast_decode.release_static_cache()
     seen = _attended_lengths(model, monkeypatch)
     got = M.generate(model, PROMPTS, static=True, **kw)
     monkeypatch.undo()
@@ -440,7 +440,7 @@ def test_static_decode_attends_over_length_buckets_of_the_filled_prefix(tiny, mo
         L = L.pop()
         assert filled <= L <= S and L <= max(8, 2 * (filled - 1)), (j, filled, L)
     assert sorted(set(steps)) == [8, 16, 32, 48]
-    M.release_static_cache()
+    fast_decode.release_static_cache()
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=4, n_samples=2),
@@ -453,7 +453,7 @@ def test_compiled_bucketed_decode_matches_eager_with_one_graph_per_bucket(tiny, 
     model, tok = tiny
     torch._dynamo.reset()
     counters.clear()
-    M.release_static_cache()
+    fast_decode.release_static_cache()
     monkeypatch.setattr(fast_decode, "_STATIC_LEN_MULTIPLE", 8)
     monkeypatch.setattr(fast_decode, "_compiled_decode_step",
                         torch.compile(fast_decode._decode_step, backend="aot_eager", fullgraph=True, dynamic=False))
@@ -466,7 +466,7 @@ def test_compiled_bucketed_decode_matches_eager_with_one_graph_per_bucket(tiny, 
         assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
         assert counters["stats"]["unique_graphs"] == 4              # buckets 8, 16, 32, 48 of the one cache
     torch._dynamo.reset()
-    M.release_static_cache()
+    fast_decode.release_static_cache()
 
 
 def test_compiled_step_may_hold_more_graphs_than_dynamos_default(tiny, monkeypatch):
@@ -481,12 +481,12 @@ def test_compiled_step_may_hold_more_graphs_than_dynamos_default(tiny, monkeypat
                         torch.compile(fast_decode._decode_step, backend="aot_eager", fullgraph=True, dynamic=False))
     with torch._dynamo.config.patch(recompile_limit=8):
         for n in (1, 2, 3):
-            M.release_static_cache()
+            fast_decode.release_static_cache()
             M.generate(model, PROMPTS, max_new_tokens=40, n_samples=n, temperature=0, eos_id=-1, pad_id=tok.pad_id,
                        compile=True)
     assert counters["stats"]["unique_graphs"] == 12
     torch._dynamo.reset()
-    M.release_static_cache()
+    fast_decode.release_static_cache()
 
 
 INDUCTOR = pytest.param("inductor", marks=pytest.mark.skipif(
@@ -511,7 +511,7 @@ def test_fast_path_compacts_finished_rows_without_changing_any_output(monkeypatc
     monkeypatch.setattr(fast_decode, "_STATIC_LEN_MULTIPLE", 8)
     torch._dynamo.reset()
     counters.clear()
-    M.release_static_cache()
+    fast_decode.release_static_cache()
     rows_seen = []
     step = fast_decode._decode_step
     if compiled:
@@ -534,7 +534,7 @@ def test_fast_path_compacts_finished_rows_without_changing_any_output(monkeypatc
         pairs = {(r, fast_decode._attend_len(P + j + 1, S)) for j, r in enumerate(rows_seen)}
         assert counters["stats"]["unique_graphs"] == len(pairs)
     torch._dynamo.reset()
-    M.release_static_cache()
+    fast_decode.release_static_cache()
 
 
 def _nucleus(p, top_p):

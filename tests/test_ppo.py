@@ -17,6 +17,7 @@ import countdown
 import model as M
 import ppo
 from conftest import ROOT, make_checkpoint, make_config
+from plumbing.device import CPU_FALLBACK_MAX_PARAMS
 
 
 # -----------------------------------------------------------------------------
@@ -919,9 +920,9 @@ def test_device_auto_refuses_the_cpu_for_a_model_above_1b(tmp_path, capsys, monk
     for what in ("3.09B-parameter", "driver >= 580", "https://download.pytorch.org/whl/cu126", "--device cpu"):
         assert what in err, what
     assert not (tmp_path / "r").exists()                 # refused before the run folder was made
-    M.refuse_cpu_fallback(M.CPU_FALLBACK_MAX_PARAMS)     # up to ~1B parameters the CPU is allowed
+    M.refuse_cpu_fallback(CPU_FALLBACK_MAX_PARAMS)     # up to ~1B parameters the CPU is allowed
     with pytest.raises(ValueError, match="--device cpu"):
-        M.refuse_cpu_fallback(M.CPU_FALLBACK_MAX_PARAMS + 1)
+        M.refuse_cpu_fallback(CPU_FALLBACK_MAX_PARAMS + 1)
 
 
 def test_resume_loads_the_training_state_memory_mapped(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 import classify  # noqa: E402
 import countdown as C  # noqa: E402
 import traces as T  # noqa: E402
+from plumbing import report as study_report  # noqa: E402
 
 RESTART = [c for c in T.CONDITIONS if c.startswith("restart")]
 N = 400
@@ -302,19 +303,19 @@ def test_gates_on_a_fake_study(tmp_path):
     (tmp_path / "gates" / "base_arithmetic.json").write_text(json.dumps({"n": 100, "arithmetic_accuracy": 0.99}))
     results = classify.study_results([tmp_path / "restart_s1", tmp_path / "restart_empty_cot_s1"])
     assert results["conditions"]["restart"]["seeds"]["1"]["truncated"] == [0.1]
-    gates = {(g["gate"], g["condition"]): g for g in classify.study_gates(results, tmp_path / "gates")}
-    base = gates[(classify.GATES[0][0], "base")]
+    gates = {(g["gate"], g["condition"]): g for g in study_report.study_gates(results, tmp_path / "gates")}
+    base = gates[(study_report.GATES[0][0], "base")]
     assert base["measured"] == 0.99 and base["passed"]
-    pays = gates[(classify.GATES[1][0], "restart")]
+    pays = gates[(study_report.GATES[1][0], "restart")]
     assert (pays["measured"], pays["threshold"], pays["passed"]) == (0.4, 0.5, False)
-    answered = gates[(classify.GATES[2][0], "restart")]
+    answered = gates[(study_report.GATES[2][0], "restart")]
     assert answered["measured"] == pytest.approx(0.9) and not answered["passed"]
-    checks = gates[(classify.GATES[3][0], "restart")]
+    checks = gates[(study_report.GATES[3][0], "restart")]
     assert checks["measured"] == pytest.approx(7 / 8) and not checks["passed"]   # 4 good + 3 misses + 1 lie
-    exact = gates[(classify.GATES[4][0], "restart")]
+    exact = gates[(study_report.GATES[4][0], "restart")]
     assert exact["measured"] == pytest.approx(8 / 9) and not exact["passed"]
     assert not any(g["condition"] == "restart_empty_cot" for g in gates.values())  # controls are the bar
-    table = classify.format_gates_table(list(gates.values()))
+    table = study_report.format_gates_table(list(gates.values()))
     assert "**FAILED**" in table and "0.400 | 0.500" in table
 
 
