@@ -44,25 +44,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from plumbing.device import own_optimizer_state
+from plumbing.dist import distributed
 from plumbing.runs import step_dirs
 
 # glibc's mmap threshold (bytes) at which RSS tracks live tensors: freed blocks above it go back to the
 # kernel at once (bench/bench_ppo.py FIXED_MMAP_THRESHOLD, and the budget's note on retained heap pages)
 MMAP_THRESHOLD = 131072
-
-
-def _distributed() -> bool:   # model.distributed(), restated: plumbing does not import model.py
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized()
-
-
-def own_optimizer_state(optimizer):
-    """After load_state_dict from torch.load(..., mmap=True): copy the state tensors it adopted as they
-    were into memory of their own, one at a time (model.own_optimizer_state, restated here)."""
-    for st in optimizer.state.values():
-        for k, v in st.items():
-            if torch.is_tensor(v) and v.device.type == "cpu":
-                st[k] = v.clone()
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +125,7 @@ class MasterAdamW:
         # over tensors (on CPU ~2.4x faster; 3.1B parameters took ~8-15 s per step). Plain fp32 models keep
         # torch's default, so CPU runs (the miniature study) step exactly as before; off under torchrun
         # (DTensor shards).
-        fused = self.mixed and not _distributed()
+        fused = self.mixed and not distributed()
         self.opt = torch.optim.AdamW(self.master, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                      **({"fused": True} if fused else {}))
 
