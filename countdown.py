@@ -29,7 +29,7 @@ from itertools import combinations
 # -----------------------------------------------------------------------------
 # JSONL files live in plumbing/files.py; re-exported here for callers of countdown.* (sft.py, the tests)
 from plumbing.files import append_jsonl, read_jsonl, write_jsonl  # noqa: E402,F401
-from plumbing.commands import progress_bar, refuse_overwrite, run_command  # noqa: E402
+from plumbing.commands import command_parser, progress_bar, refuse_overwrite, run_command  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -655,13 +655,10 @@ def _run(args) -> int:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Countdown problems and a solver (synthetic traces and the corpus: traces.py).",
-        epilog="examples:\n"
-               "  python countdown.py problems --distribution rl --n-train 1000 --n-test 100 --out data/countdown\n"
-               "  python countdown.py solve 25 30 3 4 --target 32",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = command_parser(
+        "Countdown problems and a solver (synthetic traces and the corpus: traces.py).",
+        ["python countdown.py problems --distribution rl --n-train 1000 --n-test 100 --out data/countdown",
+         "python countdown.py solve 25 30 3 4 --target 32"])
 
     p = sub.add_parser("problems", help="write train.jsonl and test.jsonl of solvable problems",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -28,7 +28,7 @@ from itertools import combinations
 import countdown
 from countdown import (_NATURAL, _Search, _combine, _format, _inverse, _problem_stream,
                        _value_of, generate_problems, make_prompt, score, read_jsonl, write_jsonl)
-from plumbing.commands import progress_bar, refuse_overwrite, run_command
+from plumbing.commands import command_parser, progress_bar, refuse_overwrite, run_command
 
 
 # -----------------------------------------------------------------------------
@@ -968,14 +968,11 @@ def _run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Synthetic reasoning traces of the priming conditions, and the miniature's pretraining corpus.",
-        epilog="examples:\n"
-               "  python traces.py traces --condition restart --problems data/train.jsonl --n 4000 --out r.jsonl\n"
-               "  python traces.py traces --condition all_strategies --n 1000 --out data/all_strategies.jsonl\n"
-               "  python traces.py corpus --design restart --problems data/train.jsonl --offset 4000 --out c.jsonl",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = command_parser(
+        "Synthetic reasoning traces of the priming conditions, and the miniature's pretraining corpus.",
+        ["python traces.py traces --condition restart --problems data/train.jsonl --n 4000 --out r.jsonl",
+         "python traces.py traces --condition all_strategies --n 1000 --out data/all_strategies.jsonl",
+         "python traces.py corpus --design restart --problems data/train.jsonl --offset 4000 --out c.jsonl"])
 
     t = sub.add_parser("traces", help="write synthetic reasoning traces of one priming condition",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
