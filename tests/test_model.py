@@ -378,7 +378,8 @@ def test_static_cache_marked_static_is_not_reused_unmarked_or_back(tiny):
     (marked) and one an uncompiled static call mutates freely are different caches."""
     model, _ = tiny
     fast_decode.release_static_cache()
-    get = lambda mark: fast_decode.static_cache(model.config, 2, 16, torch.float32, "cpu", mark_static=mark)  # noqa: E731
+    get = lambda mark: fast_decode.static_cache(model.config, 2, 16, torch.float32, "cpu",  # noqa: E731
+                                                mark_static=mark)
     plain = get(False)
     assert get(False) is plain                                  # same key: reused
     marked = get(True)
