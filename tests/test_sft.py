@@ -397,7 +397,7 @@ def test_too_long_examples_error_or_are_dropped(tiny_tokenizer, tmp_path, ckpt, 
 
 
 def test_help_documents_every_flag():
-    for parser in (sft.build_parser(), sft.build_eval_parser()):
+    for parser in (sft.build_parser(), sft_eval.build_eval_parser()):
         for action in parser._actions:
             assert action.help, f"{action.option_strings} has no help text"
         assert set(f.name for f in dataclasses.fields(sft.SFTConfig)) <= {a.dest for a in sft.build_parser()._actions}
