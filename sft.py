@@ -305,14 +305,14 @@ def load_or_init(cfg: SFTConfig, run: Path, state: Optional[dict], train_rows, d
     return model, tok
 
 
+# -----------------------------------------------------------------------------
+# Training: the loop, an evaluation at each epoch's end, checkpoints
+
+
 def greedy_accuracy(model, tokenizer, problems, **kw) -> tuple:
     """(accuracy, rows): greedy completions of the RL prompt, scored by countdown.is_correct (plumbing/sft_eval.py)."""
     return sft_eval.greedy_accuracy(model, tokenizer, problems, generate=M.generate, prompt=C.make_prompt,
                                     is_correct=C.is_correct, **kw)
-
-
-# -----------------------------------------------------------------------------
-# Training: the loop, an evaluation at each epoch's end, checkpoints
 
 
 def _train(cfg: SFTConfig) -> Optional[Path]:

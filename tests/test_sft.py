@@ -453,9 +453,10 @@ def test_from_scratch_checkpoint_loads_in_model_py_and_transformers(scratch):
     assert a.tk.to_str() == b.tk.to_str()
 
 
-def test_arithmetic_gate_prompts_and_scores_like_the_drill(tiny_tokenizer, monkeypatch):
-    """sft_eval.arithmetic_accuracy (sft.py eval --arithmetic) with a stand-in generator that does the arithmetic from the prompt it
-    is given: right results score 1.0, results off by one 0.0; the prompt ends with " = "."""
+def test_arithmetic_gate_prompts_and_scores_like_the_drill(tiny_tokenizer):
+    """sft_eval.arithmetic_accuracy (sft.py eval --arithmetic) with a stand-in generator that does the
+    arithmetic from the prompt it is given: right results score 1.0, results off by one 0.0; the prompt
+    ends with " = "."""
     from fractions import Fraction
     import re as _re
     tok = tiny_tokenizer
