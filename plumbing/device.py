@@ -6,6 +6,7 @@ Plumbing for the training CLIs (sft.py, ppo.py) and the benchmarks. Nothing here
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -95,3 +96,9 @@ def own_optimizer_state(optimizer):
         for k, v in st.items():
             if torch.is_tensor(v) and v.device.type == "cpu":
                 st[k] = v.clone()
+
+
+def autocast(device, mode: str):
+    """--autocast: bf16 autocast when asked for (bfloat16) or on CUDA (auto); otherwise a no-op context."""
+    use = mode == "bfloat16" or (mode == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()

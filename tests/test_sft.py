@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import countdown as C
 import model as M
 import sft
+import traces
+from plumbing import sft_eval, sft_run
 from conftest import load_weights, lock_held_elsewhere, make_checkpoint, max_abs_diff
 
 # ---------------------------------------------------------------------------------------------
@@ -276,14 +278,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(ckpt, data12, str
     final, metrics = straight
     cfg = _cfg(tmp_path, "run", data12, model=str(ckpt), stop_after=3, **RUN)
     assert sft.train(cfg) is None                           # stopped after 3 of 6 steps, mid-epoch 2
-    assert sft.latest_state(tmp_path / "run").name == "step_3.pt"
+    assert sft_run.latest_state(tmp_path / "run").name == "step_3.pt"
     cfg.stop_after = 0
     resumed = sft.train(cfg)                                # the same command again: resumes at step 3
     assert max_abs_diff(load_weights(final), load_weights(resumed)) == 0.0
     got = C.read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert _train_losses(got) == _train_losses(metrics)     # every step once, the same losses and lrs
     assert [m["lr"] for m in got if m["kind"] == "train"] == [sft.lr_at(s, 6, 1e-3, 0.2) for s in range(6)]
-    assert all(set(m) == set(sft.METRIC_KEYS) for m in got)
+    assert all(set(m) == set(sft_run.METRIC_KEYS) for m in got)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["epoch_1", "epoch_2", "epoch_3"]
     # the held-out loss of each epoch is the token-mean loss of that epoch's weights on the split
     evals = [m for m in got if m["kind"] == "eval"]
@@ -395,7 +397,7 @@ def test_too_long_examples_error_or_are_dropped(tiny_tokenizer, tmp_path, ckpt, 
 
 
 def test_help_documents_every_flag():
-    for parser in (sft.build_parser(), sft.build_eval_parser()):
+    for parser in (sft.build_parser(), sft_eval.build_eval_parser()):
         for action in parser._actions:
             assert action.help, f"{action.option_strings} has no help text"
         assert set(f.name for f in dataclasses.fields(sft.SFTConfig)) <= {a.dest for a in sft.build_parser()._actions}
@@ -451,9 +453,10 @@ def test_from_scratch_checkpoint_loads_in_model_py_and_transformers(scratch):
     assert a.tk.to_str() == b.tk.to_str()
 
 
-def test_arithmetic_gate_prompts_and_scores_like_the_drill(tiny_tokenizer, monkeypatch):
-    """sft.arithmetic_accuracy with a stand-in generator that does the arithmetic from the prompt it
-    is given: right results score 1.0, results off by one 0.0; the prompt ends with " = "."""
+def test_arithmetic_gate_prompts_and_scores_like_the_drill(tiny_tokenizer):
+    """sft_eval.arithmetic_accuracy (sft.py eval --arithmetic) with a stand-in generator that does the
+    arithmetic from the prompt it is given: right results score 1.0, results off by one 0.0; the prompt
+    ends with " = "."""
     from fractions import Fraction
     import re as _re
     tok = tiny_tokenizer
@@ -476,12 +479,12 @@ def test_arithmetic_gate_prompts_and_scores_like_the_drill(tiny_tokenizer, monke
                                   "lengths": torch.tensor(lengths)})()
         return generate
 
-    monkeypatch.setattr(sft.M, "generate", fake_generate(0))
-    summary, rows = sft.arithmetic_accuracy(None, tok, 50, seed=4242, batch_size=16)
+    summary, rows = sft_eval.arithmetic_accuracy(None, tok, 50, seed=4242, batch_size=16, generate=fake_generate(0),
+                                                 drill=traces.restart_drill)
     assert summary == {"n": 50, "correct": 50, "arithmetic_accuracy": 1.0} and len(seen) == 50
     assert rows[0]["fact"] == seen[0][len("Arithmetic: "):] + rows[0]["answer"]
-    monkeypatch.setattr(sft.M, "generate", fake_generate(1))
-    assert sft.arithmetic_accuracy(None, tok, 50, seed=4242, batch_size=16)[0]["arithmetic_accuracy"] == 0.0
+    assert sft_eval.arithmetic_accuracy(None, tok, 50, seed=4242, batch_size=16, generate=fake_generate(1),
+                                        drill=traces.restart_drill)[0]["arithmetic_accuracy"] == 0.0
 
 
 def test_eval_per_count_balances_three_and_four_numbers(tmp_path, capsys):
