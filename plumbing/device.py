@@ -6,6 +6,7 @@ Plumbing for the training CLIs (sft.py, ppo.py) and the benchmarks. Nothing here
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -95,3 +96,26 @@ def own_optimizer_state(optimizer):
         for k, v in st.items():
             if torch.is_tensor(v) and v.device.type == "cpu":
                 st[k] = v.clone()
+
+
+class Timer:
+    """Seconds between laps; on CUDA it waits for the queued kernels first, so a lap is their time."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
+
+
+def peak_memory_gb(device) -> float:
+    """The device's peak allocated memory since the last reset (cuda), or the host's peak RSS (cpu), in GiB."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux: host peak RSS
