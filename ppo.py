@@ -38,30 +38,21 @@ Deliberate fixes, each one a flag away from the original (--fidelity turns all o
     gamma = lambda = 1, but lambda < 1 would bootstrap from a meaningless value otherwise).
   - Validation reports pure accuracy beside the mean score with its 0.1 format credit (D-R4).
 
-Memory: full-parameter PPO of a 3B model (policy, critic, reference) fits one 80 GB GPU with bf16
-weights, fp32 master weights and Adam moments in host memory (--optim-device cpu), the reference
-offloaded and the LM head applied in chunks; plumbing/memory.py has the numbers and the optimizer,
---print-budget prints the plan for a configuration. None of the CUDA paths has run on a GPU yet:
-bench/gpu_check.py is the one command that checks and measures them.
-
+Memory (a 3B model's PPO on one 80 GB GPU): docs/reference.md and plumbing/memory.py; --print-budget.
+None of the CUDA paths has run on a GPU yet: bench/gpu_check.py is the one command that checks them.
 Satori (satori.py) plugs into the training loop through one seam, an extension with a few hooks
 (see _extension); plain PPO runs without it.
 
-Reading order: the PPO math (KL penalty, token rewards, GAE, losses), the critic, one iteration's
-experience, rollout -> prepare_experience -> update_critic -> update_actor -> ppo_iteration, the
-Countdown reward and validation, the training loop; below the marked plumbing line: the config and
-its resolution, data, models, checkpoints and the command line.
-
-Run folder (design.md): runs/<name>/config.json, metrics.jsonl (one line per step, same keys),
-completions/step_<N>.jsonl, data/{train,test}.jsonl, checkpoints/step_<N>/policy (model.save
-format) and checkpoints/step_<N>/state.pt (critic, optimizers with master weights, RNG, step).
-Rerunning the same command resumes from the newest checkpoint; a first Ctrl-C finishes the step,
-checkpoints and exits, a second one aborts (checkpoints are written to a temp folder, then renamed).
+Reading order: the PPO math (KL penalty, token rewards, GAE, losses), log-probs, the critic, one
+iteration's experience, rollout -> prepare_experience -> update_critic -> update_actor ->
+ppo_iteration, the Countdown reward and validation, the training loop; below the marked plumbing
+line: building the models, the Satori seam and main(). Every hyperparameter, its help text and the
+paper's default is a field of PPOConfig in plumbing/ppo_config.py (`python ppo.py --help` lists
+them); the run folder, resuming, the data and the checkpoints are in plumbing/ppo_run.py.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -81,9 +72,9 @@ from plumbing import files
 from plumbing.device import Timer, peak_memory_gb
 from plumbing.dist import Accum, all_rows, global_sum
 from plumbing.memory import MasterAdamW, format_budget
-from plumbing.ppo_config import PPOConfig, build_parser, memory_budget, resolve_config, resolve_memory
-from plumbing.ppo_run import (batch_indices, check_response_cap, load_training_state, rank_share, save_checkpoint,
-                              start_run, stop_on_sigint)
+from plumbing.ppo_config import PPOConfig, adam_settings, build_parser, memory_budget, resolve_config, resolve_memory
+from plumbing.ppo_run import (TrainingStopped, batch_indices, check_response_cap, load_training_state, log_metrics,
+                              rank_share, save_checkpoint, start_run, stop_on_sigint)
 
 
 # -----------------------------------------------------------------------------
@@ -480,97 +471,90 @@ def _normalizer(cfg, mb_tokens, micro_tokens, n_micro):
     return mb_tokens if cfg.loss_agg == "token-mean" else micro_tokens * n_micro
 
 
-def update_critic(critic: Critic, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float):
-    """Clipped value regression toward the returns, in mini-batches of critic_mini_batch sequences."""
-    N, R = exp.response_mask.shape
-    P = exp.prompt_len
-    # which states V is trained on: t < L (ours), or t <= L with the post-EOS state toward 0 (original)
-    vmask = exp.attention_mask[:, P - 1:P - 1 + R].float() if cfg.value_post_eos else exp.response_mask
+def _update(net, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float, *, tokens, mini: int, micro: int,
+            micro_loss: Callable, names: tuple) -> dict:
+    """The loop both updates share: mini-batches of `mini` rows (this rank's share under torchrun), each
+    split into micro-batches of `micro` rows whose gradients accumulate, one optimizer step per
+    mini-batch. A non-finite loss or gradient skips that step (its outcome is False).
+
+    micro_loss(rows, normalizer) -> (loss, [(statistic, value, weight)]), normalizer(micro-batch token
+    count) its loss denominator (_normalizer; `tokens` is the mask that counts). names = (the loss
+    statistic, the gradient-norm statistic, the outcomes key).
+    """
+    N = exp.response_mask.shape[0]
     stats, outcomes = Accum(), []
-    critic.train()
-    mini = cfg.critic_mini_batch // M.world_size()   # under torchrun: this rank's share of each mini-batch
+    net.train()
     for _ in range(cfg.ppo_epochs):
         for start in range(0, N, mini):
             stop = min(start + mini, N)
-            micros = _row_batches(start, stop, cfg.critic_micro_batch)
-            mb_tokens = global_sum(vmask[start:stop].sum())
+            micros = _row_batches(start, stop, micro)
+            mb_tokens = global_sum(tokens[start:stop].sum())
             opt.zero_grad()
             finite, mb_loss = True, 0.0
             for rows in micros:
-                ids, attn, Rm = _micro(exp, rows, extra=1)
-                vm = vmask[rows, :Rm]
-                v = response_values(critic, ids, attn, P, Rm)
-                loss, clipfrac = value_loss(v, exp.values[rows, :Rm], exp.returns[rows, :Rm], vm, cfg.value_clip,
-                                            normalizer=_normalizer(cfg, mb_tokens, vm.sum(),
-                                                                   len(micros) * M.world_size()))
+                loss, logged = micro_loss(rows, lambda n: _normalizer(cfg, mb_tokens, n, len(micros) * M.world_size()))
                 if not torch.isfinite(loss):
                     finite = False
                     if not M.distributed():
                         break
                 loss.backward()   # under FSDP every rank runs every backward (collectives); a NaN skips the step
                 mb_loss += loss.item()
-                stats.add("vf_clipfrac", clipfrac, vm.sum())
+                for key, value, weight in logged:
+                    stats.add(key, value, weight)
             finite = M.all_true(finite)
             norm, ok = opt.step(lr, cfg.grad_clip) if finite else (float("nan"), False)
             if not ok:
                 opt.zero_grad()
             else:
-                stats.add("value_loss", M.all_sum(mb_loss)[0], replicated=True)
-                stats.add("critic_grad_norm", norm, replicated=True)
+                stats.add(names[0], M.all_sum(mb_loss)[0], replicated=True)
+                stats.add(names[1], norm, replicated=True)
             outcomes.append(ok)
-    critic.eval()
+    net.eval()
     out = stats.means()
-    out["critic_outcomes"] = outcomes
+    out[names[2]] = outcomes
     return out
+
+
+def update_critic(critic: Critic, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float):
+    """Clipped value regression toward the returns, in mini-batches of critic_mini_batch sequences."""
+    N, R = exp.response_mask.shape
+    P = exp.prompt_len
+    # which states V is trained on: t < L (ours), or t <= L with the post-EOS state toward 0 (original)
+    vmask = exp.attention_mask[:, P - 1:P - 1 + R].float() if cfg.value_post_eos else exp.response_mask
+
+    def micro_loss(rows, normalizer):
+        ids, attn, Rm = _micro(exp, rows, extra=1)
+        vm = vmask[rows, :Rm]
+        v = response_values(critic, ids, attn, P, Rm)
+        loss, clipfrac = value_loss(v, exp.values[rows, :Rm], exp.returns[rows, :Rm], vm, cfg.value_clip,
+                                    normalizer=normalizer(vm.sum()))
+        return loss, [("vf_clipfrac", clipfrac, vm.sum())]
+    return _update(critic, opt, exp, cfg, lr, tokens=vmask, mini=cfg.critic_mini_batch // M.world_size(),
+                   micro=cfg.critic_micro_batch, micro_loss=micro_loss,
+                   names=("value_loss", "critic_grad_norm", "critic_outcomes"))
 
 
 def update_actor(policy: M.Transformer, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float):
     """Clipped surrogate with an entropy bonus, in mini-batches of mini_batch_prompts x samples sequences."""
-    N, R = exp.response_mask.shape
     P = exp.prompt_len
-    mb = cfg.mini_batch_prompts * cfg.samples // M.world_size()   # under torchrun: this rank's share
-    stats, outcomes = Accum(), []
-    policy.train()
-    for _ in range(cfg.ppo_epochs):
-        for start in range(0, N, mb):
-            stop = min(start + mb, N)
-            micros = _row_batches(start, stop, cfg.micro_batch)
-            mb_tokens = global_sum(exp.response_mask[start:stop].sum())
-            opt.zero_grad()
-            finite, mb_loss = True, 0.0
-            for rows in micros:
-                ids, attn, Rm = _micro(exp, rows, extra=0)
-                m = exp.response_mask[rows, :Rm]
-                logp, ent = response_logprobs(policy, ids, attn, m, P, chunk=cfg.logprob_chunk,
-                                              temperature=cfg.temperature, with_entropy=True)
-                norm_ = _normalizer(cfg, mb_tokens, m.sum(), len(micros) * M.world_size())
-                pg, clipfrac, ppo_kl = policy_loss(logp, exp.old_logp[rows, :Rm], exp.advantages[rows, :Rm], m,
-                                                   cfg.clip_ratio, normalizer=norm_)
-                ent_term = entropy_bonus(ent, m, normalizer=norm_)
-                loss = pg - cfg.entropy_coef * ent_term
-                if not torch.isfinite(loss):
-                    finite = False
-                    if not M.distributed():
-                        break
-                loss.backward()
-                mb_loss += loss.item()
-                w = m.sum()
-                stats.add("pg_clipfrac", clipfrac, w)
-                stats.add("ppo_kl", ppo_kl, w)
-                stats.add("entropy", masked_mean(ent.detach(), m), w)
-                stats.add("pg_loss", pg.item() * norm_ / w, w)   # reported as a token mean
-            finite = M.all_true(finite)
-            norm, ok = opt.step(lr, cfg.grad_clip) if finite else (float("nan"), False)
-            if not ok:
-                opt.zero_grad()
-            else:
-                stats.add("actor_loss", M.all_sum(mb_loss)[0], replicated=True)
-                stats.add("actor_grad_norm", norm, replicated=True)
-            outcomes.append(ok)
-    policy.eval()
-    out = stats.means()
-    out["actor_outcomes"] = outcomes
-    return out
+
+    def micro_loss(rows, normalizer):
+        ids, attn, Rm = _micro(exp, rows, extra=0)
+        m = exp.response_mask[rows, :Rm]
+        logp, ent = response_logprobs(policy, ids, attn, m, P, chunk=cfg.logprob_chunk,
+                                      temperature=cfg.temperature, with_entropy=True)
+        norm_ = normalizer(m.sum())
+        pg, clipfrac, ppo_kl = policy_loss(logp, exp.old_logp[rows, :Rm], exp.advantages[rows, :Rm], m,
+                                           cfg.clip_ratio, normalizer=norm_)
+        ent_term = entropy_bonus(ent, m, normalizer=norm_)
+        w = m.sum()
+        return pg - cfg.entropy_coef * ent_term, [
+            ("pg_clipfrac", clipfrac, w), ("ppo_kl", ppo_kl, w), ("entropy", masked_mean(ent.detach(), m), w),
+            ("pg_loss", pg.item() * norm_ / w, w)]   # pg_loss reported as a token mean
+    return _update(policy, opt, exp, cfg, lr, tokens=exp.response_mask,
+                   mini=cfg.mini_batch_prompts * cfg.samples // M.world_size(),   # under torchrun: this rank's share
+                   micro=cfg.micro_batch, micro_loss=micro_loss,
+                   names=("actor_loss", "actor_grad_norm", "actor_outcomes"))
 
 
 def _step_generator(seed: int, step: int, device) -> torch.Generator:
@@ -726,21 +710,6 @@ def validate(policy, tokenizer: M.Tokenizer, problems, cfg: PPOConfig, step: int
 # Training
 
 
-METRIC_KEYS = (
-    "step", "reward_mean", "accuracy", "format_rate", "response_length", "response_length_max", "truncated_frac",
-    "kl", "logp_mismatch", "sequence_reward_mean", "advantage_raw_mean", "entropy", "pg_loss", "actor_loss",
-    "pg_clipfrac", "ppo_kl", "value_loss", "vf_clipfrac", "value_mean", "return_mean", "explained_var",
-    "actor_grad_norm", "critic_grad_norm", "actor_lr", "critic_lr", "skipped_updates",
-    "val_accuracy", "val_score", "val_format_rate", "val_response_length", "val_truncated_frac",
-    "time_rollout", "time_reward", "time_prepare", "time_critic", "time_actor", "time_val", "time_step",
-    "tokens_per_s", "peak_mem_gb", "elapsed_s", "restart_frac", "restart_pos_accuracy", "restart_neg_accuracy",
-    "preference_bonus_mean", "orm_loss", "orm_pair_accuracy")
-
-
-class TrainingStopped(RuntimeError):
-    """Too many non-finite updates in a row."""
-
-
 def train(cfg: PPOConfig) -> dict:
     """Run (or resume) PPO as configured; returns the last metrics line."""
     auto = cfg.device == "auto"
@@ -766,13 +735,7 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
         start, saved_counters = load_training_state(ckpt, models, extension)
         counters.update(saved_counters)
 
-    def log(line):
-        row = {k: line.get(k) for k in METRIC_KEYS}
-        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # strict JSON
-        if M.is_main():
-            files.append_jsonl(run / "metrics.jsonl", row)
-        return row
-
+    log = partial(log_metrics, run)   # one metrics.jsonl line per step, always the same keys
     row = {}
     t_run = time.perf_counter() - counters["elapsed_s"]
     with stop_on_sigint() as stop:   # a first Ctrl-C sets stop["requested"]: finish the step, checkpoint, stop
@@ -785,8 +748,7 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
                       file=sys.stderr)
         from tqdm import tqdm
         bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo",
-                   disable=not (cfg.progress and M.is_main()),
-                   file=sys.stderr, dynamic_ncols=True)
+                   disable=not (cfg.progress and M.is_main()), file=sys.stderr, dynamic_ncols=True)
         for step in bar:
             t_step = time.perf_counter()
             if models.device.type == "cuda":
@@ -837,13 +799,7 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
     return row
 
 
-
-# ----- plumbing below: building the models, the Satori seam, the command line (the config, the run folder,
-# the data and the checkpoints live in plumbing/ppo_config.py and plumbing/ppo_run.py) -----
-
-
-# -----------------------------------------------------------------------------
-# Models, the Satori seam, starting a run
+# ----- plumbing below: building the models, the Satori seam, main(); the rest is in plumbing/ppo_*.py -----
 
 
 def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
@@ -865,7 +821,7 @@ def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
         ref_device = "cpu" if (cfg.device == "cuda" and cfg.ref_offload and not dist) else device
         ref, _ = M.load(init_path, device=ref_device, dtype=cfg.dtype)
         ref.requires_grad_(False)
-    adam = _adam(cfg, device)
+    adam = adam_settings(cfg, device)
     critic = critic_opt = None
     shard = partial(M.shard, compute_dtype=cfg.dtype)
     if cfg.adv == "gae":
@@ -887,13 +843,6 @@ def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
     return models, tokenizer
 
 
-def _adam(cfg: PPOConfig, device) -> dict:
-    """MasterAdamW's settings for every trained model (policy, critic, Satori's ORM)."""
-    return dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                master_device="cpu" if cfg.optim_device == "cpu" else device)
-
-
-
 def _extension(cfg: PPOConfig, models: Models, tokenizer, init_path, run: Path):
     """The seam where Satori (satori.py) joins the training loop: None for plain PPO, else an object with
       batch(problems, prompts, step) -> (problems, prompts)   before the rollout: may swap in restart prompts
@@ -904,9 +853,7 @@ def _extension(cfg: PPOConfig, models: Models, tokenizer, init_path, run: Path):
     if not (cfg.rae or cfg.preference_bonus or cfg.save_correct):
         return None
     import satori
-    return satori.Satori(cfg, tokenizer, run).start(models, init_path, _adam(cfg, models.device))
-
-
+    return satori.Satori(cfg, tokenizer, run).start(models, init_path, adam_settings(cfg, models.device))
 
 
 def main(argv=None) -> int:

@@ -217,7 +217,7 @@ def resolve_config(cfg: PPOConfig) -> PPOConfig:
 
 
 # -----------------------------------------------------------------------------
-# Memory: the budget and the disk (plumbing/memory.py), for one model config (model.checkpoint_config)
+# Memory, the disk and the optimizer (plumbing/memory.py), for one model config (model.checkpoint_config)
 
 
 def memory_budget(cfg: PPOConfig, mc) -> dict:
@@ -233,6 +233,12 @@ def resolve_memory(cfg: PPOConfig, mc) -> PPOConfig:
 def disk_preflight(cfg: PPOConfig, mc, run: Path, start: int = 0) -> PPOConfig:
     """Resolve --state-checkpoints auto and check the checkpoints fit the disk (plumbing/memory.py)."""
     return memory.disk_preflight(cfg, mc, run, start, n_params=param_count(mc), verbose=dist.is_main())
+
+
+def adam_settings(cfg: PPOConfig, device) -> dict:
+    """MasterAdamW's settings for every trained model (policy, critic, Satori's ORM)."""
+    return dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                master_device="cpu" if cfg.optim_device == "cpu" else device)
 
 
 # -----------------------------------------------------------------------------

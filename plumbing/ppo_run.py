@@ -85,6 +85,30 @@ def start_run(cfg: PPOConfig, model_config: Callable, make_splits: Callable) -> 
     return cfg, run, ckpt, train_set, test_set, init_path
 
 
+METRIC_KEYS = (
+    "step", "reward_mean", "accuracy", "format_rate", "response_length", "response_length_max", "truncated_frac",
+    "kl", "logp_mismatch", "sequence_reward_mean", "advantage_raw_mean", "entropy", "pg_loss", "actor_loss",
+    "pg_clipfrac", "ppo_kl", "value_loss", "vf_clipfrac", "value_mean", "return_mean", "explained_var",
+    "actor_grad_norm", "critic_grad_norm", "actor_lr", "critic_lr", "skipped_updates",
+    "val_accuracy", "val_score", "val_format_rate", "val_response_length", "val_truncated_frac",
+    "time_rollout", "time_reward", "time_prepare", "time_critic", "time_actor", "time_val", "time_step",
+    "tokens_per_s", "peak_mem_gb", "elapsed_s", "restart_frac", "restart_pos_accuracy", "restart_neg_accuracy",
+    "preference_bonus_mean", "orm_loss", "orm_pair_accuracy")
+
+
+def log_metrics(run: Path, line: dict) -> dict:
+    """line as a metrics.jsonl row: every METRIC_KEYS key (None where absent), in that order; rank 0 appends it."""
+    row = {k: line.get(k) for k in METRIC_KEYS}
+    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # strict JSON
+    if dist.is_main():
+        files.append_jsonl(run / "metrics.jsonl", row)
+    return row
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite updates in a row (--max-bad-updates): the run stops with a checkpoint."""
+
+
 @contextmanager
 def stop_on_sigint():
     """Yields {"requested": bool}: a first Ctrl-C sets it (the loop finishes the step, checkpoints and

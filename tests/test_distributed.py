@@ -14,6 +14,7 @@ import torch
 import countdown as C
 import model as M
 import ppo
+from plumbing import ppo_run
 import sft
 from conftest import ROOT, load_weights, make_checkpoint, max_abs_diff
 from test_sft import _rows
@@ -178,7 +179,7 @@ def test_ppo_two_processes_reduce_metrics_whiten_globally_and_leave_one_loadable
     train = C.read_jsonl(out / "data" / "train.jsonl")
     rows = C.read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in rows] == [0, 1, 2]                 # rank 0 alone logged
-    assert all(set(m) == set(ppo.METRIC_KEYS) for m in rows)
+    assert all(set(m) == set(ppo_run.METRIC_KEYS) for m in rows)
     for step in (1, 2):
         parts = [torch.load(record / f"rank{k}_step{step}.pt", weights_only=True) for k in (0, 1)]
         # the two ranks rolled out disjoint halves of the step's problems: rank r the r-th half of each mini-batch

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import countdown
 import model as M
 import ppo
-from plumbing import memory, ppo_config, runs
+from plumbing import memory, ppo_config, ppo_run, runs
 from conftest import ROOT, make_checkpoint, make_config
 
 
@@ -722,7 +722,7 @@ def test_resume_gives_the_weights_of_a_straight_run(tmp_path):
     rows1 = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     rows2 = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows2] == [0, 1, 2, 3, 4]
-    assert all(set(r) == set(ppo.METRIC_KEYS) for r in rows1 + rows2)
+    assert all(set(r) == set(ppo_run.METRIC_KEYS) for r in rows1 + rows2)
     for a, b in zip(rows1, rows2):
         assert a["reward_mean"] == b["reward_mean"] and a["kl"] == b["kl"] and a["value_loss"] == b["value_loss"]
     assert not (straight / "checkpoints" / "step_2" / "state.pt").exists()   # --state-checkpoints last
