@@ -78,8 +78,8 @@ def bench_step(args):
     device = torch.device(args.device)
     policy = M.Transformer(mc).to(device).eval()
     cfg = ppo.resolve_config(ppo.PPOConfig(device=args.device, dtype="float32", batch_prompts=16, samples=4,
-                                     mini_batch_prompts=8, micro_batch=16, max_response=args.max_response,
-                                     actor_lr=1e-5, critic_lr=1e-5, progress=False))
+                                           mini_batch_prompts=8, micro_batch=16, max_response=args.max_response,
+                                           actor_lr=1e-5, critic_lr=1e-5, progress=False))
     adam = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, master_device=device)
     critic = ppo.Critic(copy.deepcopy(policy)).eval()
     ref = copy.deepcopy(policy).requires_grad_(False)

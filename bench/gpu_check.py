@@ -171,8 +171,8 @@ def check_bf16_logits(rep, cfg, device):
 
 def check_rollout_logprobs(rep, policy, device, tiny):
     cfg = ppo.resolve_config(ppo.PPOConfig(device=torch.device(device).type, dtype="float32", adv="grpo", kl_coef=0.0,
-                                     samples=2, batch_prompts=8, mini_batch_prompts=8, max_response=64,
-                                     infer_batch=8, progress=False))
+                                           samples=2, batch_prompts=8, mini_batch_prompts=8, max_response=64,
+                                           infer_batch=8, progress=False))
     prompts = _prompts(8, policy.config.vocab_size, 8, 48, seed=1)
     gen = M.generate(policy, prompts, max_new_tokens=cfg.max_response, n_samples=2, temperature=1.0, eos_id=-1,
                      pad_id=0, seed=0)
@@ -362,9 +362,9 @@ def check_ppo_paths(rep, device, tiny):
     dt = "bfloat16" if torch.device(device).type == "cuda" else "float32"
     out = {}
     for where in ("device", "cpu"):
-        cfg = ppo.resolve_config(ppo.PPOConfig(device=torch.device(device).type, dtype=dt, optim_device=where, samples=2,
-                                         batch_prompts=8, mini_batch_prompts=8, max_prompt=64,
-                                         max_response=16 if tiny else 64, progress=False))
+        cfg = ppo.resolve_config(ppo.PPOConfig(device=torch.device(device).type, dtype=dt, optim_device=where,
+                                               samples=2, batch_prompts=8, mini_batch_prompts=8, max_prompt=64,
+                                               max_response=16 if tiny else 64, progress=False))
         cfg = ppo.resolve_memory(cfg, M.ModelConfig(**mcfg))
         models = _ppo_setup(mcfg, device, M.parse_dtype(dt), cfg)
         prompts = _prompts(8, mcfg["vocab_size"], 8, 48, seed=3)
@@ -440,8 +440,8 @@ def ppo_scaled(rep, device, dtype, tiny):
     dev = torch.device(device)
     dt = "bfloat16" if dtype == torch.bfloat16 else "float32"
     cfg = ppo.resolve_config(ppo.PPOConfig(device=dev.type, dtype=dt, gpu_memory_gb=80, progress=False,
-                                     batch_prompts=8 if tiny else 64, mini_batch_prompts=4 if tiny else 32,
-                                     max_prompt=256, max_response=16 if tiny else 256))
+                                           batch_prompts=8 if tiny else 64, mini_batch_prompts=4 if tiny else 32,
+                                           max_prompt=256, max_response=16 if tiny else 256))
     mc = M.ModelConfig(**mcfg)
     cfg = ppo.resolve_memory(cfg, mc)
     budget = ppo.memory_budget(cfg, mc)
@@ -484,7 +484,8 @@ def ppo_scaled(rep, device, dtype, tiny):
     del models
     _free(device)
     if not tiny:   # the paper's batch on the same card: what `ppo.py --model qwen2.5-3b` will plan
-        full = ppo.resolve_memory(ppo.resolve_config(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80)), mc)
+        full = ppo.resolve_memory(ppo.resolve_config(ppo.PPOConfig(device="cuda", print_budget=True,
+                                                                   gpu_memory_gb=80)), mc)
         b = ppo.memory_budget(full, mc)
         rep.add("ppo", "paper batch 3B plan (256 x 4 x 1,024; computed)",
                 f"GPU {_gib(b['device_peak'])}, host {_gib(b['host'])} (pinned {_gib(b['pinned'])}); "

@@ -238,8 +238,8 @@ import sys, torch
 import model as M, ppo
 ckpt, out, loss_agg = sys.argv[1:4]
 cfg = ppo.resolve_config(ppo.PPOConfig(model=ckpt, device="cpu", batch_prompts=4, samples=2, mini_batch_prompts=2,
-                                 critic_mini_batch=4, micro_batch=1, max_response=6, actor_lr=1e-3, critic_lr=1e-3,
-                                 loss_agg=loss_agg, grad_checkpointing=False, seed=5))
+                                       critic_mini_batch=4, micro_batch=1, max_response=6, actor_lr=1e-3,
+                                       critic_lr=1e-3, loss_agg=loss_agg, grad_checkpointing=False, seed=5))
 cfg = ppo.resolve_memory(cfg, M.checkpoint_config(ckpt))
 models, tok = ppo.build_models(cfg, ckpt, ckpt)
 g = torch.Generator().manual_seed(0)

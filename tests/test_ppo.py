@@ -648,8 +648,8 @@ def test_compiled_validation_calls_have_the_rollouts_row_count(tmp_path, monkeyp
     mc = model.config
     for compile_ in (True, False):
         cfg = ppo.resolve_memory(ppo.resolve_config(ppo.PPOConfig(device="cpu", batch_prompts=2, samples=2,
-                                                             mini_batch_prompts=2, max_response=3, max_prompt=1024,
-                                                             compile_rollout=compile_)), mc)
+                                                                  mini_batch_prompts=2, max_response=3, max_prompt=1024,
+                                                                  compile_rollout=compile_)), mc)
         calls.clear()
         prompts = ppo.encode_prompts(tok, problems[:2], cfg)
         ppo.rollout(model, prompts, cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=None)
@@ -666,7 +666,7 @@ def test_compiled_validation_calls_have_the_rollouts_row_count(tmp_path, monkeyp
              "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
     for gb in (80, 40, 24):
         c = ppo.resolve_memory(ppo.resolve_config(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=gb)),
-                                M.ModelConfig.from_hf(cfg3b))
+                               M.ModelConfig.from_hf(cfg3b))
         assert c.batch_prompts % c.rollout_batch == 0 and c.val_batch == c.rollout_batch * c.samples, (gb, c)
 
 
@@ -908,7 +908,7 @@ def test_host_budget_counts_the_pinned_masters_and_gradient_copies():
     assert 86 * 2**30 < b["host"] < 87 * 2**30 and b["device_peak"] < 0.85 * 80 * 2**30
     text = ppo.format_budget(b, c)
     assert "of which pinned (page-locked)                       34.49 GiB" in text and "memory-mapped" in text
-    assert memory.exact_pinning()        # this torch takes the allocator setting (where it cannot, masters stay unpinned)
+    assert memory.exact_pinning()   # this torch takes the allocator setting (where it cannot, masters stay unpinned)
 
 
 def test_device_auto_refuses_the_cpu_for_a_model_above_1b(tmp_path, capsys, monkeypatch):
@@ -945,13 +945,13 @@ def test_print_budget_for_a_3b_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3.09B-parameter policy" in out and "optimizer on cpu" in out
     b = ppo.memory_budget(ppo.resolve_config(ppo.PPOConfig(device="cuda", print_budget=True, optim_device="cpu",
-                                                     rollout_batch=64)), M.ModelConfig.from_hf(cfg))
+                                                           rollout_batch=64)), M.ModelConfig.from_hf(cfg))
     items = {name: n for name, n, _ in b["items"]}
     assert items["policy weights"] == 2 * b["params_policy"]
     assert items["rollout KV cache (256 rows x 1280 tokens)"] == 256 * 1280 * 36 * 2 * 2 * 128 * 2
     # the compiled rollout keeps its one KV cache between rollouts: it is counted in the update too
     kept = ppo.memory_budget(ppo.resolve_config(ppo.PPOConfig(device="cuda", print_budget=True, optim_device="cpu",
-                                                        rollout_batch=64, compile_rollout=True)),
+                                                              rollout_batch=64, compile_rollout=True)),
                              M.ModelConfig.from_hf(cfg))
     cache = items["rollout KV cache (256 rows x 1280 tokens)"]
     noise = 256 * 151936 * 4                            # the compiled sampler's pre-drawn noise, fp32
