@@ -38,40 +38,25 @@ Deliberate fixes, each one a flag away from the original (--fidelity turns all o
     gamma = lambda = 1, but lambda < 1 would bootstrap from a meaningless value otherwise).
   - Validation reports pure accuracy beside the mean score with its 0.1 format credit (D-R4).
 
-Memory: full-parameter PPO of a 3B model (policy, critic, reference) fits one 80 GB GPU with bf16
-weights, fp32 master weights and Adam moments in host memory (--optim-device cpu), the reference
-offloaded and the LM head applied in chunks; plumbing/memory.py has the numbers and the optimizer,
---print-budget prints the plan for a configuration. None of the CUDA paths has run on a GPU yet:
-bench/gpu_check.py is the one command that checks and measures them.
-
+Memory (a 3B model's PPO on one 80 GB GPU): docs/reference.md and plumbing/memory.py; --print-budget.
+None of the CUDA paths has run on a GPU yet: bench/gpu_check.py is the one command that checks them.
 Satori (satori.py) plugs into the training loop through one seam, an extension with a few hooks
 (see _extension); plain PPO runs without it.
 
-Reading order: the PPO math (KL penalty, token rewards, GAE, losses), the critic, one iteration's
-experience, rollout -> prepare_experience -> update_critic -> update_actor -> ppo_iteration, the
-Countdown reward and validation, the training loop; below the marked plumbing line: the config and
-its resolution, data, models, checkpoints and the command line.
-
-Run folder (design.md): runs/<name>/config.json, metrics.jsonl (one line per step, same keys),
-completions/step_<N>.jsonl, data/{train,test}.jsonl, checkpoints/step_<N>/policy (model.save
-format) and checkpoints/step_<N>/state.pt (critic, optimizers with master weights, RNG, step).
-Rerunning the same command resumes from the newest checkpoint; a first Ctrl-C finishes the step,
-checkpoints and exits, a second one aborts (checkpoints are written to a temp folder, then renamed).
+Reading order: the PPO math (KL penalty, token rewards, GAE, losses), log-probs, the critic, one
+iteration's experience, rollout -> prepare_experience -> update_critic -> update_actor ->
+ppo_iteration, the Countdown reward and validation, the training loop; below the marked plumbing
+line: building the models, the Satori seam and main(). Every hyperparameter, its help text and the
+paper's default is a field of PPOConfig in plumbing/ppo_config.py (`python ppo.py --help` lists
+them); the run folder, resuming, the data and the checkpoints are in plumbing/ppo_run.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
-import os
-import random
-import shutil
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -83,23 +68,13 @@ from torch.utils.checkpoint import checkpoint
 
 import countdown
 import model as M
-from plumbing import files, memory, runs
-# re-exported: callers use ppo.<name> (tests, bench/bench_ppo.py, bench/bench_adam.py, bench/gpu_check.py)
-from plumbing.memory import MasterAdamW, copy_grads, exact_pinning, format_budget, same_device  # noqa: F401
-from plumbing.runs import step_dirs as _step_dirs
-
-# re-exported: callers use ppo.<name> for Satori's functions (README's API list); they live in satori.py,
-# which imports ppo.py, so they are looked up on first use (PEP 562) rather than imported here
-_SATORI = ("reflection_bonus", "cut_back", "coat_steps", "Restart", "RestartBuffers", "sample_restarts",
-           "fill_restart_buffers", "save_correct_rows", "bradley_terry_loss", "orm_scores", "preference_bonus",
-           "preference_pairs", "update_orm")
-
-
-def __getattr__(name):
-    if name in _SATORI:
-        import satori
-        return getattr(satori, name)
-    raise AttributeError(f"module 'ppo' has no attribute {name!r}")
+from plumbing import files
+from plumbing.device import Timer, peak_memory_gb
+from plumbing.dist import Accum, all_rows, global_sum
+from plumbing.memory import MasterAdamW, format_budget
+from plumbing.ppo_config import PPOConfig, adam_settings, build_parser, memory_budget, resolve_config, resolve_memory
+from plumbing.ppo_run import (TrainingStopped, batch_indices, check_response_cap, load_training_state, log_metrics,
+                              rank_share, save_checkpoint, start_run, stop_on_sigint)
 
 
 # -----------------------------------------------------------------------------
@@ -496,97 +471,90 @@ def _normalizer(cfg, mb_tokens, micro_tokens, n_micro):
     return mb_tokens if cfg.loss_agg == "token-mean" else micro_tokens * n_micro
 
 
-def update_critic(critic: Critic, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float):
-    """Clipped value regression toward the returns, in mini-batches of critic_mini_batch sequences."""
-    N, R = exp.response_mask.shape
-    P = exp.prompt_len
-    # which states V is trained on: t < L (ours), or t <= L with the post-EOS state toward 0 (original)
-    vmask = exp.attention_mask[:, P - 1:P - 1 + R].float() if cfg.value_post_eos else exp.response_mask
-    stats, outcomes = _Accum(), []
-    critic.train()
-    mini = cfg.critic_mini_batch // M.world_size()   # under torchrun: this rank's share of each mini-batch
+def _update(net, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float, *, tokens, mini: int, micro: int,
+            micro_loss: Callable, names: tuple) -> dict:
+    """The loop both updates share: mini-batches of `mini` rows (this rank's share under torchrun), each
+    split into micro-batches of `micro` rows whose gradients accumulate, one optimizer step per
+    mini-batch. A non-finite loss or gradient skips that step (its outcome is False).
+
+    micro_loss(rows, normalizer) -> (loss, [(statistic, value, weight)]), normalizer(micro-batch token
+    count) its loss denominator (_normalizer; `tokens` is the mask that counts). names = (the loss
+    statistic, the gradient-norm statistic, the outcomes key).
+    """
+    N = exp.response_mask.shape[0]
+    stats, outcomes = Accum(), []
+    net.train()
     for _ in range(cfg.ppo_epochs):
         for start in range(0, N, mini):
             stop = min(start + mini, N)
-            micros = _row_batches(start, stop, cfg.critic_micro_batch)
-            mb_tokens = _global_sum(vmask[start:stop].sum())
+            micros = _row_batches(start, stop, micro)
+            mb_tokens = global_sum(tokens[start:stop].sum())
             opt.zero_grad()
             finite, mb_loss = True, 0.0
             for rows in micros:
-                ids, attn, Rm = _micro(exp, rows, extra=1)
-                vm = vmask[rows, :Rm]
-                v = response_values(critic, ids, attn, P, Rm)
-                loss, clipfrac = value_loss(v, exp.values[rows, :Rm], exp.returns[rows, :Rm], vm, cfg.value_clip,
-                                            normalizer=_normalizer(cfg, mb_tokens, vm.sum(),
-                                                                   len(micros) * M.world_size()))
+                loss, logged = micro_loss(rows, lambda n: _normalizer(cfg, mb_tokens, n, len(micros) * M.world_size()))
                 if not torch.isfinite(loss):
                     finite = False
                     if not M.distributed():
                         break
                 loss.backward()   # under FSDP every rank runs every backward (collectives); a NaN skips the step
                 mb_loss += loss.item()
-                stats.add("vf_clipfrac", clipfrac, vm.sum())
+                for key, value, weight in logged:
+                    stats.add(key, value, weight)
             finite = M.all_true(finite)
             norm, ok = opt.step(lr, cfg.grad_clip) if finite else (float("nan"), False)
             if not ok:
                 opt.zero_grad()
             else:
-                stats.add("value_loss", M.all_sum(mb_loss)[0], replicated=True)
-                stats.add("critic_grad_norm", norm, replicated=True)
+                stats.add(names[0], M.all_sum(mb_loss)[0], replicated=True)
+                stats.add(names[1], norm, replicated=True)
             outcomes.append(ok)
-    critic.eval()
+    net.eval()
     out = stats.means()
-    out["critic_outcomes"] = outcomes
+    out[names[2]] = outcomes
     return out
+
+
+def update_critic(critic: Critic, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float):
+    """Clipped value regression toward the returns, in mini-batches of critic_mini_batch sequences."""
+    N, R = exp.response_mask.shape
+    P = exp.prompt_len
+    # which states V is trained on: t < L (ours), or t <= L with the post-EOS state toward 0 (original)
+    vmask = exp.attention_mask[:, P - 1:P - 1 + R].float() if cfg.value_post_eos else exp.response_mask
+
+    def micro_loss(rows, normalizer):
+        ids, attn, Rm = _micro(exp, rows, extra=1)
+        vm = vmask[rows, :Rm]
+        v = response_values(critic, ids, attn, P, Rm)
+        loss, clipfrac = value_loss(v, exp.values[rows, :Rm], exp.returns[rows, :Rm], vm, cfg.value_clip,
+                                    normalizer=normalizer(vm.sum()))
+        return loss, [("vf_clipfrac", clipfrac, vm.sum())]
+    return _update(critic, opt, exp, cfg, lr, tokens=vmask, mini=cfg.critic_mini_batch // M.world_size(),
+                   micro=cfg.critic_micro_batch, micro_loss=micro_loss,
+                   names=("value_loss", "critic_grad_norm", "critic_outcomes"))
 
 
 def update_actor(policy: M.Transformer, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float):
     """Clipped surrogate with an entropy bonus, in mini-batches of mini_batch_prompts x samples sequences."""
-    N, R = exp.response_mask.shape
     P = exp.prompt_len
-    mb = cfg.mini_batch_prompts * cfg.samples // M.world_size()   # under torchrun: this rank's share
-    stats, outcomes = _Accum(), []
-    policy.train()
-    for _ in range(cfg.ppo_epochs):
-        for start in range(0, N, mb):
-            stop = min(start + mb, N)
-            micros = _row_batches(start, stop, cfg.micro_batch)
-            mb_tokens = _global_sum(exp.response_mask[start:stop].sum())
-            opt.zero_grad()
-            finite, mb_loss = True, 0.0
-            for rows in micros:
-                ids, attn, Rm = _micro(exp, rows, extra=0)
-                m = exp.response_mask[rows, :Rm]
-                logp, ent = response_logprobs(policy, ids, attn, m, P, chunk=cfg.logprob_chunk,
-                                              temperature=cfg.temperature, with_entropy=True)
-                norm_ = _normalizer(cfg, mb_tokens, m.sum(), len(micros) * M.world_size())
-                pg, clipfrac, ppo_kl = policy_loss(logp, exp.old_logp[rows, :Rm], exp.advantages[rows, :Rm], m,
-                                                   cfg.clip_ratio, normalizer=norm_)
-                ent_term = entropy_bonus(ent, m, normalizer=norm_)
-                loss = pg - cfg.entropy_coef * ent_term
-                if not torch.isfinite(loss):
-                    finite = False
-                    if not M.distributed():
-                        break
-                loss.backward()
-                mb_loss += loss.item()
-                w = m.sum()
-                stats.add("pg_clipfrac", clipfrac, w)
-                stats.add("ppo_kl", ppo_kl, w)
-                stats.add("entropy", masked_mean(ent.detach(), m), w)
-                stats.add("pg_loss", pg.item() * norm_ / w, w)   # reported as a token mean
-            finite = M.all_true(finite)
-            norm, ok = opt.step(lr, cfg.grad_clip) if finite else (float("nan"), False)
-            if not ok:
-                opt.zero_grad()
-            else:
-                stats.add("actor_loss", M.all_sum(mb_loss)[0], replicated=True)
-                stats.add("actor_grad_norm", norm, replicated=True)
-            outcomes.append(ok)
-    policy.eval()
-    out = stats.means()
-    out["actor_outcomes"] = outcomes
-    return out
+
+    def micro_loss(rows, normalizer):
+        ids, attn, Rm = _micro(exp, rows, extra=0)
+        m = exp.response_mask[rows, :Rm]
+        logp, ent = response_logprobs(policy, ids, attn, m, P, chunk=cfg.logprob_chunk,
+                                      temperature=cfg.temperature, with_entropy=True)
+        norm_ = normalizer(m.sum())
+        pg, clipfrac, ppo_kl = policy_loss(logp, exp.old_logp[rows, :Rm], exp.advantages[rows, :Rm], m,
+                                           cfg.clip_ratio, normalizer=norm_)
+        ent_term = entropy_bonus(ent, m, normalizer=norm_)
+        w = m.sum()
+        return pg - cfg.entropy_coef * ent_term, [
+            ("pg_clipfrac", clipfrac, w), ("ppo_kl", ppo_kl, w), ("entropy", masked_mean(ent.detach(), m), w),
+            ("pg_loss", pg.item() * norm_ / w, w)]   # pg_loss reported as a token mean
+    return _update(policy, opt, exp, cfg, lr, tokens=exp.response_mask,
+                   mini=cfg.mini_batch_prompts * cfg.samples // M.world_size(),   # under torchrun: this rank's share
+                   micro=cfg.micro_batch, micro_loss=micro_loss,
+                   names=("actor_loss", "actor_grad_norm", "actor_outcomes"))
 
 
 def _step_generator(seed: int, step: int, device) -> torch.Generator:
@@ -608,7 +576,7 @@ def ppo_iteration(models: Models, prompts, reward_fn: Callable, cfg: PPOConfig, 
     reward_fn(responses: list of token-id lists, row order) -> (scores, dict of extra metrics).
     Returns (metrics, experience, (actor outcomes, critic outcomes)).
     """
-    timer = _Timer(models.device)
+    timer = Timer(models.device)
     gen = rollout(sampling_policy(models), prompts, cfg, eos_id=eos_id, pad_id=pad_id,
                   generator=_step_generator(cfg.seed, step, models.device), batch_prompts=cfg.rollout_batch)
     t_rollout = timer.lap()
@@ -630,7 +598,8 @@ def ppo_iteration(models: Models, prompts, reward_fn: Callable, cfg: PPOConfig, 
 
     local_exp = exp   # what ppo_iteration returns: this rank's rows
     if M.distributed():   # metrics over the global batch: every rank's rows (and means of equal shares)
-        exp = _all_rows(exp)
+        exp = all_rows(exp, ("scores", "ended", "response_mask", "rollout_logp", "old_logp", "ref_logp", "kl",
+                             "values", "rewards", "advantages", "returns", "raw_advantages"))
         extra = dict(zip(extra, (v / M.world_size() for v in M.all_sum(*extra.values()))))
     m = exp.response_mask
     lengths = m.sum(1)
@@ -741,30 +710,16 @@ def validate(policy, tokenizer: M.Tokenizer, problems, cfg: PPOConfig, step: int
 # Training
 
 
-METRIC_KEYS = (
-    "step", "reward_mean", "accuracy", "format_rate", "response_length", "response_length_max", "truncated_frac",
-    "kl", "logp_mismatch", "sequence_reward_mean", "advantage_raw_mean", "entropy", "pg_loss", "actor_loss",
-    "pg_clipfrac", "ppo_kl", "value_loss", "vf_clipfrac", "value_mean", "return_mean", "explained_var",
-    "actor_grad_norm", "critic_grad_norm", "actor_lr", "critic_lr", "skipped_updates",
-    "val_accuracy", "val_score", "val_format_rate", "val_response_length", "val_truncated_frac",
-    "time_rollout", "time_reward", "time_prepare", "time_critic", "time_actor", "time_val", "time_step",
-    "tokens_per_s", "peak_mem_gb", "elapsed_s", "restart_frac", "restart_pos_accuracy", "restart_neg_accuracy",
-    "preference_bonus_mean", "orm_loss", "orm_pair_accuracy")
-
-
-class TrainingStopped(RuntimeError):
-    """Too many non-finite updates in a row."""
-
-
 def train(cfg: PPOConfig) -> dict:
     """Run (or resume) PPO as configured; returns the last metrics line."""
     auto = cfg.device == "auto"
-    cfg = _resolve(cfg)
+    cfg = resolve_config(cfg)
     if auto and cfg.device == "cpu":   # no usable GPU: fine for a small model, a silent trap for a 3B one
-        M.refuse_cpu_fallback(param_count(_model_config(cfg.model)))
+        M.refuse_cpu_fallback(M.param_count(M.checkpoint_config(cfg.model)))
     M.init_distributed(cfg.device, cfg.dist_timeout)   # nothing without torchrun
     with files.lock_dir(cfg.out, "ppo.py run folder") if M.is_main() else nullcontext():  # one writer per --out
-        return _train(cfg)
+        # checks, memory plan, disk preflight, config.json (or the resume), the problems (plumbing/ppo_run.py)
+        return _train_loop(*start_run(cfg, M.checkpoint_config, countdown.make_splits))
 
 
 def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path) -> dict:
@@ -780,26 +735,10 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
         start, saved_counters = load_training_state(ckpt, models, extension)
         counters.update(saved_counters)
 
-    stop = {"requested": False}
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        def on_sigint(signum, frame):
-            if stop["requested"]:
-                raise KeyboardInterrupt
-            stop["requested"] = True
-            print("\nCtrl-C: finishing this step, then checkpointing and stopping (Ctrl-C again aborts)", file=sys.stderr)
-        previous_handler = signal.signal(signal.SIGINT, on_sigint)
-
-    def log(line):
-        row = {k: line.get(k) for k in METRIC_KEYS}
-        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # strict JSON
-        if M.is_main():
-            files.append_jsonl(run / "metrics.jsonl", row)
-        return row
-
+    log = partial(log_metrics, run)   # one metrics.jsonl line per step, always the same keys
     row = {}
     t_run = time.perf_counter() - counters["elapsed_s"]
-    try:
+    with stop_on_sigint() as stop:   # a first Ctrl-C sets stop["requested"]: finish the step, checkpoint, stop
         if start == 0 and cfg.val_before_train and cfg.val_every:
             t = time.perf_counter()
             row = log({"step": 0, **validate(sampling_policy(models), tokenizer, val_set, cfg, 0, run),
@@ -809,8 +748,7 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
                       file=sys.stderr)
         from tqdm import tqdm
         bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo",
-                   disable=not (cfg.progress and M.is_main()),
-                   file=sys.stderr, dynamic_ncols=True)
+                   disable=not (cfg.progress and M.is_main()), file=sys.stderr, dynamic_ncols=True)
         for step in bar:
             t_step = time.perf_counter()
             if models.device.type == "cuda":
@@ -835,7 +773,7 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
                 t = time.perf_counter()
                 metrics.update(validate(sampling_policy(models), tokenizer, val_set, cfg, step, run))
                 metrics["time_val"] = time.perf_counter() - t
-            metrics["peak_mem_gb"] = _peak_memory_gb(models.device)
+            metrics["peak_mem_gb"] = peak_memory_gb(models.device)
             counters["elapsed_s"] = time.perf_counter() - t_run
             row = log({"step": step, **metrics, "elapsed_s": counters["elapsed_s"]})
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}",
@@ -845,7 +783,8 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
                 stop["requested"] = not M.all_true(not stop["requested"])
             if step % cfg.save_every == 0 or step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates:
                 save_checkpoint(run, step, models, tokenizer, cfg, counters, extension,
-                                last_save=step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates)
+                                last_save=step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates,
+                                save=M.save)
             if worst >= cfg.max_bad_updates:
                 raise TrainingStopped(
                     f"stopped at step {step}: {worst} optimizer updates in a row had a non-finite loss or gradient "
@@ -857,377 +796,10 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
                           file=sys.stderr)
                 break
         bar.close()
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
     return row
 
 
-# ----- plumbing below: the config and its checks, memory, data, models, checkpoints, the CLI -----
-
-
-# -----------------------------------------------------------------------------
-# Config
-
-
-_flag = runs.flag
-
-
-@dataclass
-class PPOConfig:
-    """Every flag of a run, with the paper's defaults (paper_spec 2.1); written to config.json."""
-    # model and data
-    model: str = _flag("qwen2.5-3b", "initial checkpoint (policy, reference and critic backbone): a local folder, "
-                       "an alias or a Hub repo id")
-    out: str = _flag("runs/ppo", "run folder; rerunning with the same --out resumes from its newest checkpoint")
-    train_data: Optional[str] = _flag(None, "JSONL of training problems {\"nums\": [...], \"target\": int}, e.g. the real "
-                                      "Countdown-Tasks-3to4 rows; default: generated with countdown.make_splits")
-    test_data: Optional[str] = _flag(None, "JSONL of test problems (give both files or neither)")
-    distribution: str = _flag("rl", "problem distribution for generated data", choices=("rl", "priming"))
-    n_train: int = _flag(0, "generated training problems (0 = steps x batch-prompts: one pass, as the paper's run, "
-                         "which stopped long before its first epoch ended)")
-    n_test: int = _flag(1024, "generated test problems (paper: 1,024)")
-    n_val: int = _flag(0, "validate on the first N test problems (0 = all)")
-    template: str = _flag("base", "prompt template from countdown.PROMPT_TEMPLATES", choices=("base", "qwen-instruct"))
-    seed: int = _flag(0, "seed for the data, its order, the sampling and the critic head")
-    # rollout
-    steps: int = _flag(250, "PPO iterations (the paper analyses steps 0-250)")
-    batch_prompts: int = _flag(256, "prompts per iteration (paper: 256)")
-    samples: int = _flag(4, "responses sampled per prompt (paper: 4, so 1,024 sequences per iteration)")
-    temperature: float = _flag(1.0, "sampling temperature of the rollouts; log-probs use the same one")
-    top_p: float = _flag(1.0, "nucleus sampling of the rollouts: only 1 (off, the paper's) is accepted, since the "
-                         "log-probs PPO uses are those of the untruncated policy")
-    max_prompt: int = _flag(256, "longest prompt in tokens; a longer one is an error")
-    max_response: int = _flag(1024, "most new tokens per response; a response without EOS is truncated and scored as is")
-    cap_traces: str = _flag("", "comma-separated JSONL files of the traces the policy was primed on: PPO refuses to "
-                            "start when --max-response is below the p99 of their completions in the policy's tokens "
-                            "(a cap that cuts the longer traces makes RL punish them)")
-    # reward
-    format_score: float = _flag(0.1, "reward for a parsable but wrong <answer> on the last line")
-    correct_score: float = _flag(1.0, "reward for a correct answer")
-    lenient: bool = _flag(False, "take the last <answer> anywhere in the response, not only on the last line")
-    rule_reward: str = _flag("paper", "outcome reward: paper (correct-score / format-score / 0) or satori (0 right, "
-                             "-1 wrong)", choices=("paper", "satori"))
-    # Satori (optional; README "Satori"): Restart-and-Explore over COAT trajectories, reflection bonus
-    rae: bool = _flag(False, "Restart-and-Explore: part of each batch restarts from the policy's own past "
-                      "trajectories, cut back at a COAT step boundary and followed by <|reflect|> (needs a "
-                      "format-tuned model: sft.py --add-tokens coat)")
-    rae_ratio: float = _flag(0.5, "fraction of each batch's prompts that are restarts (once the buffers hold some)")
-    rae_max_back: int = _flag(4, "T, the COAT steps cut back, is drawn uniformly from 0..min(this, steps - 1)")
-    rae_buffer: int = _flag(1024, "trajectories kept in each restart buffer, D+ (correct) and D- (wrong); the "
-                            "oldest go first")
-    reflection_bonus: float = _flag(0.0, "beta: +beta when a restart from a wrong trajectory ends right, -beta when "
-                                    "one from a right trajectory ends wrong (Satori: 0.5)")
-    preference_bonus: bool = _flag(False, "add sigmoid(r_psi(x, y)) to the reward, r_psi an outcome reward model (the "
-                                   "critic's architecture) trained Bradley-Terry on right-vs-wrong pairs of the policy's "
-                                   "own samples, one step per iteration (one more model in memory; not in the budget)")
-    orm_lr: float = _flag(0.0, "learning rate of the outcome reward model (0 = --critic-lr)")
-    save_correct: bool = _flag(False, "append the rollouts that answered their own problem right to <out>/correct.jsonl "
-                               "as SFT rows (query, completion): the data of Satori's distillation round")
-    # algorithm
-    adv: str = _flag("gae", "advantage estimator: gae (PPO with a critic, the paper) or grpo (group-normalized "
-                     "sequence rewards, no critic: saves a model's worth of memory)", choices=("gae", "grpo"))
-    gamma: float = _flag(1.0, "GAE discount")
-    lam: float = _flag(1.0, "GAE lambda")
-    kl_coef: float = _flag(0.001, "beta: weight of the per-token KL penalty in the reward (0 = no reference model)")
-    kl_estimator: str = _flag("k1", "per-token KL estimator: k1 = logp - ref (the paper); k3 = low_var_kl; abs; mse",
-                              choices=("k1", "kl", "k3", "low_var_kl", "abs", "mse"))
-    clip_ratio: float = _flag(0.2, "PPO clip epsilon for the probability ratio")
-    value_clip: float = _flag(0.5, "clip range of the value update around the old values")
-    entropy_coef: float = _flag(0.001, "entropy bonus weight in the actor loss")
-    ppo_epochs: int = _flag(1, "passes over each iteration's data")
-    mini_batch_prompts: int = _flag(128, "prompts per actor optimizer step (x samples sequences; paper: 128)")
-    micro_batch: int = _flag(0, "sequences per forward/backward (gradient accumulation); memory only, unless "
-                             "--loss-agg micro-token-mean (0 = 4, or the original's 4 with --fidelity)")
-    critic_micro_batch: int = _flag(0, "sequences per critic forward/backward (0 = --micro-batch; --fidelity: 1)")
-    infer_batch: int = _flag(16, "sequences per no-grad forward (old log-probs, reference, values)")
-    # fidelity switches (the original's quirks, off by default)
-    fidelity: bool = _flag(False, "reproduce the original's quirks: --critic-mini-batch = mini-batch-prompts, "
-                           "--loss-agg micro-token-mean with micro-batches 4 (actor) / 1 (critic), "
-                           "--lr-zero-first-step, --value-post-eos")
-    critic_mini_batch: int = _flag(0, "sequences per critic optimizer step (0 = mini-batch-prompts x samples, the "
-                                   "actor's; the original: mini-batch-prompts, i.e. 4x more critic steps, D-P1)")
-    loss_agg: str = _flag("token-mean", "loss aggregation: token-mean over the mini-batch, or the original's mean over "
-                          "micro-batches of micro-batch token means (D-P2)", choices=("token-mean", "micro-token-mean"))
-    lr_zero_first_step: bool = _flag(False, "lr 0 for the whole first iteration, as the original's schedule (D-P3)")
-    value_post_eos: bool = _flag(False, "also train V on the state after the EOS toward 0, as the original (D-P6)")
-    # optimizer
-    actor_lr: float = _flag(1e-6, "actor learning rate (constant; paper: 1e-6)")
-    critic_lr: float = _flag(1e-5, "critic learning rate (constant; paper: 1e-5)")
-    adam_beta1: float = _flag(0.9, "AdamW beta1")
-    adam_beta2: float = _flag(0.999, "AdamW beta2")
-    adam_eps: float = _flag(1e-8, "AdamW epsilon")
-    weight_decay: float = _flag(0.01, "AdamW weight decay (every parameter, as the original)")
-    grad_clip: float = _flag(1.0, "clip each model's global gradient norm to this")
-    # schedule, checkpoints, logging
-    val_every: int = _flag(10, "validate every N steps (0 = never); also at step 0 with --val-before-train")
-    val_before_train: bool = _flag(True, "validate the initial model (step 0)")
-    val_temperature: float = _flag(0.0, "validation decoding: 0 = greedy (veRL's validation during training); "
-                                   "1.0 = one seeded sample per problem, the accuracy the paper's result tables "
-                                   "and behavior counts use")
-    save_every: int = _flag(10, "checkpoint every N steps; the last step is always checkpointed")
-    state_checkpoints: str = _flag("auto", "which checkpoints keep the training state needed to resume: last (older "
-                                   "state.pt files are deleted), all, final (only the run's last save, or a stop), "
-                                   "none (weights-only saves), auto (last if the disk has room, else none, said at "
-                                   "start; a 3B state is ~75 GiB)", choices=("auto", "last", "all", "final", "none"))
-    keep_policies: int = _flag(3, "step folders kept: the newest N (their policy and any state); 0 = all (a 3B "
-                               "policy folder is 5.75 GiB, 25 of them over the paper's run)")
-    state_dir: str = _flag("", "write the training states here (e.g. another disk) and link them from the step "
-                           "folders")
-    max_bad_updates: int = _flag(3, "stop after this many optimizer updates in a row were skipped for a non-finite "
-                                 "loss or gradient")
-    resume: bool = _flag(False, "require an existing run in --out to continue (a rerun resumes automatically anyway)")
-    progress: bool = _flag(True, "show a tqdm progress bar")
-    # device and memory
-    device: str = _flag("auto", "cuda, cpu or auto (cuda when available)")
-    dtype: str = _flag("auto", "weights and compute dtype: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float32",
-                       choices=("auto", "bfloat16", "float32"))
-    optim_device: str = _flag("auto", "where fp32 master weights and Adam moments live: auto (the GPU if the "
-                              "budget fits, else cpu), cpu, device", choices=("auto", "cpu", "device"))
-    ref_offload: bool = _flag(True, "keep the reference model in host memory between uses (cuda only)")
-    grad_checkpointing: bool = _flag(True, "recompute each layer in backward (much less activation memory)")
-    rollout_batch: int = _flag(0, "prompts per generation call; bounds the KV cache (0 = auto from the budget)")
-    compile_rollout: bool = _flag(False, "generate with model.py's fast path: static shapes + torch.compile of the "
-                                  "decode step (CUDA graphs; for cuda, unverified here)")
-    val_batch: int = _flag(0, "prompts per validation generation call (0 = auto)")
-    logprob_chunk: int = _flag(1024, "tokens per chunk of the LM head in log-prob/entropy computation")
-    gpu_memory_gb: float = _flag(0.0, "GPU memory for the automatic choices (0 = the device's; 80 without one)")
-    threads: int = _flag(0, "CPU threads for torch (0 = torch's default)")
-    print_budget: bool = _flag(False, "print the memory budget for these settings and exit (reads only config.json)")
-    dist_timeout: int = _flag(M.DIST_TIMEOUT_S, "under torchrun: seconds a collective waits for the other ranks before "
-                              "this one stops with an error (a rank died or hangs)")
-
-
-# Settings that may change when a run is resumed (speed and memory knobs, the run length, logging);
-# everything else must match config.json. rollout/infer batch sizes change which sampled bits
-# come out of the generator, so a resume with a different one is valid but not bit-identical.
-_RESUMABLE_CHANGES = {"steps", "resume", "progress", "device", "threads", "max_bad_updates", "print_budget",
-                      "val_every", "save_every", "state_checkpoints", "rollout_batch", "val_batch", "infer_batch",
-                      "logprob_chunk", "gpu_memory_gb", "optim_device", "ref_offload", "compile_rollout",
-                      "dist_timeout", "keep_policies", "state_dir"}
-
-
-def _resolve(cfg: PPOConfig) -> PPOConfig:
-    """Fill the automatic and --fidelity settings and check the combination; raise ValueError on nonsense."""
-    c = replace(cfg)
-    if c.device == "auto":
-        c.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if c.device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu, cuda or auto, not {c.device!r}")
-    if c.device == "cuda" and not torch.cuda.is_available() and not c.print_budget:
-        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
-    if c.dtype == "auto":
-        c.dtype = "bfloat16" if c.device == "cuda" else "float32"
-    if c.fidelity:  # the original's quirks (paper_spec 2.1, D-P1/2/3/6)
-        c.critic_mini_batch = c.critic_mini_batch or c.mini_batch_prompts
-        c.loss_agg = "micro-token-mean"
-        c.micro_batch = c.micro_batch or 4
-        c.critic_micro_batch = c.critic_micro_batch or 1
-        c.lr_zero_first_step = c.value_post_eos = True
-    c.micro_batch = c.micro_batch or 4
-    c.critic_micro_batch = c.critic_micro_batch or c.micro_batch
-    c.critic_mini_batch = c.critic_mini_batch or c.mini_batch_prompts * c.samples
-    positive = ["steps", "batch_prompts", "samples", "max_prompt", "max_response", "mini_batch_prompts", "micro_batch",
-                "critic_micro_batch", "critic_mini_batch", "infer_batch", "ppo_epochs", "logprob_chunk", "save_every",
-                "max_bad_updates"]
-    for name in positive:
-        if getattr(c, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-    for name in ("n_train", "n_test", "n_val", "val_every", "rollout_batch", "val_batch", "threads", "kl_coef",
-                 "entropy_coef", "weight_decay", "gpu_memory_gb", "val_temperature", "orm_lr"):
-        if getattr(c, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
-    if c.batch_prompts % c.mini_batch_prompts:
-        raise ValueError(f"--batch-prompts {c.batch_prompts} is not a multiple of --mini-batch-prompts "
-                         f"{c.mini_batch_prompts}")
-    if c.temperature <= 0:
-        raise ValueError("--temperature must be > 0 for rollouts (greedy validation: --val-temperature 0)")
-    if c.top_p != 1:
-        # the sampler reports log pi(y) of the whole distribution, but top-p samples from the truncated,
-        # renormalized one: the ratio pi / pi_old and the KL would be computed against the wrong pi_old
-        raise ValueError(f"--top-p {c.top_p}: PPO needs the log-probs of the distribution it sampled from, and "
-                         "nucleus sampling changes that distribution; use --top-p 1 (the paper's)")
-    if c.adv == "grpo" and c.samples < 2:
-        raise ValueError("--adv grpo normalizes within each prompt's samples: use --samples >= 2")
-    if not (0 <= c.gamma <= 1 and 0 <= c.lam <= 1):
-        raise ValueError("--gamma and --lam must be in [0, 1]")
-    if c.clip_ratio <= 0 or c.value_clip <= 0 or c.grad_clip <= 0:
-        raise ValueError("--clip-ratio, --value-clip and --grad-clip must be > 0")
-    if not 0 <= c.rae_ratio < 1:
-        raise ValueError(f"--rae-ratio must be in [0, 1), got {c.rae_ratio}: some prompts must be new problems, "
-                         "or the buffers would never be refilled")
-    if c.rae_max_back < 0 or c.rae_buffer < 1:
-        raise ValueError("--rae-max-back must be >= 0 and --rae-buffer >= 1")
-    if c.reflection_bonus and not c.rae:
-        raise ValueError("--reflection-bonus rewards restarts, which only --rae makes; add --rae")
-    return c
-
-
-# -----------------------------------------------------------------------------
-# Memory: the budget and the disk (plumbing/memory.py), for this model
-
-
-param_count = M.param_count   # in model.py, where sft.py's device check uses it too
-
-
-
-def memory_budget(cfg: PPOConfig, mc: M.ModelConfig) -> dict:
-    """Bytes of each resident item, where it lives, and the device peak of each phase (plumbing/memory.py)."""
-    return memory.memory_budget(cfg, mc, param_count(mc))
-
-
-def _resolve_memory(cfg: PPOConfig, mc: M.ModelConfig) -> PPOConfig:
-    """Pick the optimizer's device and the generation batch sizes from the budget (cuda), or trivially (cpu)."""
-    return memory.plan_memory(cfg, mc, param_count(mc), M.world_size(), M.distributed())
-
-
-def disk_preflight(cfg: PPOConfig, mc: M.ModelConfig, run: Path, start: int = 0) -> PPOConfig:
-    """Resolve --state-checkpoints auto and check the checkpoints fit the disk (plumbing/memory.py)."""
-    return memory.disk_preflight(cfg, mc, run, start, n_params=param_count(mc), verbose=M.is_main())
-
-
-
-# -----------------------------------------------------------------------------
-# Distributed bookkeeping and timing
-
-
-class _Accum:
-    """Weighted running means for update statistics. Under torchrun, sums and weights are summed over
-    ranks (token-weighted means of the global batch), except `replicated` values, the same on every
-    rank already (a global loss or gradient norm)."""
-
-    def __init__(self):
-        self.sums, self.weights, self.replicated = {}, {}, set()
-
-    def add(self, key, value, weight=1.0, replicated=False):
-        self.sums[key] = self.sums.get(key, 0.0) + float(value) * float(weight)
-        self.weights[key] = self.weights.get(key, 0.0) + float(weight)
-        if replicated:
-            self.replicated.add(key)
-
-    def means(self):
-        sums, weights = dict(self.sums), dict(self.weights)
-        if M.distributed():
-            keys = sorted(k for k in sums if k not in self.replicated)
-            summed = M.all_sum(*(sums[k] for k in keys), *(weights[k] for k in keys))
-            sums.update(zip(keys, summed[:len(keys)]))
-            weights.update(zip(keys, summed[len(keys):]))
-        return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
-
-
-def _global_sum(x):
-    """A scalar tensor summed over ranks (x itself without torchrun)."""
-    return x if not M.distributed() else torch.tensor(M.all_sum(x)[0], dtype=x.dtype, device=x.device)
-
-
-def _all_rows(exp: Experience) -> Experience:
-    """The per-response tensors of every rank's experience, stacked in rank order (for metrics)."""
-    keep = ("scores", "ended", "response_mask", "rollout_logp", "old_logp", "ref_logp", "kl", "values", "rewards",
-            "advantages", "returns", "raw_advantages")
-    return replace(exp, **{k: M.all_gather_rows(getattr(exp, k)) for k in keep if getattr(exp, k) is not None})
-
-
-class _Timer:
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.t = time.perf_counter()
-
-    def lap(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt
-
-
-def _peak_memory_gb(device) -> float:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux: host peak RSS
-
-
-# -----------------------------------------------------------------------------
-# Data
-
-
-def _read_problems(path) -> list:
-    rows = files.read_jsonl(path)
-    for i, r in enumerate(rows):
-        ok = (isinstance(r, dict) and isinstance(r.get("nums"), list) and r["nums"]
-              and all(isinstance(x, int) for x in r["nums"]) and isinstance(r.get("target"), int))
-        if not ok:
-            raise ValueError(f"{path}: row {i + 1} is not a problem {{\"nums\": [ints], \"target\": int}}: {str(r)[:80]}")
-    if not rows:
-        raise ValueError(f"{path} holds no problems")
-    return [{"nums": r["nums"], "target": r["target"], "id": r.get("id", i)} for i, r in enumerate(rows)]
-
-
-def load_problems(cfg: PPOConfig, run: Path):
-    """(train, test): the run folder's copy when resuming, else --train/test-data, else generated."""
-    data = run / "data"
-    if (data / "train.jsonl").is_file() and (data / "test.jsonl").is_file():
-        return _read_problems(data / "train.jsonl"), _read_problems(data / "test.jsonl")
-    if bool(cfg.train_data) != bool(cfg.test_data):
-        raise ValueError("give both --train-data and --test-data, or neither (then problems are generated)")
-    if cfg.train_data:
-        train, test = _read_problems(cfg.train_data), _read_problems(cfg.test_data)
-    else:
-        n_train = cfg.n_train or cfg.steps * cfg.batch_prompts
-        print(f"generating {n_train} training and {cfg.n_test} test problems ({cfg.distribution!r}, seed {cfg.seed}) ...",
-              file=sys.stderr)
-        train, test = countdown.make_splits(n_train, cfg.n_test, distribution=cfg.distribution, seed=cfg.seed)
-    if len(train) < cfg.batch_prompts:
-        raise ValueError(f"{len(train)} training problems, fewer than one batch (--batch-prompts {cfg.batch_prompts})")
-    files.write_jsonl(data / "test.jsonl", test)     # a copy in the run folder: what this run used
-    files.write_jsonl(data / "train.jsonl", train)
-    return train, test
-
-
-_ORDERS = {}
-
-
-def batch_indices(n: int, batch: int, step: int, seed: int) -> list:
-    """Problems of iteration `step` (1-based): a seeded shuffle per epoch, last partial batch dropped."""
-    per_epoch = n // batch
-    epoch, j = divmod(step - 1, per_epoch)
-    key = (n, seed, epoch)
-    if key not in _ORDERS:
-        order = list(range(n))
-        random.Random(f"ppo-order:{seed}:{epoch}").shuffle(order)
-        _ORDERS.clear()
-        _ORDERS[key] = order
-    return _ORDERS[key][j * batch:(j + 1) * batch]
-
-
-def rank_share(problems, group: int) -> list:
-    """This rank's problems of an iteration under torchrun (all of them in one process): the r-th
-    1/W of every consecutive `group` (a mini-batch of prompts), so that the ranks' k-th local
-    mini-batches together hold exactly the single-process k-th mini-batch's prompts."""
-    r, w = M.rank(), M.world_size()
-    lo, hi = r * group // w, (r + 1) * group // w
-    return [p for i in range(0, len(problems), group) for p in problems[i:i + group][lo:hi]]
-
-
-def check_response_cap(tokenizer: M.Tokenizer, paths, max_response: int) -> dict:
-    """{file: p99 tokens of its completions (with EOS)}; a ValueError with the numbers when
-    max_response is below any of them."""
-    p99 = {}
-    for f in paths:
-        lengths = sorted(len(tokenizer.encode(r["completion"], bos=False)) + 1 for r in files.read_jsonl(f))
-        if not lengths:
-            raise ValueError(f"--cap-traces {f}: no rows")
-        p99[f] = lengths[min(len(lengths) - 1, math.ceil(0.99 * len(lengths)) - 1)]
-    short = {f: p for f, p in p99.items() if p > max_response}
-    if short:
-        raise ValueError(f"--max-response {max_response} would cut the priming traces: p99 completion length "
-                         + ", ".join(f"{f} {p}" for f, p in short.items()) + f" tokens; raise --max-response to "
-                         f">= {max(short.values())}")
-    return p99
-
-
-# -----------------------------------------------------------------------------
-# Models, the Satori seam, starting a run
+# ----- plumbing below: building the models, the Satori seam, main(); the rest is in plumbing/ppo_*.py -----
 
 
 def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
@@ -1249,7 +821,7 @@ def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
         ref_device = "cpu" if (cfg.device == "cuda" and cfg.ref_offload and not dist) else device
         ref, _ = M.load(init_path, device=ref_device, dtype=cfg.dtype)
         ref.requires_grad_(False)
-    adam = _adam(cfg, device)
+    adam = adam_settings(cfg, device)
     critic = critic_opt = None
     shard = partial(M.shard, compute_dtype=cfg.dtype)
     if cfg.adv == "gae":
@@ -1271,13 +843,6 @@ def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
     return models, tokenizer
 
 
-def _adam(cfg: PPOConfig, device) -> dict:
-    """MasterAdamW's settings for every trained model (policy, critic, Satori's ORM)."""
-    return dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                master_device="cpu" if cfg.optim_device == "cpu" else device)
-
-
-
 def _extension(cfg: PPOConfig, models: Models, tokenizer, init_path, run: Path):
     """The seam where Satori (satori.py) joins the training loop: None for plain PPO, else an object with
       batch(problems, prompts, step) -> (problems, prompts)   before the rollout: may swap in restart prompts
@@ -1288,214 +853,7 @@ def _extension(cfg: PPOConfig, models: Models, tokenizer, init_path, run: Path):
     if not (cfg.rae or cfg.preference_bonus or cfg.save_correct):
         return None
     import satori
-    return satori.Satori(cfg, tokenizer, run).start(models, init_path, _adam(cfg, models.device))
-
-
-_model_config = M.checkpoint_config
-
-
-def _train(cfg: PPOConfig) -> dict:
-    run = Path(cfg.out)
-    world = M.world_size()
-    for name, n in (("--mini-batch-prompts", cfg.mini_batch_prompts), ("--critic-mini-batch", cfg.critic_mini_batch)):
-        if n % world:
-            raise ValueError(f"{name} {n} does not split evenly over {world} processes; use a multiple of {world}")
-    if M.distributed() and cfg.optim_device == "cpu":
-        # FSDP2's CPUOffloadPolicy would also need a gloo group beside NCCL for the offloaded shards: not done
-        raise ValueError("--optim-device cpu is not supported under torchrun: FSDP already puts 1/N of the Adam "
-                         "state on each GPU; use --optim-device auto or device, or more GPUs")
-    if M.distributed() and (cfg.rae or cfg.preference_bonus or cfg.save_correct):
-        raise ValueError("--rae, --preference-bonus and --save-correct run in one process only: their restart buffers, "
-                         "outcome reward model and correct.jsonl are not shared across ranks yet; drop torchrun")
-    init_path = M.resolve_checkpoint(cfg.model)
-    mc = _model_config(init_path)
-    cfg = _resolve_memory(cfg, mc)
-    resumable = latest_checkpoint(run)
-    cfg = disk_preflight(cfg, mc, run, int(resumable.name[5:]) if resumable else 0)
-    if M.distributed():   # every rank must save the same way (the state's gathers are collectives)
-        cfg = replace(cfg, state_checkpoints=M.all_gather_objects(cfg.state_checkpoints)[0])
-    if not M.is_main():   # rank 0 checks the folder and writes the data files; the others then read them
-        M.barrier()
-        return _train_loop(cfg, run, latest_checkpoint(run), *load_problems(cfg, run), init_path)
-    ckpt = _open_run(cfg, run)
-    print(format_budget(memory_budget(cfg, _model_config(init_path)), cfg)
-          + (f"\n  (one process's plan; under torchrun each of the {world} GPUs holds 1/{world} of the weights, "
-             "gradients and Adam state)" if M.distributed() else ""), file=sys.stderr)
-    seqs = cfg.batch_prompts * cfg.samples
-    print(f"ppo: {cfg.adv}; per iteration {seqs} sequences, {seqs // (cfg.mini_batch_prompts * cfg.samples)} actor "
-          + (f"and {math.ceil(seqs / cfg.critic_mini_batch)} critic " if cfg.adv == "gae" else "")
-          + f"optimizer steps; loss aggregation {cfg.loss_agg}; first iteration lr "
-          f"{'0 (original)' if cfg.lr_zero_first_step else 'as set'}; value loss on "
-          f"{'response + post-EOS states (original)' if cfg.value_post_eos else 'response tokens'}", file=sys.stderr)
-    train_set, test_set = load_problems(cfg, run)
-    M.barrier()
-    return _train_loop(cfg, run, ckpt, train_set, test_set, init_path)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints and the run folder
-
-
-def latest_checkpoint(run: Path) -> Optional[Path]:
-    """The newest checkpoint folder that can be resumed (one with a state.pt)."""
-    dirs = {s: d for s, d in _step_dirs(run).items() if (d / "state.pt").is_file()}
-    return dirs[max(dirs)] if dirs else None
-
-
-def save_checkpoint(run: Path, step: int, models: Models, tokenizer, cfg: PPOConfig, counters: dict,
-                    extension=None, last_save: bool = True) -> Path:
-    """checkpoints/step_<N>/{policy/, state.pt}, written in a temp folder and renamed into place.
-    Under torchrun every rank gathers its shards and rank 0 writes the same files, plus the fp32
-    policy (the master weights) and the world size in state.pt."""
-    ck = run / "checkpoints"
-    with_state = cfg.state_checkpoints in ("last", "all", "auto") or (cfg.state_checkpoints == "final" and last_save)
-    last_only = cfg.state_checkpoints in ("last", "final", "auto")   # older states go once this one is in place
-    final = ck / f"step_{step}"
-    policy, trained = models.policy, None
-    if M.distributed():
-        policy = M.gather_full(models.policy, device="cpu", dtype=cfg.dtype, rank0_only=True)
-        if with_state:
-            trained = _full_training_state(models)
-        if not M.is_main():
-            M.barrier()   # until rank 0 has written
-            return final
-    tmp = ck / f".step_{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    M.save(policy, tokenizer, tmp / "policy")
-    if with_state and last_only:
-        memory.make_room_for_state(run, step, Path(cfg.state_dir) if cfg.state_dir else run)
-    if with_state:
-        state = {"step": step, "config": asdict(cfg), "counters": dict(counters), "rng": M.rng_state(),
-                 **(trained or {
-                     "actor_opt": models.actor_opt.state_dict(),
-                     "critic": models.critic.state_dict() if models.critic is not None else None,
-                     "critic_opt": models.critic_opt.state_dict() if models.critic_opt is not None else None}),
-                 **(extension.state_dict() if extension is not None else {})}
-        if cfg.state_dir:   # the file there, a link to it in the step folder (so resume finds it as usual)
-            target = Path(cfg.state_dir).absolute() / f"{run.absolute().name}-step_{step}.pt"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            runs.save_atomic(torch.save, state, target, target.with_name(f".{target.name}.tmp-{os.getpid()}"))
-            (tmp / "state.pt").symlink_to(target)
-        else:
-            torch.save(state, tmp / "state.pt")
-    files.replace_dir(tmp, final)   # an existing one only after a resume re-reaches its step (identical content)
-    if with_state and last_only:
-        for s, d in _step_dirs(run).items():
-            if s != step and (d / "state.pt").is_file():
-                memory.remove_state(d / "state.pt")
-    if cfg.keep_policies:   # the newest N step folders stay, this one among them, and the newest state's
-        resumable = latest_checkpoint(run)
-        for s, d in sorted(_step_dirs(run).items())[:-cfg.keep_policies]:
-            if d == resumable:
-                continue
-            if (d / "state.pt").is_file():
-                memory.remove_state(d / "state.pt")
-            shutil.rmtree(d)
-    M.barrier()
-    return final
-
-
-def _full_training_state(models: Models) -> dict:
-    """state.pt's trained parts gathered from the shards (on rank 0; every rank must call it)."""
-    def opt_state(net, opt):
-        return {"opt": M.full_optimizer_state(net, opt.opt)}
-    critic = models.critic is not None
-    return {"world_size": M.world_size(), "policy": M.full_state_dict(models.policy),
-            "actor_opt": opt_state(models.policy, models.actor_opt),
-            "critic": M.full_state_dict(models.critic) if critic else None,
-            "critic_opt": opt_state(models.critic, models.critic_opt) if critic else None}
-
-
-def load_training_state(ckpt: Path, models: Models, extension=None) -> tuple:
-    """Restore the critic, both optimizers and the RNGs from ckpt/state.pt; returns (step, counters).
-
-    The loaded dict holds a second copy of the fp32 master weights and of the critic (~29 GiB of
-    host memory for 3B) once they are copied in; it lives only inside this function, so it is freed
-    on return instead of for the whole run. Adam's moments are copied out of the memory-mapped file one
-    tensor at a time (own_optimizer_state).
-    """
-    # memory-mapped: read from the page cache as it is copied in; a plain load would hold the whole
-    # ~75 GiB 3B state in RAM beside the live optimizer (killed on a 128 GiB host)
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=True)
-    saved_world = state.get("world_size", 1)
-    if saved_world != M.world_size():
-        raise ValueError(f"{ckpt} was written by {saved_world} process(es) and this run has {M.world_size()}: its "
-                         "rollout streams and mini-batch shares are per process; resume with torchrun "
-                         f"--nproc-per-node {saved_world}" + (" (or plain python)" if saved_world == 1 else ""))
-    if M.distributed():   # every rank reads the full state (memory-mapped) and keeps its shards
-        M.load_full_state(models.policy, state["policy"], models.actor_opt.opt, state["actor_opt"]["opt"])
-        if models.critic is not None:
-            M.load_full_state(models.critic, state["critic"], models.critic_opt.opt, state["critic_opt"]["opt"])
-        M.set_rng_state(state["rng"])
-        return state["step"], state["counters"]
-    models.actor_opt.load_state_dict(state.pop("actor_opt"))
-    if models.critic is not None:
-        models.critic.load_state_dict(state.pop("critic"))
-        models.critic_opt.load_state_dict(state.pop("critic_opt"))
-    if extension is not None:
-        extension.load_state_dict(state)
-    M.set_rng_state(state["rng"])
-    return state["step"], state["counters"]
-
-
-def _open_run(cfg: PPOConfig, run: Path) -> Optional[Path]:
-    """Create the run folder, or check it belongs to this config and return its newest checkpoint."""
-    if runs.foreign_folder(run):
-        raise ValueError(f"{run} exists, is not empty and has no config.json: it is not a ppo.py run; choose another --out")
-    saved, new = runs.read_config(run), asdict(cfg)
-    if saved is None:
-        if cfg.resume:
-            raise ValueError(f"--resume: no run to resume in {run}")
-        runs.write_config(run, new)
-        return None
-    diff = runs.changed_settings(saved, new, asdict(PPOConfig()), _RESUMABLE_CHANGES)
-    if diff and not _step_dirs(run) and not (run / "metrics.jsonl").is_file():
-        # an attempt that died before recording anything (a typo in a path, say): nothing to lose
-        print(f"{run}: the earlier attempt recorded nothing; starting over with the new settings", file=sys.stderr)
-        shutil.rmtree(run / "data", ignore_errors=True)
-        runs.write_config(run, new)
-        return None
-    if diff:
-        raise runs.different_settings(run, diff)
-    ckpt = latest_checkpoint(run)
-    if ckpt is None and _step_dirs(run):
-        raise ValueError(f"{run} has checkpoints but none with training state (--state-checkpoints none?), so it "
-                         "cannot be resumed and will not be overwritten; choose another --out")
-    if ckpt is None and cfg.resume:
-        raise ValueError(f"--resume: {run} has no checkpoint with training state to resume from")
-    step = int(ckpt.name[5:]) if ckpt else 0
-    for log in (run / "metrics.jsonl", run / "correct.jsonl"):
-        if log.is_file():   # lines after the checkpoint describe steps that will be redone (identically)
-            rows = files.read_jsonl(log)
-            keep = [r for r in rows if r.get("step", 0) < step or (ckpt and r.get("step") == step)]
-            if len(keep) != len(rows):
-                print(f"{log}: dropping {len(rows) - len(keep)} line(s) after the checkpoint at step {step}; "
-                      "those steps are redone", file=sys.stderr)
-                files.write_jsonl(log, keep)
-    runs.write_config(run, new)
-    print(f"resuming {run} from step {step}" if ckpt else f"{run}: no checkpoint yet, starting from step 0",
-          file=sys.stderr)
-    return ckpt
-
-
-# -----------------------------------------------------------------------------
-# CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="PPO on Countdown as in 'Cognitive Behaviors that Enable Self-Improving Reasoners': the paper's "
-                    "hyperparameters by default, with a cleaned-up update (token-mean loss, as many critic as actor "
-                    "steps, the first iteration learns, V on response tokens only); --fidelity gives the original's "
-                    "exact update, the paper's run (python ppo.py --model qwen2.5-3b --fidelity). Problems are generated "
-                    "(countdown.make_splits, distribution 'rl') unless --train-data/--test-data give JSONL files of "
-                    "{\"nums\", \"target\"} rows, e.g. exported from the HF dataset Jiayi-Pan/Countdown-Tasks-3to4. "
-                    "A small CPU run (~8 minutes for a 1M-parameter model): --model runs/sft_tiny/final --device cpu "
-                    "--distribution priming --n-test 500 --batch-prompts 64 --samples 4 --mini-batch-prompts 32 "
-                    "--micro-batch 64 --max-response 96 --steps 150 --actor-lr 2e-4 --critic-lr 1e-3 "
-                    "--no-grad-checkpointing (a tiny model needs far larger learning rates than the paper's).")
-    runs.add_flags(p, PPOConfig)
-    return p
+    return satori.Satori(cfg, tokenizer, run).start(models, init_path, adam_settings(cfg, models.device))
 
 
 def main(argv=None) -> int:
@@ -1505,9 +863,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(cfg.threads)
     try:
         if cfg.print_budget:
-            c = _resolve(cfg)
-            mc = _model_config(c.model)
-            c = _resolve_memory(c, mc)
+            c = resolve_config(cfg)
+            mc = M.checkpoint_config(c.model)
+            c = resolve_memory(c, mc)
             print(format_budget(memory_budget(c, mc), c))
             return 0
         row = train(cfg)

@@ -78,9 +78,9 @@ def bench_step(args):
                        num_attention_heads=8, num_key_value_heads=4, eos_token_id=0, tie_word_embeddings=True)
     device = torch.device(args.device)
     policy = M.Transformer(mc).to(device).eval()
-    cfg = ppo._resolve(ppo.PPOConfig(device=args.device, dtype="float32", batch_prompts=16, samples=4,
-                                     mini_batch_prompts=8, micro_batch=16, max_response=args.max_response,
-                                     actor_lr=1e-5, critic_lr=1e-5, progress=False))
+    cfg = ppo.resolve_config(ppo.PPOConfig(device=args.device, dtype="float32", batch_prompts=16, samples=4,
+                                           mini_batch_prompts=8, micro_batch=16, max_response=args.max_response,
+                                           actor_lr=1e-5, critic_lr=1e-5, progress=False))
     adam = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, master_device=device)
     critic = ppo.Critic(copy.deepcopy(policy)).eval()
     ref = copy.deepcopy(policy).requires_grad_(False)
@@ -120,7 +120,7 @@ def _memory_child(spec: dict):
     import ppo
     torch.set_num_threads(1)
     mc = M.ModelConfig(**spec["model"])
-    cfg = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cpu", progress=False, **spec["ppo"])), mc)
+    cfg = ppo.resolve_memory(ppo.resolve_config(ppo.PPOConfig(device="cpu", progress=False, **spec["ppo"])), mc)
     rng = random.Random(0)
     prompts = [[rng.randint(1, mc.vocab_size - 1) for _ in range(cfg.max_prompt)] for _ in range(cfg.batch_prompts)]
     torch.ones(8) @ torch.ones(8)                       # torch's own first allocations: in the baseline

@@ -171,9 +171,9 @@ def check_bf16_logits(rep, cfg, device):
 
 
 def check_rollout_logprobs(rep, policy, device, tiny):
-    cfg = ppo._resolve(ppo.PPOConfig(device=torch.device(device).type, dtype="float32", adv="grpo", kl_coef=0.0,
-                                     samples=2, batch_prompts=8, mini_batch_prompts=8, max_response=64,
-                                     infer_batch=8, progress=False))
+    cfg = ppo.resolve_config(ppo.PPOConfig(device=torch.device(device).type, dtype="float32", adv="grpo", kl_coef=0.0,
+                                           samples=2, batch_prompts=8, mini_batch_prompts=8, max_response=64,
+                                           infer_batch=8, progress=False))
     prompts = _prompts(8, policy.config.vocab_size, 8, 48, seed=1)
     gen = M.generate(policy, prompts, max_new_tokens=cfg.max_response, n_samples=2, temperature=1.0, eos_id=-1,
                      pad_id=0, seed=0)
@@ -364,10 +364,10 @@ def check_ppo_paths(rep, device, tiny):
     dt = "bfloat16" if torch.device(device).type == "cuda" else "float32"
     out = {}
     for where in ("device", "cpu"):
-        cfg = ppo._resolve(ppo.PPOConfig(device=torch.device(device).type, dtype=dt, optim_device=where, samples=2,
-                                         batch_prompts=8, mini_batch_prompts=8, max_prompt=64,
-                                         max_response=16 if tiny else 64, progress=False))
-        cfg = ppo._resolve_memory(cfg, M.ModelConfig(**mcfg))
+        cfg = ppo.resolve_config(ppo.PPOConfig(device=torch.device(device).type, dtype=dt, optim_device=where,
+                                               samples=2, batch_prompts=8, mini_batch_prompts=8, max_prompt=64,
+                                               max_response=16 if tiny else 64, progress=False))
+        cfg = ppo.resolve_memory(cfg, M.ModelConfig(**mcfg))
         models = _ppo_setup(mcfg, device, M.parse_dtype(dt), cfg)
         prompts = _prompts(8, mcfg["vocab_size"], 8, 48, seed=3)
         m, _, _ = ppo.ppo_iteration(models, prompts, _reward(), cfg, 1, eos_id=-1, pad_id=0)
@@ -441,11 +441,11 @@ def ppo_scaled(rep, device, dtype, tiny):
     mcfg = TINY if tiny else QWEN25_3B
     dev = torch.device(device)
     dt = "bfloat16" if dtype == torch.bfloat16 else "float32"
-    cfg = ppo._resolve(ppo.PPOConfig(device=dev.type, dtype=dt, gpu_memory_gb=80, progress=False,
-                                     batch_prompts=8 if tiny else 64, mini_batch_prompts=4 if tiny else 32,
-                                     max_prompt=256, max_response=16 if tiny else 256))
+    cfg = ppo.resolve_config(ppo.PPOConfig(device=dev.type, dtype=dt, gpu_memory_gb=80, progress=False,
+                                           batch_prompts=8 if tiny else 64, mini_batch_prompts=4 if tiny else 32,
+                                           max_prompt=256, max_response=16 if tiny else 256))
     mc = M.ModelConfig(**mcfg)
-    cfg = ppo._resolve_memory(cfg, mc)
+    cfg = ppo.resolve_memory(cfg, mc)
     budget = ppo.memory_budget(cfg, mc)
     _free(device)
     gc.collect()
@@ -486,7 +486,8 @@ def ppo_scaled(rep, device, dtype, tiny):
     del models
     _free(device)
     if not tiny:   # the paper's batch on the same card: what `ppo.py --model qwen2.5-3b` will plan
-        full = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80)), mc)
+        full = ppo.resolve_memory(ppo.resolve_config(ppo.PPOConfig(device="cuda", print_budget=True,
+                                                                   gpu_memory_gb=80)), mc)
         b = ppo.memory_budget(full, mc)
         rep.add("ppo", "paper batch 3B plan (256 x 4 x 1,024; computed)",
                 f"GPU {_gib(b['device_peak'])}, host {_gib(b['host'])} (pinned {_gib(b['pinned'])}); "
@@ -511,7 +512,7 @@ def preflight(rep, args, dev) -> bool:
         rep.add("preflight", "GPU", f"{props.name}, {_gib(props.total_memory)}, sm {props.major}{props.minor}",
                 ">= 80 GB for the 3B run", "ok" if props.total_memory >= 79e9 else "miss")
     mc = M.ModelConfig(**QWEN25_3B)
-    plan = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80)), mc)
+    plan = ppo.resolve_memory(ppo.resolve_config(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80)), mc)
     b = ppo.memory_budget(plan, mc)
     with open("/proc/meminfo") as f:
         mem = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}

@@ -6,6 +6,7 @@ Plumbing for the training CLIs (sft.py, ppo.py) and the benchmarks. Nothing here
 from __future__ import annotations
 
 import random
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -102,3 +103,26 @@ def autocast(device, mode: str):
     """--autocast: bf16 autocast when asked for (bfloat16) or on CUDA (auto); otherwise a no-op context."""
     use = mode == "bfloat16" or (mode == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
+
+
+class Timer:
+    """Seconds between laps; on CUDA it waits for the queued kernels first, so a lap is their time."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
+
+
+def peak_memory_gb(device) -> float:
+    """The device's peak allocated memory since the last reset (cuda), or the host's peak RSS (cpu), in GiB."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux: host peak RSS

@@ -267,3 +267,43 @@ def load_full_state(model: nn.Module, state: Optional[dict], optimizer=None, opt
         set_model_state_dict(model, state, options=opts)
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=opts)
+
+
+# -----------------------------------------------------------------------------
+# Bookkeeping over ranks: running means, scalar sums, per-row tensors (ppo.py's update statistics)
+
+
+class Accum:
+    """Weighted running means for update statistics. Under torchrun, sums and weights are summed over
+    ranks (token-weighted means of the global batch), except `replicated` values, the same on every
+    rank already (a global loss or gradient norm)."""
+
+    def __init__(self):
+        self.sums, self.weights, self.replicated = {}, {}, set()
+
+    def add(self, key, value, weight=1.0, replicated=False):
+        self.sums[key] = self.sums.get(key, 0.0) + float(value) * float(weight)
+        self.weights[key] = self.weights.get(key, 0.0) + float(weight)
+        if replicated:
+            self.replicated.add(key)
+
+    def means(self):
+        sums, weights = dict(self.sums), dict(self.weights)
+        if distributed():
+            keys = sorted(k for k in sums if k not in self.replicated)
+            summed = all_sum(*(sums[k] for k in keys), *(weights[k] for k in keys))
+            sums.update(zip(keys, summed[:len(keys)]))
+            weights.update(zip(keys, summed[len(keys):]))
+        return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+
+
+def global_sum(x):
+    """A scalar tensor summed over ranks (x itself without torchrun)."""
+    return x if not distributed() else torch.tensor(all_sum(x)[0], dtype=x.dtype, device=x.device)
+
+
+def all_rows(obj, keys):
+    """A copy of the dataclass obj whose tensor fields `keys` (those not None) hold every rank's rows,
+    stacked in rank order (all_gather_rows)."""
+    from dataclasses import replace
+    return replace(obj, **{k: all_gather_rows(getattr(obj, k)) for k in keys if getattr(obj, k) is not None})

@@ -14,6 +14,7 @@ import torch
 import countdown as C
 import model as M
 import ppo
+from plumbing import ppo_run
 import sft
 from conftest import ROOT, load_weights, make_checkpoint, max_abs_diff
 from test_sft import _rows
@@ -178,7 +179,7 @@ def test_ppo_two_processes_reduce_metrics_whiten_globally_and_leave_one_loadable
     train = C.read_jsonl(out / "data" / "train.jsonl")
     rows = C.read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in rows] == [0, 1, 2]                 # rank 0 alone logged
-    assert all(set(m) == set(ppo.METRIC_KEYS) for m in rows)
+    assert all(set(m) == set(ppo_run.METRIC_KEYS) for m in rows)
     for step in (1, 2):
         parts = [torch.load(record / f"rank{k}_step{step}.pt", weights_only=True) for k in (0, 1)]
         # the two ranks rolled out disjoint halves of the step's problems: rank r the r-th half of each mini-batch
@@ -236,10 +237,10 @@ _ONE_UPDATE = """
 import sys, torch
 import model as M, ppo
 ckpt, out, loss_agg = sys.argv[1:4]
-cfg = ppo._resolve(ppo.PPOConfig(model=ckpt, device="cpu", batch_prompts=4, samples=2, mini_batch_prompts=2,
-                                 critic_mini_batch=4, micro_batch=1, max_response=6, actor_lr=1e-3, critic_lr=1e-3,
-                                 loss_agg=loss_agg, grad_checkpointing=False, seed=5))
-cfg = ppo._resolve_memory(cfg, ppo._model_config(ckpt))
+cfg = ppo.resolve_config(ppo.PPOConfig(model=ckpt, device="cpu", batch_prompts=4, samples=2, mini_batch_prompts=2,
+                                       critic_mini_batch=4, micro_batch=1, max_response=6, actor_lr=1e-3,
+                                       critic_lr=1e-3, loss_agg=loss_agg, grad_checkpointing=False, seed=5))
+cfg = ppo.resolve_memory(cfg, M.checkpoint_config(ckpt))
 models, tok = ppo.build_models(cfg, ckpt, ckpt)
 g = torch.Generator().manual_seed(0)
 N, R = 8, 6

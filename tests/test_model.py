@@ -403,7 +403,7 @@ def test_attention_backends_turn_cudnn_off_on_cuda_paths_and_ppo_sets_them(tmp_p
     seen = []
     monkeypatch.setattr(M, "attention_backends", lambda device: seen.append(torch.device(device).type) or [])
     ck = make_checkpoint(tmp_path / "ck")
-    ppo.build_models(ppo._resolve(ppo.PPOConfig(device="cpu", kl_coef=0.0)), ck, ck)
+    ppo.build_models(ppo.resolve_config(ppo.PPOConfig(device="cpu", kl_coef=0.0)), ck, ck)
     assert seen == ["cpu"]                                        # before the models first attend
 
 

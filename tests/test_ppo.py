@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 import countdown
 import model as M
 import ppo
+from plumbing import memory, ppo_config, ppo_run, runs
 from conftest import ROOT, make_checkpoint, make_config
 from plumbing.device import CPU_FALLBACK_MAX_PARAMS
 
@@ -243,7 +245,7 @@ def test_param_count_matches_the_model():
                dict(attention_bias=True, tie_word_embeddings=False)]:
         cfg = make_config(**kw)
         model = M.Transformer(cfg)
-        assert ppo.param_count(cfg) == sum(p.numel() for p in model.parameters())
+        assert M.param_count(cfg) == sum(p.numel() for p in model.parameters())
 
 
 # -----------------------------------------------------------------------------
@@ -345,8 +347,8 @@ def test_master_adamw_waits_for_gpu_to_host_gradient_copies_before_reading_them(
 
 
 def test_devices_compare_by_type_and_resolved_index():
-    assert ppo.same_device("cuda", "cuda:0") and ppo.same_device(torch.device("cpu"), "cpu:0")
-    assert not ppo.same_device("cuda:0", "cuda:1") and not ppo.same_device("cpu", "cuda:0")
+    assert memory.same_device("cuda", "cuda:0") and memory.same_device(torch.device("cpu"), "cpu:0")
+    assert not memory.same_device("cuda:0", "cuda:1") and not memory.same_device("cpu", "cuda:0")
     # fp32 parameters on the optimizer's own device need no master copy, however the device is spelled
     p = torch.nn.Parameter(torch.ones(2))
     opt = ppo.MasterAdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, master_device="cpu:0")
@@ -374,7 +376,7 @@ def _toy_cfg(**kw):
     base = dict(device="cpu", dtype="float32", batch_prompts=16, samples=4, mini_batch_prompts=8,
                 max_response=2, micro_batch=32, actor_lr=1e-2, critic_lr=1e-2, progress=False)
     base.update(kw)
-    return ppo._resolve(ppo.PPOConfig(**base))
+    return ppo.resolve_config(ppo.PPOConfig(**base))
 
 
 def _toy_run(cfg, models, steps, seed=0, metrics_out=None):
@@ -610,7 +612,7 @@ def _unpadded_logprobs(model, prompt, response):
 def test_old_logprobs_recomputed_at_step_0_equal_the_rollout(tmp_path):
     model, tok = M.load(make_checkpoint(tmp_path / "ck"), dtype="float32")
     ref, _ = M.load(make_checkpoint(tmp_path / "ref", seed=1), dtype="float32")   # another model: KL != 0
-    cfg = ppo._resolve(ppo.PPOConfig(device="cpu", max_response=12, infer_batch=3, kl_coef=0.001))
+    cfg = ppo.resolve_config(ppo.PPOConfig(device="cpu", max_response=12, infer_batch=3, kl_coef=0.001))
     critic = ppo.Critic(copy.deepcopy(model))
     models = ppo.Models(model, critic, ref, None, None, torch.device("cpu"))
     prompts = [tok.encode("Using the numbers"), tok.encode("A conversation between User and Assistant."),
@@ -646,9 +648,9 @@ def test_compiled_validation_calls_have_the_rollouts_row_count(tmp_path, monkeyp
     problems = [{"nums": [i % 9 + 1, 3, 4], "target": 12 + i} for i in range(11)]
     mc = model.config
     for compile_ in (True, False):
-        cfg = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cpu", batch_prompts=2, samples=2,
-                                                             mini_batch_prompts=2, max_response=3, max_prompt=1024,
-                                                             compile_rollout=compile_)), mc)
+        cfg = ppo.resolve_memory(ppo.resolve_config(ppo.PPOConfig(device="cpu", batch_prompts=2, samples=2,
+                                                                  mini_batch_prompts=2, max_response=3, max_prompt=1024,
+                                                                  compile_rollout=compile_)), mc)
         calls.clear()
         prompts = ppo.encode_prompts(tok, problems[:2], cfg)
         ppo.rollout(model, prompts, cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=None)
@@ -664,8 +666,8 @@ def test_compiled_validation_calls_have_the_rollouts_row_count(tmp_path, monkeyp
     cfg3b = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
              "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
     for gb in (80, 40, 24):
-        c = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=gb)),
-                                M.ModelConfig.from_hf(cfg3b))
+        c = ppo.resolve_memory(ppo.resolve_config(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=gb)),
+                               M.ModelConfig.from_hf(cfg3b))
         assert c.batch_prompts % c.rollout_batch == 0 and c.val_batch == c.rollout_batch * c.samples, (gb, c)
 
 
@@ -675,7 +677,7 @@ def test_validation_is_greedy_by_default_and_seeded_when_sampled(tmp_path):
                 {"nums": [1, 2, 3], "target": 6}, {"nums": [9, 4, 7], "target": 20}]
 
     def completions(step, **kw):
-        cfg = ppo._resolve(ppo.PPOConfig(device="cpu", max_response=16, max_prompt=1024, seed=5, **kw))
+        cfg = ppo.resolve_config(ppo.PPOConfig(device="cpu", max_response=16, max_prompt=1024, seed=5, **kw))
         ppo.validate(model, tok, problems, cfg, step, tmp_path)
         return [r["completion"] for r in countdown.read_jsonl(tmp_path / "completions" / f"step_{step}.jsonl")]
 
@@ -721,7 +723,7 @@ def test_resume_gives_the_weights_of_a_straight_run(tmp_path):
     rows1 = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     rows2 = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows2] == [0, 1, 2, 3, 4]
-    assert all(set(r) == set(ppo.METRIC_KEYS) for r in rows1 + rows2)
+    assert all(set(r) == set(ppo_run.METRIC_KEYS) for r in rows1 + rows2)
     for a, b in zip(rows1, rows2):
         assert a["reward_mean"] == b["reward_mean"] and a["kl"] == b["kl"] and a["value_loss"] == b["value_loss"]
     assert not (straight / "checkpoints" / "step_2" / "state.pt").exists()   # --state-checkpoints last
@@ -771,8 +773,8 @@ def test_state_checkpoint_needs_room_for_one_state_only_when_the_disk_is_short(t
     def spy_save(obj, path, *a, **k):
         seen.append(old.is_file())
         return save(obj, path, *a, **k)
-    disk = ppo.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(ppo.shutil, "disk_usage", lambda p: disk._replace(free=int(free_gb * 2**30)))
+    disk = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: disk._replace(free=int(free_gb * 2**30)))
     monkeypatch.setattr(torch, "save", spy_save)
     ppo.train(_run_cfg(ck, out, steps=4, val_every=0))
     # plenty of room: the previous state survives until the new one is in place (crash-safe);
@@ -785,12 +787,12 @@ def test_disk_preflight_fits_a_64_gib_disk_by_default_and_refuses_with_numbers(t
     """The paper's 3B run (250 steps, a save every 10): ~5.8 GiB per policy folder, ~75 GiB per state."""
     mc = M.ModelConfig.from_hf(QWEN_3B)
     free = {"gib": 50.0}                                        # a 64 GiB disk holding the OS, torch and the model
-    disk = ppo.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(ppo.shutil, "disk_usage", lambda p: disk._replace(free=int(free["gib"] * 2**30)))
+    disk = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: disk._replace(free=int(free["gib"] * 2**30)))
 
     def plan(**kw):
-        cfg = ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80, **kw))
-        return ppo.disk_preflight(ppo._resolve_memory(cfg, mc), mc, tmp_path / "run")
+        cfg = ppo.resolve_config(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80, **kw))
+        return ppo_config.disk_preflight(ppo.resolve_memory(cfg, mc), mc, tmp_path / "run")
     c = plan()                                                  # the defaults fit: 4 policy folders, no state
     assert c.state_checkpoints == "none" and c.keep_policies == 3
     assert "--state-dir" in capsys.readouterr().err
@@ -812,11 +814,11 @@ def test_keep_policies_and_state_dir(tmp_path):
     out, states = tmp_path / "run", tmp_path / "states"
     kw = dict(val_every=0, save_every=1, keep_policies=2, state_dir=str(states), state_checkpoints="last")
     ppo.train(_run_cfg(ck, out, steps=3, **kw))
-    assert sorted(ppo._step_dirs(out)) == [2, 3]
+    assert sorted(runs.step_dirs(out)) == [2, 3]
     assert [p.name for p in states.iterdir()] == ["run-step_3.pt"]
     assert (out / "checkpoints" / "step_3" / "state.pt").resolve() == (states / "run-step_3.pt").resolve()
     ppo.train(_run_cfg(ck, out, steps=4, **kw))                 # resumes through the link
-    assert sorted(ppo._step_dirs(out)) == [3, 4] and [p.name for p in states.iterdir()] == ["run-step_4.pt"]
+    assert sorted(runs.step_dirs(out)) == [3, 4] and [p.name for p in states.iterdir()] == ["run-step_4.pt"]
     assert len(countdown.read_jsonl(out / "metrics.jsonl")) == 4
 
 
@@ -885,8 +887,8 @@ def test_second_process_on_a_run_folder_is_refused_and_the_first_finishes(tmp_pa
 def test_top_p_below_one_is_refused_in_ppo(tmp_path, capsys):
     # nucleus sampling would make the stored log-probs those of the untruncated policy: a biased ratio
     with pytest.raises(ValueError, match="--top-p 1"):
-        ppo._resolve(ppo.PPOConfig(device="cpu", top_p=0.9))
-    assert ppo._resolve(ppo.PPOConfig(device="cpu", top_p=1.0)).top_p == 1.0
+        ppo.resolve_config(ppo.PPOConfig(device="cpu", top_p=0.9))
+    assert ppo.resolve_config(ppo.PPOConfig(device="cpu", top_p=1.0)).top_p == 1.0
     assert ppo.main(["--model", "x", "--out", str(tmp_path / "r"), "--device", "cpu", "--top-p", "0.95"]) == 2
     assert "nucleus sampling" in capsys.readouterr().err
 
@@ -899,7 +901,7 @@ def test_host_budget_counts_the_pinned_masters_and_gradient_copies():
     """3B on one 80 GB GPU with the optimizer on the CPU: masters (pinned), Adam's moments, the pinned
     gradient copies of the larger model and the offloaded reference; pinned blocks at their exact size."""
     mc = M.ModelConfig.from_hf(QWEN_3B)
-    c = ppo._resolve_memory(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80)), mc)
+    c = ppo.resolve_memory(ppo.resolve_config(ppo.PPOConfig(device="cuda", print_budget=True, gpu_memory_gb=80)), mc)
     b = ppo.memory_budget(c, mc)
     n = b["params_policy"] + b["params_critic"]
     assert c.optim_device == "cpu" and b["pinned"] == 4 * n + 4 * b["params_critic"]   # the critic: + its head
@@ -907,7 +909,7 @@ def test_host_budget_counts_the_pinned_masters_and_gradient_copies():
     assert 86 * 2**30 < b["host"] < 87 * 2**30 and b["device_peak"] < 0.85 * 80 * 2**30
     text = ppo.format_budget(b, c)
     assert "of which pinned (page-locked)                       34.49 GiB" in text and "memory-mapped" in text
-    assert ppo.exact_pinning()        # this torch takes the allocator setting (where it cannot, masters stay unpinned)
+    assert memory.exact_pinning()   # this torch takes the allocator setting (where it cannot, masters stay unpinned)
 
 
 def test_device_auto_refuses_the_cpu_for_a_model_above_1b(tmp_path, capsys, monkeypatch):
@@ -943,14 +945,14 @@ def test_print_budget_for_a_3b_config(tmp_path, capsys):
                      "--gpu-memory-gb", "80"]) == 0
     out = capsys.readouterr().out
     assert "3.09B-parameter policy" in out and "optimizer on cpu" in out
-    b = ppo.memory_budget(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, optim_device="cpu",
-                                                     rollout_batch=64)), M.ModelConfig.from_hf(cfg))
+    b = ppo.memory_budget(ppo.resolve_config(ppo.PPOConfig(device="cuda", print_budget=True, optim_device="cpu",
+                                                           rollout_batch=64)), M.ModelConfig.from_hf(cfg))
     items = {name: n for name, n, _ in b["items"]}
     assert items["policy weights"] == 2 * b["params_policy"]
     assert items["rollout KV cache (256 rows x 1280 tokens)"] == 256 * 1280 * 36 * 2 * 2 * 128 * 2
     # the compiled rollout keeps its one KV cache between rollouts: it is counted in the update too
-    kept = ppo.memory_budget(ppo._resolve(ppo.PPOConfig(device="cuda", print_budget=True, optim_device="cpu",
-                                                        rollout_batch=64, compile_rollout=True)),
+    kept = ppo.memory_budget(ppo.resolve_config(ppo.PPOConfig(device="cuda", print_budget=True, optim_device="cpu",
+                                                              rollout_batch=64, compile_rollout=True)),
                              M.ModelConfig.from_hf(cfg))
     cache = items["rollout KV cache (256 rows x 1280 tokens)"]
     noise = 256 * 151936 * 4                            # the compiled sampler's pre-drawn noise, fp32

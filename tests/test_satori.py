@@ -108,15 +108,15 @@ def test_reflection_bonus_sign_table(origin, correct, bonus):
 def test_rule_rewards_paper_and_satori():
     p = {"nums": [3, 5, 7], "target": 22}
     right, wrong, none = " 3*5+7 </think>\n<answer> 3 * 5 + 7 </answer>", "<answer> 3 + 5 + 7 </answer>", "no answer"
-    paper = ppo._resolve(ppo.PPOConfig(device="cpu"))
-    satori = ppo._resolve(ppo.PPOConfig(device="cpu", rule_reward="satori"))
+    paper = ppo.resolve_config(ppo.PPOConfig(device="cpu"))
+    satori = ppo.resolve_config(ppo.PPOConfig(device="cpu", rule_reward="satori"))
     assert [ppo._judge(t, p, paper)[0] for t in (right, wrong, none)] == [1.0, 0.1, 0.0]
     assert [ppo._judge(t, p, satori)[0] for t in (right, wrong, none)] == [0.0, -1.0, -1.0]
 
 
 def test_countdown_reward_adds_the_bonus_to_restarts_only_and_measures_them_apart():
     tok = make_tokenizer()
-    cfg = ppo._resolve(ppo.PPOConfig(device="cpu", samples=2, rae=True, reflection_bonus=0.5))
+    cfg = ppo.resolve_config(ppo.PPOConfig(device="cpu", samples=2, rae=True, reflection_bonus=0.5))
     p = {"nums": [3, 5, 7], "target": 22}
     right, wrong = tok.encode("<answer> 3 * 5 + 7 </answer>"), tok.encode("<answer> 3 + 5 + 7 </answer>")
     fn = satori.countdown_reward(tok, [p, p, p], cfg, origins=[None, "-", "+"])
@@ -161,7 +161,7 @@ def test_sample_restarts_is_seeded_and_draws_t_and_buffers_uniformly():
     M.add_tokens(M.Transformer(M.ModelConfig(vocab_size=400, hidden_size=8, intermediate_size=8,
                                              num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1)),
                  tok, COAT)
-    cfg = ppo._resolve(ppo.PPOConfig(device="cpu", rae=True, rae_max_back=3, max_prompt=1024))
+    cfg = ppo.resolve_config(ppo.PPOConfig(device="cpu", rae=True, rae_max_back=3, max_prompt=1024))
     b = satori.RestartBuffers(size=8)
     p = {"nums": [3, 5, 7], "target": 22, "id": 0}
     b.add(p, TRAJ, correct=True)
@@ -180,16 +180,16 @@ def test_sample_restarts_is_seeded_and_draws_t_and_buffers_uniformly():
     assert r.prompt_ids == prompt + tok.encode(satori.cut_back(TRAJ, r.back))
     assert tok.decode(r.prompt_ids).endswith(REFL)
     # too long for --max-prompt: skipped, not cut
-    short = ppo._resolve(ppo.PPOConfig(device="cpu", rae=True, max_prompt=len(prompt) + 5))
+    short = ppo.resolve_config(ppo.PPOConfig(device="cpu", rae=True, max_prompt=len(prompt) + 5))
     assert satori.sample_restarts(b, 10, random.Random(0), tok, short) == []
     assert satori.sample_restarts(satori.RestartBuffers(4), 10, random.Random(0), tok, cfg) == []
 
 
 def test_rae_flags_are_checked():
     with pytest.raises(ValueError, match="rae-ratio"):
-        ppo._resolve(ppo.PPOConfig(device="cpu", rae=True, rae_ratio=1.0))
+        ppo.resolve_config(ppo.PPOConfig(device="cpu", rae=True, rae_ratio=1.0))
     with pytest.raises(ValueError, match="only --rae"):
-        ppo._resolve(ppo.PPOConfig(device="cpu", reflection_bonus=0.5))
+        ppo.resolve_config(ppo.PPOConfig(device="cpu", reflection_bonus=0.5))
 
 
 # -- the outcome reward model and its preference bonus ----------------------------------------------
@@ -227,7 +227,7 @@ def test_orm_learns_to_rank_right_above_wrong_from_the_policys_pairs():
     """Prompt tokens 1..4; a response is right iff it ends in token 9 (else 10): the ORM must learn
     that from pairs alone, and its bonus must then favour right responses."""
     orm, opt = _toy_orm()
-    cfg = ppo._resolve(ppo.PPOConfig(device="cpu", samples=4, grad_clip=10.0, critic_lr=1e-2))
+    cfg = ppo.resolve_config(ppo.PPOConfig(device="cpu", samples=4, grad_clip=10.0, critic_lr=1e-2))
     rng = random.Random(0)
 
     def batch():
@@ -257,7 +257,7 @@ def test_orm_learns_to_rank_right_above_wrong_from_the_policys_pairs():
 def test_countdown_reward_adds_the_orms_sigmoid_score_of_prompt_and_response():
     orm, _ = _toy_orm(vocab=400)
     tok = make_tokenizer()
-    cfg = ppo._resolve(ppo.PPOConfig(device="cpu", samples=2, rule_reward="satori"))
+    cfg = ppo.resolve_config(ppo.PPOConfig(device="cpu", samples=2, rule_reward="satori"))
     p = {"nums": [3, 5, 7], "target": 22}
     prompts = [[5, 6, 7], [8]]
     right, wrong = tok.encode("<answer> 3 * 5 + 7 </answer>"), tok.encode("<answer> 3 + 5 + 7 </answer>")
