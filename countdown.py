@@ -26,10 +26,8 @@ from fractions import Fraction
 from functools import lru_cache
 from itertools import combinations
 
-# -----------------------------------------------------------------------------
-# JSONL files live in plumbing/files.py; re-exported here for callers of countdown.* (sft.py, the tests)
-from plumbing.files import append_jsonl, read_jsonl, write_jsonl  # noqa: E402,F401
-from plumbing.commands import command_parser, progress_bar, refuse_overwrite, run_command  # noqa: E402
+from plumbing.commands import command_parser, progress_bar, refuse_overwrite, run_command
+from plumbing.files import write_jsonl
 
 
 # -----------------------------------------------------------------------------

@@ -731,18 +731,10 @@ def checkpoint_config(name_or_path) -> ModelConfig:
     return ModelConfig.from_hf(files.read_json(hub.resolve_checkpoint(name_or_path) / "config.json"))
 
 
-# ----- plumbing below: re-exports of the plumbing modules, then the CLI -----
+# ----- plumbing below: the Tokenizer's re-export, then the CLI -----
 
-# re-exported: ppo.py, sft.py and satori.py use M.<name>; other callers import the plumbing module
-from plumbing.hub import Tokenizer, resolve_checkpoint  # noqa: E402,F401
-# re-exported: callers use M.<name>
-from plumbing.dist import (DIST_TIMEOUT_S, all_gather_objects, all_gather_rows, all_sum, all_true,  # noqa: E402,F401
-                           barrier, close_distributed, collective_failure_message, distributed, exit_process,
-                           full_optimizer_state, full_state_dict, gather_full, init_distributed,
-                           is_collective_failure, is_main, load_full_state, rank, shard, world_size)
-# re-exported: callers use M.<name>
-from plumbing.device import (attention_backends, own_optimizer_state, param_count,  # noqa: E402,F401
-                             refuse_cpu_fallback, rng_state, set_rng_state)
+# re-exported: a checkpoint is a model and its tokenizer (load returns both), so callers name it M.Tokenizer
+from plumbing.hub import Tokenizer  # noqa: E402,F401
 
 
 # -----------------------------------------------------------------------------

@@ -68,8 +68,8 @@ from torch.utils.checkpoint import checkpoint
 
 import countdown
 import model as M
-from plumbing import files
-from plumbing.device import Timer, peak_memory_gb
+from plumbing import dist, files, runs
+from plumbing.device import Timer, attention_backends, param_count, peak_memory_gb, refuse_cpu_fallback
 from plumbing.dist import Accum, all_rows, global_sum
 from plumbing.memory import MasterAdamW, format_budget
 from plumbing.ppo_config import PPOConfig, adam_settings, build_parser, memory_budget, resolve_config, resolve_memory
@@ -387,7 +387,7 @@ def sampling_policy(models: Models) -> M.Transformer:
     """The model that generates: the policy itself, or under torchrun its unsharded copy refreshed
     from the shards (FSDP would make every decode step a collective, so all ranks would have to
     decode in lockstep; the copy lets each rank generate its own prompts at its own pace)."""
-    return models.policy if models.sampler is None else M.gather_full(models.policy, into=models.sampler)
+    return models.policy if models.sampler is None else dist.gather_full(models.policy, into=models.sampler)
 
 
 def rollout(policy, prompts, cfg: PPOConfig, *, eos_id, pad_id: int, generator, temperature=None,
@@ -451,9 +451,9 @@ def prepare_experience(exp: Experience, models: Models, cfg: PPOConfig):
         models.critic.eval()
         exp.values = per_batch(lambda ids, attn, m, Rm: response_values(models.critic, ids, attn, P, Rm), extra=1)
         exp.raw_advantages, exp.returns = compute_gae(exp.rewards, exp.values, mask, cfg.gamma, cfg.lam)
-        if M.distributed():   # whiten over the global batch, as one process would; keep this rank's rows
-            whitened = masked_whiten(M.all_gather_rows(exp.raw_advantages), M.all_gather_rows(mask))
-            exp.advantages = whitened[M.rank() * N:(M.rank() + 1) * N, :R]   # every rank holds N rows
+        if dist.distributed():   # whiten over the global batch, as one process would; keep this rank's rows
+            whitened = masked_whiten(dist.all_gather_rows(exp.raw_advantages), dist.all_gather_rows(mask))
+            exp.advantages = whitened[dist.rank() * N:(dist.rank() + 1) * N, :R]   # every rank holds N rows
         else:
             exp.advantages = masked_whiten(exp.raw_advantages, mask)
     else:
@@ -492,21 +492,22 @@ def _update(net, opt: MasterAdamW, exp: Experience, cfg: PPOConfig, lr: float, *
             opt.zero_grad()
             finite, mb_loss = True, 0.0
             for rows in micros:
-                loss, logged = micro_loss(rows, lambda n: _normalizer(cfg, mb_tokens, n, len(micros) * M.world_size()))
+                normalizer = partial(_normalizer, cfg, mb_tokens, n_micro=len(micros) * dist.world_size())
+                loss, logged = micro_loss(rows, normalizer)
                 if not torch.isfinite(loss):
                     finite = False
-                    if not M.distributed():
+                    if not dist.distributed():
                         break
                 loss.backward()   # under FSDP every rank runs every backward (collectives); a NaN skips the step
                 mb_loss += loss.item()
                 for key, value, weight in logged:
                     stats.add(key, value, weight)
-            finite = M.all_true(finite)
+            finite = dist.all_true(finite)
             norm, ok = opt.step(lr, cfg.grad_clip) if finite else (float("nan"), False)
             if not ok:
                 opt.zero_grad()
             else:
-                stats.add(names[0], M.all_sum(mb_loss)[0], replicated=True)
+                stats.add(names[0], dist.all_sum(mb_loss)[0], replicated=True)
                 stats.add(names[1], norm, replicated=True)
             outcomes.append(ok)
     net.eval()
@@ -529,7 +530,7 @@ def update_critic(critic: Critic, opt: MasterAdamW, exp: Experience, cfg: PPOCon
         loss, clipfrac = value_loss(v, exp.values[rows, :Rm], exp.returns[rows, :Rm], vm, cfg.value_clip,
                                     normalizer=normalizer(vm.sum()))
         return loss, [("vf_clipfrac", clipfrac, vm.sum())]
-    return _update(critic, opt, exp, cfg, lr, tokens=vmask, mini=cfg.critic_mini_batch // M.world_size(),
+    return _update(critic, opt, exp, cfg, lr, tokens=vmask, mini=cfg.critic_mini_batch // dist.world_size(),
                    micro=cfg.critic_micro_batch, micro_loss=micro_loss,
                    names=("value_loss", "critic_grad_norm", "critic_outcomes"))
 
@@ -552,7 +553,7 @@ def update_actor(policy: M.Transformer, opt: MasterAdamW, exp: Experience, cfg: 
             ("pg_clipfrac", clipfrac, w), ("ppo_kl", ppo_kl, w), ("entropy", masked_mean(ent.detach(), m), w),
             ("pg_loss", pg.item() * norm_ / w, w)]   # pg_loss reported as a token mean
     return _update(policy, opt, exp, cfg, lr, tokens=exp.response_mask,
-                   mini=cfg.mini_batch_prompts * cfg.samples // M.world_size(),   # under torchrun: this rank's share
+                   mini=cfg.mini_batch_prompts * cfg.samples // dist.world_size(),   # under torchrun: this rank's share
                    micro=cfg.micro_batch, micro_loss=micro_loss,
                    names=("actor_loss", "actor_grad_norm", "actor_outcomes"))
 
@@ -561,7 +562,7 @@ def _step_generator(seed: int, step: int, device) -> torch.Generator:
     # one generator per iteration, derived from (seed, step): a resumed run samples what a straight one would.
     # Under torchrun each rank draws its own stream (rank 0's is the single-process one); the samples then
     # depend on the world size, since model.generate draws every row of a batch from one generator.
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step + M.rank() * 999_999_937) % 2**63)
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step + dist.rank() * 999_999_937) % 2**63)
 
 
 def _consecutive_bad(outcomes, count: int) -> int:
@@ -597,10 +598,10 @@ def ppo_iteration(models: Models, prompts, reward_fn: Callable, cfg: PPOConfig, 
     t_actor = timer.lap()
 
     local_exp = exp   # what ppo_iteration returns: this rank's rows
-    if M.distributed():   # metrics over the global batch: every rank's rows (and means of equal shares)
+    if dist.distributed():   # metrics over the global batch: every rank's rows (and means of equal shares)
         exp = all_rows(exp, ("scores", "ended", "response_mask", "rollout_logp", "old_logp", "ref_logp", "kl",
                              "values", "rewards", "advantages", "returns", "raw_advantages"))
-        extra = dict(zip(extra, (v / M.world_size() for v in M.all_sum(*extra.values()))))
+        extra = dict(zip(extra, (v / dist.world_size() for v in dist.all_sum(*extra.values()))))
     m = exp.response_mask
     lengths = m.sum(1)
     metrics = dict(
@@ -679,7 +680,7 @@ def validate(policy, tokenizer: M.Tokenizer, problems, cfg: PPOConfig, step: int
     """Decode the test problems (greedy, or one sample each at --val-temperature); pure accuracy and
     mean score (with its format credit) separately (D-R4). Writes completions/step_<N>.jsonl for
     behavior classification. Under torchrun each rank decodes every W-th problem and rank 0 writes all."""
-    everything, problems = problems, problems[M.rank()::M.world_size()]
+    everything, problems = problems, problems[dist.rank()::dist.world_size()]
     prompts = encode_prompts(tokenizer, problems, cfg)
     device = policy.embed_tokens.weight.device
     # a stream of its own per step, apart from the rollouts', so validating never shifts training samples
@@ -695,10 +696,10 @@ def validate(policy, tokenizer: M.Tokenizer, problems, cfg: PPOConfig, step: int
         rows.append({"step": step, "nums": p["nums"], "target": p["target"],
                      "prompt": countdown.make_prompt(p["nums"], p["target"], cfg.template), "completion": text,
                      "score": s, "correct": correct, "format_ok": has_answer, "length": n})
-    if M.distributed():   # back in the problems' order: rank r decoded problems r, r + W, r + 2W, ...
-        parts = M.all_gather_objects(list(zip(rows, ended)))
+    if dist.distributed():   # back in the problems' order: rank r decoded problems r, r + W, r + 2W, ...
+        parts = dist.all_gather_objects(list(zip(rows, ended)))
         rows, ended = map(list, zip(*(part[i] for i in range(len(everything)) for part in parts if i < len(part))))
-    if run is not None and M.is_main():
+    if run is not None and dist.is_main():
         files.write_jsonl(run / "completions" / f"step_{step}.jsonl", rows)
     n = len(rows)
     return {"val_accuracy": sum(r["correct"] for r in rows) / n, "val_score": sum(r["score"] for r in rows) / n,
@@ -715,9 +716,9 @@ def train(cfg: PPOConfig) -> dict:
     auto = cfg.device == "auto"
     cfg = resolve_config(cfg)
     if auto and cfg.device == "cpu":   # no usable GPU: fine for a small model, a silent trap for a 3B one
-        M.refuse_cpu_fallback(M.param_count(M.checkpoint_config(cfg.model)))
-    M.init_distributed(cfg.device, cfg.dist_timeout)   # nothing without torchrun
-    with files.lock_dir(cfg.out, "ppo.py run folder") if M.is_main() else nullcontext():  # one writer per --out
+        refuse_cpu_fallback(param_count(M.checkpoint_config(cfg.model)))
+    dist.init_distributed(cfg.device, cfg.dist_timeout)   # nothing without torchrun
+    with files.lock_dir(cfg.out, "ppo.py run folder") if dist.is_main() else nullcontext():  # one writer per --out
         # checks, memory plan, disk preflight, config.json (or the resume), the problems (plumbing/ppo_run.py)
         return _train_loop(*start_run(cfg, M.checkpoint_config, countdown.make_splits))
 
@@ -743,12 +744,12 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
             t = time.perf_counter()
             row = log({"step": 0, **validate(sampling_policy(models), tokenizer, val_set, cfg, 0, run),
                        "time_val": time.perf_counter() - t, "elapsed_s": time.perf_counter() - t_run})
-            if M.is_main():
+            if dist.is_main():
                 print(f"step 0: val accuracy {row['val_accuracy']:.3f}, val score {row['val_score']:.3f}",
                       file=sys.stderr)
         from tqdm import tqdm
         bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo",
-                   disable=not (cfg.progress and M.is_main()), file=sys.stderr, dynamic_ncols=True)
+                   disable=not (cfg.progress and dist.is_main()), file=sys.stderr, dynamic_ncols=True)
         for step in bar:
             t_step = time.perf_counter()
             if models.device.type == "cuda":
@@ -765,7 +766,7 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
                 metrics.update(extension.after_step(step))
             counters["actor_bad"] = _consecutive_bad(actor_ok, counters["actor_bad"])
             counters["critic_bad"] = _consecutive_bad(critic_ok, counters["critic_bad"])
-            if metrics["skipped_updates"] and M.is_main():
+            if metrics["skipped_updates"] and dist.is_main():
                 print(f"step {step}: skipped {metrics['skipped_updates']} update(s) with a non-finite loss or gradient",
                       file=sys.stderr)
             metrics["time_step"] = time.perf_counter() - t_step
@@ -779,8 +780,8 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}",
                             **({"val": f"{row['val_accuracy']:.3f}"} if row["val_accuracy"] is not None else {}))
             worst = max(counters["actor_bad"], counters["critic_bad"])
-            if M.distributed():   # a Ctrl-C that reached some ranks only stops them all after this step
-                stop["requested"] = not M.all_true(not stop["requested"])
+            if dist.distributed():   # a Ctrl-C that reached some ranks only stops them all after this step
+                stop["requested"] = not dist.all_true(not stop["requested"])
             if step % cfg.save_every == 0 or step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates:
                 save_checkpoint(run, step, models, tokenizer, cfg, counters, extension,
                                 last_save=step == cfg.steps or stop["requested"] or worst >= cfg.max_bad_updates,
@@ -791,7 +792,7 @@ def _train_loop(cfg: PPOConfig, run: Path, ckpt, train_set, test_set, init_path)
                     f"(--max-bad-updates {cfg.max_bad_updates}); see {run / 'metrics.jsonl'}. Lower the learning "
                     "rates, check the data, or resume from an earlier checkpoint with another --out")
             if stop["requested"]:
-                if M.is_main():
+                if dist.is_main():
                     print(f"stopped after step {step}; checkpoint saved. Rerun the same command to continue.",
                           file=sys.stderr)
                 break
@@ -811,35 +812,35 @@ def build_models(cfg: PPOConfig, policy_path, init_path) -> tuple:
     copies compute in --dtype, and the reference, 1/N of its size per GPU, stays on the GPU
     (--ref-offload does not apply).
     """
-    device = M.init_distributed(cfg.device, cfg.dist_timeout)   # cuda:LOCAL_RANK under torchrun
-    M.attention_backends(device)
-    dist = M.distributed()
-    policy, tokenizer = M.load(policy_path, device=device, dtype="float32" if dist else cfg.dtype)
+    device = dist.init_distributed(cfg.device, cfg.dist_timeout)   # cuda:LOCAL_RANK under torchrun
+    attention_backends(device)
+    sharded = dist.distributed()
+    policy, tokenizer = M.load(policy_path, device=device, dtype="float32" if sharded else cfg.dtype)
     policy.gradient_checkpointing = cfg.grad_checkpointing
     ref = None
     if cfg.kl_coef > 0:
-        ref_device = "cpu" if (cfg.device == "cuda" and cfg.ref_offload and not dist) else device
+        ref_device = "cpu" if (cfg.device == "cuda" and cfg.ref_offload and not sharded) else device
         ref, _ = M.load(init_path, device=ref_device, dtype=cfg.dtype)
         ref.requires_grad_(False)
     adam = adam_settings(cfg, device)
     critic = critic_opt = None
-    shard = partial(M.shard, compute_dtype=cfg.dtype)
+    shard = partial(dist.shard, compute_dtype=cfg.dtype)
     if cfg.adv == "gae":
-        backbone, _ = M.load(init_path, device=device, dtype="float32" if dist else cfg.dtype)
+        backbone, _ = M.load(init_path, device=device, dtype="float32" if sharded else cfg.dtype)
         backbone.gradient_checkpointing = cfg.grad_checkpointing
         critic = Critic(backbone, seed=cfg.seed).eval()
-        if dist:
+        if sharded:
             shard(critic)
         critic_opt = MasterAdamW(critic.parameters(), lr=cfg.critic_lr, **adam)
     sampler = None
-    if dist:
+    if sharded:
         shard(policy, forward_methods=("hidden_states", "logits"))
-        sampler = M.gather_full(policy, device=device, dtype=cfg.dtype)
+        sampler = dist.gather_full(policy, device=device, dtype=cfg.dtype)
         if ref is not None:
-            M.shard(ref, forward_methods=("hidden_states", "logits"))
+            dist.shard(ref, forward_methods=("hidden_states", "logits"))
     actor_opt = MasterAdamW(policy.parameters(), lr=cfg.actor_lr, **adam)
     models = Models(policy, critic, ref, actor_opt, critic_opt, device,
-                    ref_offload=cfg.device == "cuda" and cfg.ref_offload and not dist, sampler=sampler)
+                    ref_offload=cfg.device == "cuda" and cfg.ref_offload and not sharded, sampler=sampler)
     return models, tokenizer
 
 
@@ -861,36 +862,21 @@ def main(argv=None) -> int:
     cfg = PPOConfig(**vars(args))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    try:
-        if cfg.print_budget:
+
+    def run():
+        if cfg.print_budget:   # the memory plan for these settings, nothing trained
             c = resolve_config(cfg)
             mc = M.checkpoint_config(c.model)
             c = resolve_memory(c, mc)
             print(format_budget(memory_budget(c, mc), c))
-            return 0
+            return
         row = train(cfg)
-        quiet = not M.is_main()   # under torchrun only rank 0 reports
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, files.FolderLocked) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\naborted; rerun the same command to resume from the newest checkpoint in {cfg.out}/checkpoints",
-              file=sys.stderr)
-        return 130
-    except RuntimeError as e:
-        if not M.is_collective_failure(e):
-            raise
-        print(M.collective_failure_message(e, cfg.out), file=sys.stderr)
-        return 1
-    finally:
-        M.close_distributed()
-    if row.get("val_accuracy") is not None and not quiet:
-        print(f"done: step {row['step']}, val accuracy {row['val_accuracy']:.3f}")
-    return 0
+        if row.get("val_accuracy") is not None and dist.is_main():   # under torchrun only rank 0 reports
+            print(f"done: step {row['step']}, val accuracy {row['val_accuracy']:.3f}")
+    return runs.run_training(run, cfg.out, user_errors=(NotImplementedError,), stopped=(TrainingStopped,),
+                             interrupted="aborted; rerun the same command to resume from the newest checkpoint in "
+                                         f"{cfg.out}/checkpoints")
 
 
 if __name__ == "__main__":
-    M.exit_process(main())
+    dist.exit_process(main())

@@ -32,7 +32,7 @@ import countdown
 import model as M
 import ppo
 import traces
-from plumbing import files
+from plumbing import dist, files
 from plumbing.memory import MasterAdamW
 
 # -----------------------------------------------------------------------------
@@ -321,4 +321,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    M.exit_process(main())
+    dist.exit_process(main())

@@ -55,8 +55,8 @@ from torch.utils.checkpoint import checkpoint
 import countdown as C
 import traces
 import model as M
-from plumbing import files, runs, sft_eval, sft_run
-from plumbing.device import autocast as _autocast
+from plumbing import dist, files, runs, sft_eval, sft_run
+from plumbing.device import autocast as _autocast, param_count, refuse_cpu_fallback
 from plumbing.sft_config import SFTConfig, build_parser, check_config, tokens_to_add
 from plumbing.sft_run import metric, problem_key
 
@@ -86,7 +86,7 @@ PAPER_LR = 1e-5
 
 def load_examples(path) -> list:
     """Rows of a JSONL file with string fields 'query' and 'completion'."""
-    rows = C.read_jsonl(path)
+    rows = files.read_jsonl(path)
     if not rows:
         raise ValueError(f"{path} has no examples; expected JSONL rows with 'query' and 'completion'")
     for i, r in enumerate(rows):
@@ -140,7 +140,7 @@ def training_rows(cfg: SFTConfig) -> tuple:
         train_rows, val_rows = rows, load_examples(cfg.val_data)
     else:
         train_rows, val_rows = split_validation(rows, cfg.val_fraction, cfg.seed)
-    problems = C.read_jsonl(cfg.eval_problems) if cfg.eval_problems else []
+    problems = files.read_jsonl(cfg.eval_problems) if cfg.eval_problems else []
     if problems:  # decontaminate: no training example may be an evaluation problem
         held = {problem_key(p) for p in problems}
         kept = [r for r in train_rows if not ("nums" in r and "target" in r and problem_key(r) in held)]
@@ -288,16 +288,16 @@ def load_or_init(cfg: SFTConfig, run: Path, state: Optional[dict], train_rows, d
     the --model checkpoint, or a new tokenizer and model (--init); then --add-tokens."""
     if state is not None:
         model, tok = M.load(run / "checkpoints" / state["checkpoint"], device=device, dtype="float32")
-        if M.is_main():
+        if dist.is_main():
             print(f"resuming {run} from step {state['step']} ({state['checkpoint']})", file=sys.stderr)
     elif cfg.model:
         model, tok = M.load(cfg.model, device=device, dtype="float32")
     else:
         extra = [r for path in (cfg.tokenizer_data or "").split(",") if path for r in load_examples(path)]
         tok = train_tokenizer((t for r in train_rows + extra for t in (r["query"], r["completion"])), cfg.vocab_size)
-        if M.distributed():   # every rank must hold the same tokenizer: rank 0's
+        if dist.distributed():   # every rank must hold the same tokenizer: rank 0's
             from tokenizers import Tokenizer as HFTokenizer
-            tok = M.Tokenizer(HFTokenizer.from_str(M.all_gather_objects(tok.tk.to_str())[0]), EOS_TOKEN)
+            tok = M.Tokenizer(HFTokenizer.from_str(dist.all_gather_objects(tok.tk.to_str())[0]), EOS_TOKEN)
         model = init_model(cfg.init, tok, cfg.max_length, cfg.seed).to(device)
     if cfg.add_tokens and state is None:  # a resumed run's checkpoint has them already
         added = M.add_tokens(model, tok, tokens_to_add(cfg.add_tokens, traces.COAT_TOKENS))
@@ -322,15 +322,15 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
         print(f"{run} is finished: the model is in {final}; choose a new --out to train again", file=sys.stderr)
         return final
     device, state_file = sft_run.open_run(cfg, run)   # torch.distributed under torchrun; the resume check
-    rank, world = M.rank(), M.world_size()
+    rank, world = dist.rank(), dist.world_size()
     train_rows, val_rows, problems = training_rows(cfg)
     state = sft_run.load_state(run, state_file) if state_file is not None else None
     model, tok = load_or_init(cfg, run, state, train_rows, device)
     model.train()
     model.gradient_checkpointing = cfg.grad_checkpointing
-    if M.distributed():   # FSDP2: fp32 shards are the master weights; bf16 compute where autocast would be on
+    if dist.distributed():   # FSDP2: fp32 shards are the master weights; bf16 compute where autocast would be on
         bf16 = not isinstance(_autocast(device, cfg.autocast), nullcontext)
-        M.shard(model, compute_dtype=torch.bfloat16 if bf16 else None, forward_methods=("hidden_states", "logits"))
+        dist.shard(model, compute_dtype=torch.bfloat16 if bf16 else None, forward_methods=("hidden_states", "logits"))
 
     # the tokenization is deterministic too: a resumed run sees the same examples in the same order
     train_ex, dropped = tokenize_examples(tok, train_rows, cfg.max_length, cfg.drop_long, name=cfg.data)
@@ -343,7 +343,7 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_ex)} training examples do not fill one batch of --batch-size {cfg.batch_size}; "
                          "lower --batch-size or add data")
-    if M.is_main():
+    if dist.is_main():
         sft_run.write_config(cfg, run)
     total_steps = steps_per_epoch * cfg.epochs
     peak_lr = cfg.lr if cfg.lr is not None else (PAPER_LR if cfg.model else FROM_SCRATCH_LR)
@@ -354,10 +354,10 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
     metrics_file = run / "metrics.jsonl"
     step, elapsed, tokens_seen = sft_run.resume(model, optimizer, state, metrics_file)   # (0, 0.0, 0) if new
     n_params = sum(p.numel() for p in params)
-    if M.is_main():
+    if dist.is_main():
         print(f"sft: {len(train_ex)} train / {len(val_ex)} val examples, {steps_per_epoch} steps/epoch x {cfg.epochs} "
               f"epochs = {total_steps} steps, {n_params / 1e6:.2f}M parameters on {device}"
-              + (f", {world} processes" if M.distributed() else ""), file=sys.stderr)
+              + (f", {world} processes" if dist.distributed() else ""), file=sys.stderr)
 
     def checkpoint_(name):   # the whole model (gathered under torchrun) and the training state
         sft_run.checkpoint(run, name, model, tok, optimizer, save=M.save, state=lambda: sft_run.make_state(
@@ -366,22 +366,22 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
     def evaluate():
         """(val loss, greedy accuracy); under torchrun each rank takes its share of both, on an
         unsharded copy (generation cannot run in lockstep), and the sums are all-reduced."""
-        net = model if not M.distributed() else M.gather_full(model, device=device, dtype="float32")
+        net = model if not dist.distributed() else dist.gather_full(model, device=device, dtype="float32")
         val_loss = accuracy = None
         if val_ex:
             val_loss, _ = batch_loss(net, val_ex[rank::world], micro_batch_size=cfg.micro_batch_size,
                                      pad_id=tok.pad_id, autocast=cfg.autocast, n_global=n_loss_tokens(val_ex))
-            val_loss = M.all_sum(val_loss)[0]
+            val_loss = dist.all_sum(val_loss)[0]
         if problems:
             accuracy, rows = greedy_accuracy(net, tok, problems[rank::world], max_new_tokens=cfg.eval_max_new_tokens,
                                              batch_size=cfg.eval_batch_size, autocast=cfg.autocast)
-            if M.distributed():
-                accuracy = M.all_sum(sum(r["correct"] for r in rows))[0] / len(problems)
+            if dist.distributed():
+                accuracy = dist.all_sum(sum(r["correct"] for r in rows))[0] / len(problems)
         return val_loss, accuracy
 
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=step, desc="sft", file=sys.stderr, dynamic_ncols=True,
-               disable=not M.is_main())
+               disable=not dist.is_main())
     steps_run, saved_at = 0, step
     try:
         while step < total_steps:
@@ -398,7 +398,7 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
             loss, n_tok = batch_loss(model, batch[rank::world], micro_batch_size=cfg.micro_batch_size,
                                      pad_id=tok.pad_id, autocast=cfg.autocast, backward=True,
                                      n_global=n_loss_tokens(batch))
-            loss, n_tok = M.all_sum(loss, n_tok)   # the ranks' shares of the batch (unchanged in one process)
+            loss, n_tok = dist.all_sum(loss, n_tok)   # the ranks' shares of the batch (unchanged in one process)
             n_tok = int(n_tok)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()   # a global norm under FSDP
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -412,8 +412,8 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
             steps_run += 1
             elapsed += dt
             tokens_seen += n_tok
-            if M.is_main():
-                C.append_jsonl(metrics_file, metric(kind="train", step=step, epoch=round(step / steps_per_epoch, 4),
+            if dist.is_main():
+                files.append_jsonl(metrics_file, metric(kind="train", step=step, epoch=round(step / steps_per_epoch, 4),
                                                     loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tok,
                                                     tokens_per_s=round(n_tok / dt, 1), elapsed_s=round(elapsed, 2)))
             bar.update(1)
@@ -424,8 +424,8 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
                 model.eval()
                 val_loss, accuracy = evaluate()
                 model.train()
-                if M.is_main():
-                    C.append_jsonl(metrics_file, metric(kind="eval", step=step, epoch=e, elapsed_s=round(elapsed, 2),
+                if dist.is_main():
+                    files.append_jsonl(metrics_file, metric(kind="eval", step=step, epoch=e, elapsed_s=round(elapsed, 2),
                                                         val_loss=val_loss, accuracy=accuracy))
                     bar.write(f"epoch {e}: step {step}, train loss {loss:.4f}"
                               + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
@@ -440,7 +440,7 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
                 if saved_at != step:
                     checkpoint_(f"step_{step}")
                 bar.close()
-                if M.is_main():
+                if dist.is_main():
                     print(f"stopped after {steps_run} steps at step {step}/{total_steps}; rerun the same command to "
                           "continue", file=sys.stderr)
                 return None
@@ -456,9 +456,9 @@ def train(cfg: SFTConfig) -> Optional[Path]:
     """Run (or resume) SFT. Returns <out>/final, or None when --stop-after stopped it early."""
     check_config(cfg, traces.COAT_TOKENS)
     if cfg.device == "auto" and cfg.model and runs.resolve_device("auto").type == "cpu":
-        M.refuse_cpu_fallback(M.param_count(M.checkpoint_config(cfg.model)))   # no GPU: fine only for small models
-    M.init_distributed(runs.resolve_device(cfg.device), cfg.dist_timeout)   # nothing without torchrun
-    with files.lock_dir(cfg.out, "sft.py run folder") if M.is_main() else nullcontext():  # one writer per --out
+        refuse_cpu_fallback(param_count(M.checkpoint_config(cfg.model)))   # no GPU: fine only for small models
+    dist.init_distributed(runs.resolve_device(cfg.device), cfg.dist_timeout)   # nothing without torchrun
+    with files.lock_dir(cfg.out, "sft.py run folder") if dist.is_main() else nullcontext():  # one writer per --out
         return _train(cfg)
 
 
@@ -476,25 +476,12 @@ def main(argv=None) -> int:
     cfg = SFTConfig(**vars(args))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    try:
-        train(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, PermissionError, ConnectionError,
-            files.FolderLocked) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {cfg.out} keeps its last complete checkpoint; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-    except RuntimeError as e:
-        if not M.is_collective_failure(e):
-            raise
-        print(M.collective_failure_message(e, cfg.out), file=sys.stderr)
-        return 1
-    finally:
-        M.close_distributed()
-    return 0
+    # beyond the usual user errors: a loss that diverged, a folder it may not write, a Hub it cannot reach
+    user_errors = (FloatingPointError, PermissionError, ConnectionError)
+    return runs.run_training(lambda: train(cfg), cfg.out, user_errors=user_errors,
+                             interrupted=f"interrupted: {cfg.out} keeps its last complete checkpoint; rerun the same "
+                                         "command to resume")
 
 
 if __name__ == "__main__":
-    M.exit_process(main())
+    dist.exit_process(main())

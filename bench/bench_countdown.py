@@ -21,6 +21,7 @@ import countdown as C  # noqa: E402
 import traces  # noqa: E402
 # the baseline: the original reward, restated once, in the tests (it calls eval, so it stays out of countdown.py)
 from tests.test_countdown import reference_score  # noqa: E402
+from plumbing import files  # noqa: E402
 
 
 def typical_responses(n):
@@ -132,7 +133,7 @@ def main():
         for cond in traces.CONDITIONS:
             t0 = time.perf_counter()
             rows = traces.generate_traces(cond, args.n, seed=0)
-            C.write_jsonl(os.path.join(tmp, f"{cond}.jsonl"), rows)
+            files.write_jsonl(os.path.join(tmp, f"{cond}.jsonl"), rows)
             dt = time.perf_counter() - t0
             stats[cond] = rows
             print(f"{cond:28s} {dt:6.2f} s   (target < 30 s)")

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import countdown as C  # noqa: E402
 import traces  # noqa: E402
 import model as M  # noqa: E402
 import sft  # noqa: E402
+from plumbing import files  # noqa: E402
 
 LLAMA_3_2_3B = dict(model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
                     num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
@@ -126,7 +126,7 @@ def processes(args):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "traces.jsonl"
-        C.write_jsonl(data, traces.generate_traces(args.condition, args.steps * args.batch_size, seed=0))
+        files.write_jsonl(data, traces.generate_traces(args.condition, args.steps * args.batch_size, seed=0))
         flags = ["--init", args.size, "--data", str(data), "--val-fraction", "0", "--epochs", "1", "--batch-size",
                  str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size), "--device", "cpu",
                  "--num-threads", "1"]
@@ -139,7 +139,7 @@ def processes(args):
             subprocess.run(launch + [str(root / "sft.py"), *flags, "--out", str(tmp / f"run{n}")], cwd=root, env=env,
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wall = time.perf_counter() - t0
-            steps = [m for m in C.read_jsonl(tmp / f"run{n}" / "metrics.jsonl") if m["kind"] == "train"]
+            steps = [m for m in files.read_jsonl(tmp / f"run{n}" / "metrics.jsonl") if m["kind"] == "train"]
             results[n] = (statistics.median(m["tokens_per_s"] for m in steps[1:]), wall, steps[-1]["loss"])
         weights = [M.load(tmp / f"run{n}" / "final", dtype="float32")[0].state_dict() for n in (1, args.nproc)]
         dw = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])

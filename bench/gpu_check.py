@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import model as M  # noqa: E402
 from plumbing import fast_decode  # noqa: E402
-from plumbing.device import no_cuda_help, nvidia_driver  # noqa: E402
+from plumbing.device import attention_backends, no_cuda_help, nvidia_driver  # noqa: E402
 import ppo  # noqa: E402
 import sft  # noqa: E402
 from bench_generate import QWEN25_3B, build_models, bytes_per_decode_step, peak_bandwidth_gbps  # noqa: E402
@@ -386,7 +386,7 @@ def attention_report(rep, device, tiny):
     """The backend SDPA picks for each of model.py's call types (torch._fused_sdp_choice), in the dtype
     and at the shapes of the 3B config, after model.attention_backends."""
     from torch.nn.attention import SDPBackend
-    enabled = M.attention_backends(device)
+    enabled = attention_backends(device)
     cuda = torch.device(device).type == "cuda"
     rep.add("attention", "CUDA backends enabled (model.attention_backends)", ", ".join(enabled) if cuda else
             "n/a on CPU", "flash, efficient (math as fallback), no cudnn", ("ok" if "cudnn" not in enabled else "FAIL")
@@ -624,7 +624,7 @@ def main(argv=None) -> int:
 
     if not preflight(rep, args, dev):
         return summary("; preflight FAILED, nothing else ran")
-    M.attention_backends(dev)
+    attention_backends(dev)
 
     def correctness():
         small = check_bf16_logits(rep, TINY if tiny else QWEN25_05B, args.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from dataclasses import field, fields
 from pathlib import Path
 from typing import Optional
@@ -132,3 +133,35 @@ def resolve_device(name: str):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but CUDA is not available; use --device cpu")
     return torch.device(name)
+
+
+# -----------------------------------------------------------------------------
+# How a training command ends: the exit codes sft.py and ppo.py share
+
+
+def run_training(train, out, interrupted: str, user_errors=(), stopped=()) -> int:
+    """train() under the training CLIs' exit codes: 0 done; 2 a user's mistake (one `error:` line);
+    1 the run stopped itself (`stopped`, e.g. too many bad updates) or a rank was lost under torchrun
+    (with what to do); 130 Ctrl-C (`interrupted` says how to resume). Anything else is a bug and keeps
+    its traceback. The process group is closed on every path."""
+    from plumbing import dist
+    from plumbing.files import FolderLocked
+    try:
+        train()
+    except (ValueError, FileNotFoundError, FileExistsError, FolderLocked, *user_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except tuple(stopped) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        if not dist.is_collective_failure(e):
+            raise
+        print(dist.collective_failure_message(e, out), file=sys.stderr)
+        return 1
+    finally:
+        dist.close_distributed()
+    return 0

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 import classify
-import countdown
 import traces
 from conftest import ROOT   # conftest put ROOT on sys.path; pytest puts tests/ there
 from fake_judge import FakeJudge, client_flags
-from plumbing import report as study_report
+from plumbing import files, report as study_report
 
 KEY = "sk-FAKE-0123456789-do-not-leak"
 FAST = client_flags(timeout=1.5, max_retries=3)
@@ -65,7 +64,7 @@ def make_rows(n_items, steps=(0,)):
 
 def write_completions(folder, rows):
     for step in sorted({r["step"] for r in rows}):
-        countdown.write_jsonl(Path(folder) / f"step_{step}.jsonl", [r for r in rows if r["step"] == step])
+        files.write_jsonl(Path(folder) / f"step_{step}.jsonl", [r for r in rows if r["step"] == step])
 
 
 def all_output_text(folder):
@@ -207,9 +206,9 @@ def test_faults_every_item_labelled_or_failed_with_reason(tmp_path, monkeypatch,
                               "--api-key-env", "FAKE_KEY", "--n-samples", "0"] + FAST) == 0
         rerun = list(fj.log)
     assert sorted({item_of(e["prompt"]) for e in rerun}) == [4, 6, 7] and len(rerun) == 12
-    assert all(not r.get("failed") for r in countdown.read_jsonl(tmp_path / "labels" / "labels.jsonl"))
+    assert all(not r.get("failed") for r in files.read_jsonl(tmp_path / "labels" / "labels.jsonl"))
     assert rc == 0
-    labels = countdown.read_jsonl(tmp_path / "labels" / "labels.first.jsonl")
+    labels = files.read_jsonl(tmp_path / "labels" / "labels.first.jsonl")
     assert len(labels) == 10
     for r in labels:
         i = item_of(r["completion"])
@@ -322,7 +321,7 @@ def test_kill_and_restart_never_pays_twice(sig, tmp_path):
         received = len(fj.log)
     assert len(answered) == 120 and len(set(answered)) == 120   # every prompt paid for once
     assert received == 120 + held                                 # plus the ones cut off by the kill
-    labels = countdown.read_jsonl(tmp_path / "labels" / "labels.jsonl")
+    labels = files.read_jsonl(tmp_path / "labels" / "labels.jsonl")
     assert len(labels) == 30 and all(
         r["behaviors"][b] == expected(item_of(r["completion"]), b) for r in labels for b in classify.BEHAVIORS)
     assert KEY not in err1 + out2 + err2 + all_output_text(tmp_path)
@@ -350,7 +349,7 @@ def test_second_process_on_the_same_output_is_refused_and_the_first_finishes(tmp
     assert err2 == (f"error: {out} is in use by another process (pid {first.pid}): one live process owns a "
                     "classify.py output folder. Wait for it to finish or stop it, or choose another --out\n")
     assert first.returncode == 0, err1
-    labels = countdown.read_jsonl(out / "labels.jsonl")
+    labels = files.read_jsonl(out / "labels.jsonl")
     assert len(labels) == 10 and all(
         r["behaviors"][b] == expected(item_of(r["completion"]), b) for r in labels for b in classify.BEHAVIORS)
     assert len(fj.answered()) == 40 == len(set(fj.answered()))  # the second paid for nothing
@@ -442,7 +441,7 @@ def test_refusal_reason_reaches_the_labels(tmp_path, monkeypatch):
         fj.add_fault("refusal", match="<<ITEM-1>>")
         assert classify.main(["--input", str(tmp_path / "completions"), "--base-url", fj.url,
                               "--n-samples", "0"] + FAST) == 0
-    labels = {item_of(r["completion"]): r for r in countdown.read_jsonl(tmp_path / "labels" / "labels.jsonl")}
+    labels = {item_of(r["completion"]): r for r in files.read_jsonl(tmp_path / "labels" / "labels.jsonl")}
     failed = labels[1]["failed"]
     assert len(failed) == 1 and next(iter(failed.values())).startswith("refused: ")
     assert None in labels[1]["behaviors"].values() and not labels[0].get("failed")
@@ -468,7 +467,7 @@ def test_rules_run_summary_and_no_silent_overwrite(tmp_path, capsys):
         (0, "3 * 5 = 15. </think><answer>3 * 5 + 2</answer>"),
         (10, "First, try to reach 8 since 8 * 2 = 16. Done. </think><answer>(5 + 3) * 2</answer>"),
     ]]
-    countdown.write_jsonl(tmp_path / "c.jsonl", rows)
+    files.write_jsonl(tmp_path / "c.jsonl", rows)
     assert classify.main(["--input", str(tmp_path / "c.jsonl"), "--judge", "rules", "--out", str(tmp_path / "o")]) == 0
     s = {r["step"]: r for r in json.loads((tmp_path / "o" / "summary.json").read_text())["steps"]}
     assert s[0]["n_judged"] == 3 and s[0]["accuracy"] == pytest.approx(2 / 3)
@@ -489,7 +488,7 @@ def test_rules_run_summary_and_no_silent_overwrite(tmp_path, capsys):
 
 
 def test_bad_input_gives_clear_error(tmp_path, capsys):
-    countdown.write_jsonl(tmp_path / "x.jsonl", [{"nums": [1, 2], "completion": "x"}])
+    files.write_jsonl(tmp_path / "x.jsonl", [{"nums": [1, 2], "completion": "x"}])
     assert classify.main(["--input", str(tmp_path / "x.jsonl"), "--judge", "rules"]) == 2
     assert "lacks target" in capsys.readouterr().err
     assert classify.main(["--input", str(tmp_path / "missing.jsonl"), "--judge", "rules"]) == 2
@@ -524,7 +523,7 @@ def test_rules_judge_is_exact_on_synthetic_traces(tmp_path, capsys):
     from traces.BEHAVIOR_PHRASES; the rules (markers plus the broader natural-wording rules)
     must recover every count exactly, so the natural rules never double count a marked instance."""
     rows = [t for c in traces.CONDITIONS for t in traces.generate_traces(c, 150, seed=3)]
-    countdown.write_jsonl(tmp_path / "traces.jsonl", rows)
+    files.write_jsonl(tmp_path / "traces.jsonl", rows)
     assert classify.main(["--input", str(tmp_path / "traces.jsonl"), "--judge", "rules", "--n-samples", "0",
                           "--score-against"]) == 0
     report = json.loads((tmp_path / "traces_labels" / "score.json").read_text())
@@ -544,13 +543,13 @@ HELDOUT = Path(__file__).resolve().parent / "behavior_snippets_heldout.jsonl"
 
 
 def rules_scores(path):
-    rows = classify.label_completions(countdown.read_jsonl(path), "rules")
+    rows = classify.label_completions(files.read_jsonl(path), "rules")
     return classify.score_against(rows)
 
 
 def test_snippet_fixtures_are_labelled_sets():
     for path, n_min in ((SNIPPETS, 60), (HELDOUT, 30)):
-        rows = countdown.read_jsonl(path)
+        rows = files.read_jsonl(path)
         assert len(rows) >= n_min and len({r["completion"] for r in rows}) == len(rows)
         for b in classify.BEHAVIORS:  # every behavior has positives and negatives
             assert 3 <= sum(r["behaviors"][b] > 0 for r in rows) < len(rows) - 3, (path.name, b)
@@ -642,7 +641,7 @@ def _fake_ppo_run(folder, steps_correct, n=10, length=20, text_right="12 + 3 = 1
     for step, correct in steps_correct.items():
         rows = [dict(step=step, nums=nums, target=target, completion=good if i < correct else bad,
                      length=length + step) for i in range(n)]
-        countdown.write_jsonl(Path(folder) / "completions" / f"step_{step}.jsonl", rows)
+        files.write_jsonl(Path(folder) / "completions" / f"step_{step}.jsonl", rows)
 
 
 def test_wilson_interval_against_hand_values():

@@ -492,17 +492,17 @@ def test_splits_are_disjoint_and_stable():
 def test_jsonl_round_trip_and_atomicity(tmp_path):
     rows = [{"a": 1, "text": "ünï 🙂\nline"}, {"b": [1, 2]}]
     path = tmp_path / "sub" / "x.jsonl"
-    C.write_jsonl(path, rows)
-    assert C.read_jsonl(path) == rows
+    files.write_jsonl(path, rows)
+    assert files.read_jsonl(path) == rows
     assert os.listdir(path.parent) == ["x.jsonl"]  # no temp file left behind
-    C.append_jsonl(path, {"c": 3})
-    assert C.read_jsonl(str(path)) == rows + [{"c": 3}]
+    files.append_jsonl(path, {"c": 3})
+    assert files.read_jsonl(str(path)) == rows + [{"c": 3}]
 
     class Boom:
         pass
     with pytest.raises(TypeError):
-        C.write_jsonl(path, [{"ok": 1}, {"bad": Boom()}])
-    assert C.read_jsonl(path) == rows + [{"c": 3}]  # the old file survived the failed write
+        files.write_jsonl(path, [{"ok": 1}, {"bad": Boom()}])
+    assert files.read_jsonl(path) == rows + [{"c": 3}]  # the old file survived the failed write
     assert os.listdir(path.parent) == ["x.jsonl"]
 
 
@@ -548,14 +548,14 @@ def test_lock_dir_wait_says_whom_it_waits_for_and_blocks_until_it_lets_go(tmp_pa
 
 def test_jsonl_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
-        C.read_jsonl(tmp_path / "missing.jsonl")
+        files.read_jsonl(tmp_path / "missing.jsonl")
     torn = tmp_path / "torn.jsonl"
     torn.write_text('{"a": 1}\n{"b": ')
-    assert C.read_jsonl(torn) == [{"a": 1}]  # a crash mid-append tears only the last line
+    assert files.read_jsonl(torn) == [{"a": 1}]  # a crash mid-append tears only the last line
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
-        C.read_jsonl(bad)
+        files.read_jsonl(bad)
 
 
 # -----------------------------------------------------------------------------
@@ -808,7 +808,7 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "data"
     assert C.main(["problems", "--distribution", "priming", "--n-train", "30", "--n-test", "10",
                    "--seed", "0", "--out", str(out)]) == 0
-    train, test = C.read_jsonl(out / "train.jsonl"), C.read_jsonl(out / "test.jsonl")
+    train, test = files.read_jsonl(out / "train.jsonl"), files.read_jsonl(out / "test.jsonl")
     assert (train, test) == C.make_splits(30, 10, "priming", seed=0)
     before = (out / "train.jsonl").read_text()
     assert C.main(["problems", "--distribution", "priming", "--n-train", "5", "--n-test", "2",
@@ -817,11 +817,11 @@ def test_cli(tmp_path, capsys):
     assert (out / "train.jsonl").read_text() == before  # nothing overwritten
     assert C.main(["problems", "--distribution", "priming", "--n-train", "5", "--n-test", "2",
                    "--out", str(out), "--force"]) == 0
-    assert len(C.read_jsonl(out / "train.jsonl")) == 5
+    assert len(files.read_jsonl(out / "train.jsonl")) == 5
 
     path = tmp_path / "t.jsonl"
     assert T.main(["traces", "--condition", "backtracking_backward", "--n", "5", "--out", str(path)]) == 0
-    assert C.read_jsonl(path) == T.generate_traces("backtracking_backward", 5, seed=0)
+    assert files.read_jsonl(path) == T.generate_traces("backtracking_backward", 5, seed=0)
     assert T.main(["traces", "--condition", "dots", "--n", "5", "--out", str(path)]) == 2
     capsys.readouterr()
     assert C.main(["traces", "--condition", "dots", "--n", "5", "--out", str(path)]) == 2  # moved: says where

@@ -15,7 +15,7 @@ import traces
 import curate
 from conftest import lock_held_elsewhere
 from fake_judge import FakeJudge, client_flags
-from plumbing import documents
+from plumbing import documents, files
 
 KEY = "sk-FAKE-curate-0123456789"
 FAST = client_flags(timeout=2, max_retries=2)
@@ -61,7 +61,7 @@ def test_priming_writes_sft_examples_and_tops_up_failures(api, tmp_path, monkeyp
         fj.log.clear()
         assert curate.main(args) == 0  # rerun: only the never-answering problem is asked again
         rerun = list(fj.log)
-    rows = countdown.read_jsonl(tmp_path / "p" / "backtracking_verification.jsonl")
+    rows = files.read_jsonl(tmp_path / "p" / "backtracking_verification.jsonl")
     # problems 2 and 7 fail; the stream continues with problems 12 and 13
     want = [p for i, p in enumerate(stream[:14]) if i not in (2, 7)]
     assert [(r["nums"], r["target"], r["id"]) for r in rows] == [(p["nums"], p["target"], p["id"]) for p in want]
@@ -71,7 +71,7 @@ def test_priming_writes_sft_examples_and_tops_up_failures(api, tmp_path, monkeyp
         assert "<think>" + r["completion"] == text and r["condition"] == "backtracking_verification"
         assert r["score"] == countdown.score(r["completion"], r["nums"], r["target"])
     assert {r["score"] for r in rows} == {1.0, 0.1}
-    rejects = countdown.read_jsonl(tmp_path / "p" / "backtracking_verification.rejects.jsonl")
+    rejects = files.read_jsonl(tmp_path / "p" / "backtracking_verification.rejects.jsonl")
     assert {r["id"]: r["reason"] for r in rejects}.keys() == {2, 7}
     assert "HTTP 500" in [r for r in rejects if r["id"] == 2][0]["reason"]
     assert "does not start with <think>" in [r for r in rejects if r["id"] == 7][0]["reason"]
@@ -160,11 +160,11 @@ def test_no_positive_keeps_every_answer_below_full_score(tmp_path, capsys):
     assert [r["completion"] for r in kept] == [r["completion"] for r in rows[1:]]
     assert curate.no_positive(traces.generate_traces("all_strategies", 30, seed=1)) == []
     assert len(curate.no_positive(traces.generate_traces("no_positive", 30, seed=1))) == 30
-    countdown.write_jsonl(tmp_path / "in.jsonl", rows)
+    files.write_jsonl(tmp_path / "in.jsonl", rows)
     args = ["controls", "--input", str(tmp_path / "in.jsonl"), "--kind", "no_positive",
             "--out", str(tmp_path / "np.jsonl")]
     assert curate.main(args) == 0
-    out = countdown.read_jsonl(tmp_path / "np.jsonl")
+    out = files.read_jsonl(tmp_path / "np.jsonl")
     assert len(out) == 3 and {r["condition"] for r in out} == {"no_positive"}
     assert curate.main(args) == 2 and "exists" in capsys.readouterr().err  # never silently overwritten
     assert curate.main(args + ["--overwrite"]) == 0
@@ -270,7 +270,7 @@ def test_parse_problem_solution_and_rewrite():
 
 def test_pretrain_pipeline_end_to_end(tmp_path, capsys):
     docs = [dict(id=i, text=doc_text(i, c), url="x") for i, c in DOCS.items()]
-    countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
+    files.write_jsonl(tmp_path / "docs.jsonl", docs)
     sizes = {d["id"]: traces.count_tokens(d["text"]) for d in docs}  # whitespace words
     # with the problem/solution filter: rich (sum >= 2) d1 d2 d4 d8 (not d10: no problem);
     # minimal (sum == 0) d0 d7 d9 (not d3: no solution; d11: unreadable; d5: a count is missing)
@@ -292,8 +292,8 @@ def test_pretrain_pipeline_end_to_end(tmp_path, capsys):
         rerun = [e["prompt"] for e in fj.log[n_first:]]
     # a rerun asks only for what was not kept: d9's cut rewrite, then the 4 labels of its rewrite
     assert len(rerun) == 5 and "Problem d9:" in rerun[0] and all("What is <<d9>>?" in p for p in rerun[1:])
-    assert "d9" in {r["id"] for r in countdown.read_jsonl(tmp_path / "o" / "sft_minimal.jsonl")}
-    labels = {r["id"]: r for r in countdown.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")}
+    assert "d9" in {r["id"] for r in files.read_jsonl(tmp_path / "o" / "sft_minimal.jsonl")}
+    labels = {r["id"]: r for r in files.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")}
     assert list(labels) == list(DOCS)  # one row per document, input order
     for i, c in DOCS.items():
         want = dict(zip(classify.BEHAVIORS, c))
@@ -304,7 +304,7 @@ def test_pretrain_pipeline_end_to_end(tmp_path, capsys):
     assert (labels["d3"]["problem"], labels["d3"]["solution"]) == (True, False)
     assert labels["d11"]["problem"] is None and labels["d11"]["missing"] == ["problem_solution"]
     assert summary["problem_solution"] == dict(both=9, no_problem=1, no_solution=1, unknown=1)
-    sel = countdown.read_jsonl(tmp_path / "o" / "selection.jsonl")
+    sel = files.read_jsonl(tmp_path / "o" / "selection.jsonl")
     assert sorted(s["id"] for s in sel if s["set"] == "rich") == rich
     assert sorted(s["id"] for s in sel if s["set"] == "minimal") == minimal
     # Figure 7 rows by hand. input: verification > 0 in d1 d2 d6 d8 d10 = 5 of 12
@@ -323,7 +323,7 @@ def test_pretrain_pipeline_end_to_end(tmp_path, capsys):
     assert summary["rewrite_reject_reasons"] == {"no <question> in the rewrite": 1,
                                                  "no non-empty <answer> in the rewrite": 1, "truncated": 1}
     for name, ids in (("rich", ["d1", "d8"]), ("minimal", ["d0", "d7", "d9"])):
-        sft = countdown.read_jsonl(tmp_path / "o" / f"sft_{name}.jsonl")  # after the rerun
+        sft = files.read_jsonl(tmp_path / "o" / f"sft_{name}.jsonl")  # after the rerun
         assert sorted(r["id"] for r in sft) == ids
         for r in sft:
             assert r["query"] == curate.QA_QUERY_TEMPLATE.format(question=f"What is <<{r['id']}>>?")
@@ -343,7 +343,7 @@ def test_pretrain_pipeline_end_to_end(tmp_path, capsys):
 
 def test_pretrain_equal_budgets_share_one_cap(tmp_path):
     docs = [dict(id=i, text=doc_text(i, c)) for i, c in DOCS.items()]
-    countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
+    files.write_jsonl(tmp_path / "docs.jsonl", docs)
     sizes = {d["id"]: traces.count_tokens(d["text"]) for d in docs}
     with FakeJudge(pretrain_responder) as fj:
         assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
@@ -364,7 +364,7 @@ def test_pretrain_chunks_bound_requests_and_a_rerun_resumes(tmp_path, monkeypatc
     """Requests go out chunk by chunk; labels are saved per chunk; a rerun skips finished documents
     (no prompt rendered or sent) and retries only the failed one."""
     docs = [dict(id=i, text=doc_text(i, c)) for i, c in DOCS.items()]
-    countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
+    files.write_jsonl(tmp_path / "docs.jsonl", docs)
     batches = []
     orig = classify.JudgeClient.complete
 
@@ -383,7 +383,7 @@ def test_pretrain_chunks_bound_requests_and_a_rerun_resumes(tmp_path, monkeypatc
         assert curate.main(args + ["--base-url", fj.url]) == 0
         rerun = [e["prompt"] for e in fj.log]
         n_batches = list(batches)
-        labels = countdown.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")
+        labels = files.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")
         # a kill mid-append tears the last label line: that document is labelled again (from the
         # judge cache: no request), and the next append does not glue onto the torn line
         path = tmp_path / "o" / "doc_labels.jsonl"
@@ -392,13 +392,13 @@ def test_pretrain_chunks_bound_requests_and_a_rerun_resumes(tmp_path, monkeypatc
         fj.log.clear()
         assert curate.main(args + ["--base-url", fj.url]) == 0
         assert len(fj.log) == 0
-    assert [r["id"] for r in countdown.read_jsonl(path)] == list(DOCS)
+    assert [r["id"] for r in files.read_jsonl(path)] == list(DOCS)
     # the torn line is cut off, so a row appended after it (then a second kill) is still readable
     path.write_text('{"id": "a"}\n{"id": "b", "tok')
     assert list(documents.load_labels(path)) == ["a"]
     with open(path, "a") as f:
         f.write('{"id": "c"}\n')
-    assert [r["id"] for r in countdown.read_jsonl(path)] == ["a", "c"]
+    assert [r["id"] for r in files.read_jsonl(path)] == ["a", "c"]
     # 12 documents in chunks of 5: at most 5 x 4 behavior prompts, or 5 problem/solution prompts, at once
     assert max(n_batches) <= 20 and len(n_batches) == 2 * 3 + 2
     assert first == 11 * 5 + 5 * 3  # d6: 5 requests x (1 + 2 retries)
@@ -409,12 +409,12 @@ def test_pretrain_chunks_bound_requests_and_a_rerun_resumes(tmp_path, monkeypatc
 
 def test_pretrain_stop_after_label_and_thresholds(tmp_path, capsys):
     docs = [dict(id=i, text=doc_text(i, c)) for i, c in DOCS.items()]
-    countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
+    files.write_jsonl(tmp_path / "docs.jsonl", docs)
     with FakeJudge(pretrain_responder) as fj:
         assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
                             "--stop-after", "label", "--base-url", fj.url] + WORDS + FAST) == 0
         assert len(fj.log) == 12 * 5 and not (tmp_path / "o" / "selection.jsonl").exists()
-    labels = countdown.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")
+    labels = files.read_jsonl(tmp_path / "o" / "doc_labels.jsonl")
     cfg = curate.PretrainConfig(rich_min_total=1, rich_require=("backtracking",))
     rich, minimal = curate.eligible(labels, cfg)
     assert sorted(r["id"] for r in rich) == ["d1", "d4", "d8"]           # d10: no problem
@@ -434,7 +434,7 @@ def test_pretrain_stop_after_label_and_thresholds(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["priming", "pretrain"])
 def test_output_folder_held_by_another_process_is_refused(command, tmp_path, capsys):
-    countdown.write_jsonl(tmp_path / "docs.jsonl", [dict(id="d0", text="x")])
+    files.write_jsonl(tmp_path / "docs.jsonl", [dict(id="d0", text="x")])
     out = tmp_path / "o"
     args = {"priming": ["priming", "--condition", "all_strategies", "--n", "2"],
             "pretrain": ["pretrain", "--input", str(tmp_path / "docs.jsonl")]}[command]
@@ -453,7 +453,7 @@ def test_pretrain_counts_tokens_with_a_real_tokenizer_by_default(tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     docs = [dict(id=i, text=doc_text(i, c)) for i, c in DOCS.items()]
-    countdown.write_jsonl(tmp_path / "docs.jsonl", docs)
+    files.write_jsonl(tmp_path / "docs.jsonl", docs)
     assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "o"),
                         "--base-url", "http://127.0.0.1:9"] + FAST) == 2
     err = capsys.readouterr().err
@@ -464,14 +464,14 @@ def test_pretrain_counts_tokens_with_a_real_tokenizer_by_default(tmp_path, monke
     with FakeJudge(pretrain_responder) as fj:
         assert curate.main(["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "t"),
                             "--stop-after", "label", "--tokenizer", str(tmp_path), "--base-url", fj.url] + FAST) == 0
-    labels = {r["id"]: r for r in countdown.read_jsonl(tmp_path / "t" / "doc_labels.jsonl")}
+    labels = {r["id"]: r for r in files.read_jsonl(tmp_path / "t" / "doc_labels.jsonl")}
     for d in docs:
         assert labels[d["id"]]["tokens"] == len(tk.tk.encode(d["text"], add_special_tokens=False).ids)
         assert labels[d["id"]]["tokens"] > len(d["text"].split())  # tokens, not words
 
 
 def test_read_documents_streams_jsonl(tmp_path):
-    countdown.write_jsonl(tmp_path / "a.jsonl", [{"content": "x"}, {"content": "y"}])
+    files.write_jsonl(tmp_path / "a.jsonl", [{"content": "x"}, {"content": "y"}])
     docs = documents.read_documents(tmp_path / "a.jsonl", text_field="content")
     assert docs == [dict(id="a:0", text="x"), dict(id="a:1", text="y")]
     with pytest.raises(ValueError, match="--text-field"):

@@ -11,10 +11,9 @@ import time
 import pytest
 import torch
 
-import countdown as C
 import model as M
 import ppo
-from plumbing import ppo_run
+from plumbing import files, ppo_run
 import sft
 from conftest import ROOT, load_weights, make_checkpoint, max_abs_diff
 from test_sft import _rows
@@ -45,7 +44,7 @@ def _free_port() -> int:
 def sft_setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist_sft")
     ckpt = make_checkpoint(d / "ckpt", seed=0)
-    C.write_jsonl(d / "train.jsonl", _rows(16, seed=3))
+    files.write_jsonl(d / "train.jsonl", _rows(16, seed=3))
     return d, ckpt
 
 
@@ -80,7 +79,7 @@ def test_sft_two_processes_give_the_single_process_weights_and_resume_only_on_th
     assert dw <= 1e-5
     assert any((one[k] - load_weights(ckpt)[k]).abs().max() > 1e-3 for k in one)   # it trained at all
     # rank 0 alone wrote the log: one line per step and per epoch, as the single-process run
-    m1, m2 = C.read_jsonl(d / "one" / "metrics.jsonl"), C.read_jsonl(d / "two" / "metrics.jsonl")
+    m1, m2 = files.read_jsonl(d / "one" / "metrics.jsonl"), files.read_jsonl(d / "two" / "metrics.jsonl")
     assert [m["step"] for m in m2] == [m["step"] for m in m1]
     for a, b in zip(m1, m2):   # global loss, token count and gradient norm, not one rank's
         assert b["tokens"] == a["tokens"]
@@ -95,6 +94,7 @@ def test_sft_two_processes_give_the_single_process_weights_and_resume_only_on_th
 _FAULTY_SFT = """
 import os, sys, time
 import model as M, sft
+from plumbing import dist
 calls = [0]
 real = sft.batch_loss
 def batch_loss(*a, **kw):
@@ -105,7 +105,7 @@ def batch_loss(*a, **kw):
         os._exit(3)
     return real(*a, **kw)
 sft.batch_loss = batch_loss
-M.exit_process(sft.main(sys.argv[2:]))   # as sft.py's own main guard
+dist.exit_process(sft.main(sys.argv[2:]))   # as sft.py's own main guard
 """
 
 
@@ -141,6 +141,7 @@ def test_a_rank_that_hangs_or_dies_stops_the_other_with_a_clear_error(sft_setup,
 _RECORDING_PPO = """
 import os, sys, torch
 import model as M, ppo
+from plumbing import dist
 rank, record = os.environ["RANK"], sys.argv[1]
 real_iteration, real_reward = ppo.ppo_iteration, ppo.countdown_reward
 seen = {}
@@ -154,7 +155,7 @@ def ppo_iteration(models, prompts, reward_fn, cfg, step, **kw):
                os.path.join(record, f"rank{rank}_step{step}.pt"))
     return metrics, exp, outcomes
 ppo.countdown_reward, ppo.ppo_iteration = countdown_reward, ppo_iteration
-M.exit_process(ppo.main(sys.argv[2:]))   # as ppo.py's own main guard
+dist.exit_process(ppo.main(sys.argv[2:]))   # as ppo.py's own main guard
 """
 
 
@@ -176,8 +177,8 @@ def test_ppo_two_processes_reduce_metrics_whiten_globally_and_leave_one_loadable
     r = torchrun(script, [record, *_ppo_args(ckpt, out)])
     assert r.returncode == 0, r.stderr[-4000:]
 
-    train = C.read_jsonl(out / "data" / "train.jsonl")
-    rows = C.read_jsonl(out / "metrics.jsonl")
+    train = files.read_jsonl(out / "data" / "train.jsonl")
+    rows = files.read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in rows] == [0, 1, 2]                 # rank 0 alone logged
     assert all(set(m) == set(ppo_run.METRIC_KEYS) for m in rows)
     for step in (1, 2):
@@ -223,8 +224,8 @@ def test_ppo_two_processes_reduce_metrics_whiten_globally_and_leave_one_loadable
     assert not torch.equal(policy.state_dict()["embed_tokens.weight"], initial["embed_tokens.weight"])
     assert set(state["critic"]) == set(ppo.Critic(M.load(ckpt)[0]).state_dict())
     # validation: every test problem once, in the test set's order, written by rank 0 alone
-    comp = C.read_jsonl(out / "completions" / "step_2.jsonl")
-    test = C.read_jsonl(out / "data" / "test.jsonl")
+    comp = files.read_jsonl(out / "completions" / "step_2.jsonl")
+    test = files.read_jsonl(out / "data" / "test.jsonl")
     assert [(c["nums"], c["target"]) for c in comp] == [(p["nums"], p["target"]) for p in test[:3]]
     assert rows[2]["val_response_length"] == pytest.approx(sum(c["length"] for c in comp) / 3)
     # the same folder in one process: refused, naming the world size to use
@@ -236,6 +237,7 @@ def test_ppo_two_processes_reduce_metrics_whiten_globally_and_leave_one_loadable
 _ONE_UPDATE = """
 import sys, torch
 import model as M, ppo
+from plumbing import dist
 ckpt, out, loss_agg = sys.argv[1:4]
 cfg = ppo.resolve_config(ppo.PPOConfig(model=ckpt, device="cpu", batch_prompts=4, samples=2, mini_batch_prompts=2,
                                        critic_mini_batch=4, micro_batch=1, max_response=6, actor_lr=1e-3,
@@ -256,12 +258,12 @@ exp = ppo.make_experience([prompts[i] for i in mine], gen, 2, scores[rows].tolis
 ppo.prepare_experience(exp, models, cfg)
 stats = ppo.update_critic(models.critic, models.critic_opt, exp, cfg, cfg.critic_lr)
 stats.update(ppo.update_actor(models.policy, models.actor_opt, exp, cfg, cfg.actor_lr))
-state = {**{"policy." + k: v for k, v in M.full_state_dict(models.policy).items()},
-         **{"critic." + k: v for k, v in M.full_state_dict(models.critic).items()}}
-if M.is_main():
+state = {**{"policy." + k: v for k, v in dist.full_state_dict(models.policy).items()},
+         **{"critic." + k: v for k, v in dist.full_state_dict(models.critic).items()}}
+if dist.is_main():
     torch.save({"weights": state, "stats": stats}, out)
-M.close_distributed()
-M.exit_process(0)
+dist.close_distributed()
+dist.exit_process(0)
 """
 
 

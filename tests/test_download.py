@@ -206,7 +206,7 @@ def test_existing_hf_cache_snapshot_is_reused(hub, repo_files, tmp_path):
             (snap / name).write_bytes(data)
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text(COMMIT)
-    path = M.resolve_checkpoint("llama-3.2-1b")  # an alias of that repo
+    path = hub_client.resolve_checkpoint("llama-3.2-1b")  # an alias of that repo
     assert path == snap and not hub.resolve_requests()
 
 

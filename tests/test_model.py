@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import model as M
 from plumbing import fast_decode, hub
+from plumbing.device import attention_backends, rng_state, set_rng_state
 from conftest import EOS, make_checkpoint, make_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -393,15 +394,15 @@ def test_attention_backends_turn_cudnn_off_on_cuda_paths_and_ppo_sets_them(tmp_p
     saved = [b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(), b.cudnn_sdp_enabled()]
     try:
         b.enable_cudnn_sdp(True)
-        assert "cudnn" in M.attention_backends("cpu")              # CPU: nothing changed
-        assert M.attention_backends(torch.device("cuda", 0)) == ["flash", "efficient", "math"]
+        assert "cudnn" in attention_backends("cpu")              # CPU: nothing changed
+        assert attention_backends(torch.device("cuda", 0)) == ["flash", "efficient", "math"]
         assert not b.cudnn_sdp_enabled()
     finally:
         for flag, on in zip((b.enable_flash_sdp, b.enable_mem_efficient_sdp, b.enable_math_sdp, b.enable_cudnn_sdp),
                             saved):
             flag(on)
     seen = []
-    monkeypatch.setattr(M, "attention_backends", lambda device: seen.append(torch.device(device).type) or [])
+    monkeypatch.setattr(ppo, "attention_backends", lambda device: seen.append(torch.device(device).type) or [])
     ck = make_checkpoint(tmp_path / "ck")
     ppo.build_models(ppo.resolve_config(ppo.PPOConfig(device="cpu", kl_coef=0.0)), ck, ck)
     assert seen == ["cpu"]                                        # before the models first attend
@@ -768,8 +769,8 @@ def test_cli_prints_only_the_greedy_completion(tiny, tmp_path):
 
 def test_rng_state_round_trip_restores_torch_and_python_streams():
     import random
-    saved = M.rng_state()
+    saved = rng_state()
     first = (torch.rand(3), random.random())
-    M.set_rng_state(saved)
+    set_rng_state(saved)
     again = (torch.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and first[1] == again[1]

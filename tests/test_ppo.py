@@ -17,9 +17,9 @@ import torch.nn.functional as F
 import countdown
 import model as M
 import ppo
-from plumbing import memory, ppo_config, ppo_run, runs
+from plumbing import files, memory, ppo_config, ppo_run, runs
 from conftest import ROOT, make_checkpoint, make_config
-from plumbing.device import CPU_FALLBACK_MAX_PARAMS
+from plumbing.device import CPU_FALLBACK_MAX_PARAMS, param_count, refuse_cpu_fallback
 
 
 # -----------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def test_param_count_matches_the_model():
                dict(attention_bias=True, tie_word_embeddings=False)]:
         cfg = make_config(**kw)
         model = M.Transformer(cfg)
-        assert M.param_count(cfg) == sum(p.numel() for p in model.parameters())
+        assert param_count(cfg) == sum(p.numel() for p in model.parameters())
 
 
 # -----------------------------------------------------------------------------
@@ -655,7 +655,7 @@ def test_compiled_validation_calls_have_the_rollouts_row_count(tmp_path, monkeyp
         prompts = ppo.encode_prompts(tok, problems[:2], cfg)
         ppo.rollout(model, prompts, cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=None)
         got = ppo.validate(model, tok, problems, cfg, 0, tmp_path)
-        rows = countdown.read_jsonl(tmp_path / "completions" / "step_0.jsonl")
+        rows = files.read_jsonl(tmp_path / "completions" / "step_0.jsonl")
         assert len(rows) == 11 and [r["target"] for r in rows] == [p["target"] for p in problems]
         assert got["val_response_length"] == sum(r["length"] for r in rows) / 11
         if compile_:
@@ -679,7 +679,7 @@ def test_validation_is_greedy_by_default_and_seeded_when_sampled(tmp_path):
     def completions(step, **kw):
         cfg = ppo.resolve_config(ppo.PPOConfig(device="cpu", max_response=16, max_prompt=1024, seed=5, **kw))
         ppo.validate(model, tok, problems, cfg, step, tmp_path)
-        return [r["completion"] for r in countdown.read_jsonl(tmp_path / "completions" / f"step_{step}.jsonl")]
+        return [r["completion"] for r in files.read_jsonl(tmp_path / "completions" / f"step_{step}.jsonl")]
 
     prompts = [tok.encode(countdown.make_prompt(p["nums"], p["target"])) for p in problems]
     greedy = M.generate(model, prompts, max_new_tokens=16, temperature=0.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -819,7 +819,7 @@ def test_keep_policies_and_state_dir(tmp_path):
     assert (out / "checkpoints" / "step_3" / "state.pt").resolve() == (states / "run-step_3.pt").resolve()
     ppo.train(_run_cfg(ck, out, steps=4, **kw))                 # resumes through the link
     assert sorted(runs.step_dirs(out)) == [3, 4] and [p.name for p in states.iterdir()] == ["run-step_4.pt"]
-    assert len(countdown.read_jsonl(out / "metrics.jsonl")) == 4
+    assert len(files.read_jsonl(out / "metrics.jsonl")) == 4
 
 
 def test_bfloat16_run_keeps_fp32_master_weights(tmp_path):
@@ -879,7 +879,7 @@ def test_second_process_on_a_run_folder_is_refused_and_the_first_finishes(tmp_pa
         f"error: {out} is in use by another process (pid {first.pid}): one live process owns a ppo.py run folder. "
         "Wait for it to finish or stop it, or choose another --out")
     assert "Traceback" not in second.stderr
-    rows = countdown.read_jsonl(out / "metrics.jsonl")
+    rows = files.read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert (out / "checkpoints" / "step_3" / "state.pt").is_file()
 
@@ -922,9 +922,9 @@ def test_device_auto_refuses_the_cpu_for_a_model_above_1b(tmp_path, capsys, monk
     for what in ("3.09B-parameter", "driver >= 580", "https://download.pytorch.org/whl/cu126", "--device cpu"):
         assert what in err, what
     assert not (tmp_path / "r").exists()                 # refused before the run folder was made
-    M.refuse_cpu_fallback(CPU_FALLBACK_MAX_PARAMS)     # up to ~1B parameters the CPU is allowed
+    refuse_cpu_fallback(CPU_FALLBACK_MAX_PARAMS)     # up to ~1B parameters the CPU is allowed
     with pytest.raises(ValueError, match="--device cpu"):
-        M.refuse_cpu_fallback(CPU_FALLBACK_MAX_PARAMS + 1)
+        refuse_cpu_fallback(CPU_FALLBACK_MAX_PARAMS + 1)
 
 
 def test_resume_loads_the_training_state_memory_mapped(tmp_path, monkeypatch):
@@ -965,8 +965,8 @@ def test_response_cap_is_checked_against_the_traces_p99(tmp_path, tiny_tokenizer
     tok = tiny_tokenizer
     texts = [" 12 + 5 = 17." * k for k in range(1, 101)]   # 100 completions of growing length
     rows = [{"query": "q", "completion": t} for t in texts]
-    countdown.write_jsonl(tmp_path / "a.jsonl", rows)
-    countdown.write_jsonl(tmp_path / "b.jsonl", rows[:10])
+    files.write_jsonl(tmp_path / "a.jsonl", rows)
+    files.write_jsonl(tmp_path / "b.jsonl", rows[:10])
     lengths = sorted(len(tok.encode(t)) + 1 for t in texts)
     p99 = lengths[98]  # the 99th of 100 values
     assert ppo.check_response_cap(tok, [tmp_path / "a.jsonl"], p99) == {tmp_path / "a.jsonl": p99}

@@ -13,6 +13,7 @@ import traces as T
 import model as M
 import ppo
 import satori
+from plumbing import files
 
 COAT = list(T.COAT_TOKENS.values())
 CONT, REFL, EXPL = T.COAT_TOKENS["continue"], T.COAT_TOKENS["reflect"], T.COAT_TOKENS["explore"]
@@ -84,7 +85,7 @@ def test_sft_add_tokens_flag_format_tunes_with_coat_tokens(tmp_path):
     import sft
     ck = make_checkpoint(tmp_path / "ck")
     data = tmp_path / "coat.jsonl"
-    C.write_jsonl(data, [{"query": "Q:", "completion": TRAJ}] * 8)
+    files.write_jsonl(data, [{"query": "Q:", "completion": TRAJ}] * 8)
     out = sft.train(sft.SFTConfig(data=str(data), out=str(tmp_path / "run"), model=str(ck), add_tokens="coat",
                                   epochs=1, batch_size=4, micro_batch_size=4, val_fraction=0, eval_n=0,
                                   device="cpu", max_length=1024))
@@ -386,15 +387,15 @@ def test_save_correct_writes_sft_rows_and_a_resume_drops_the_steps_it_redoes(tmp
                         n_train=8, n_test=2, save_every=2, progress=False, seed=3, save_correct=True)
     ppo.train(cfg)
     path = tmp_path / "run" / "correct.jsonl"
-    rows = C.read_jsonl(path)
-    train = C.read_jsonl(tmp_path / "run" / "data" / "train.jsonl")
+    rows = files.read_jsonl(path)
+    train = files.read_jsonl(tmp_path / "run" / "data" / "train.jsonl")
     assert [r["step"] for r in rows] == [1] * 4 + [2] * 4
     for r in rows:
         assert r["query"] == C.make_prompt(r["nums"], r["target"]) and isinstance(r["completion"], str)
         assert any(t["nums"] == r["nums"] and t["target"] == r["target"] for t in train)
-    C.append_jsonl(path, dict(rows[0], step=3))   # a step that ran after the last checkpoint
+    files.append_jsonl(path, dict(rows[0], step=3))   # a step that ran after the last checkpoint
     ppo.train(cfg)                                 # resumes at step 2: nothing to do, step 3 forgotten
-    assert C.read_jsonl(path) == rows
+    assert files.read_jsonl(path) == rows
 
 
 def test_a_run_started_before_a_setting_existed_resumes_with_its_default(tmp_path):
@@ -409,7 +410,7 @@ def test_a_run_started_before_a_setting_existed_resumes_with_its_default(tmp_pat
         del saved[k]                              # as config.json was written before Satori's flags
     cfg_path.write_text(json.dumps(saved))
     ppo.train(ppo.PPOConfig(**{**cfg.__dict__, "steps": 2}))
-    assert [r["step"] for r in C.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in files.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
     cfg_path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="rule_reward: 'paper' -> 'satori'"):
         ppo.train(ppo.PPOConfig(**{**cfg.__dict__, "steps": 3, "rule_reward": "satori"}))

@@ -13,7 +13,7 @@ import countdown as C
 import model as M
 import sft
 import traces
-from plumbing import sft_eval, sft_run
+from plumbing import files, sft_eval, sft_run
 from conftest import load_weights, lock_held_elsewhere, make_checkpoint, max_abs_diff
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data12(tmp_path_factory):
     path = tmp_path_factory.mktemp("sft_data") / "train.jsonl"
-    C.write_jsonl(path, _rows(12, seed=3))
+    files.write_jsonl(path, _rows(12, seed=3))
     return path
 
 
@@ -173,7 +173,7 @@ def test_micro_batch_size_does_not_change_the_update(ckpt, tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * a.abs().max().item())  # float sum order
     # end to end: one optimizer step at the peak lr (no warmup), micro-batch 1 vs 8
     data = tmp_path / "d.jsonl"
-    C.write_jsonl(data, _rows(8, seed=7))
+    files.write_jsonl(data, _rows(8, seed=7))
     outs = [sft.train(_cfg(tmp_path, f"mb{mb}", data, model=str(ckpt), batch_size=8, micro_batch_size=mb,
                            warmup_ratio=0.0)) for mb in (1, 8)]
     w1, w8, w0 = load_weights(outs[0]), load_weights(outs[1]), load_weights(ckpt)
@@ -181,7 +181,7 @@ def test_micro_batch_size_does_not_change_the_update(ckpt, tmp_path):
     # Adam's first step is ~ lr * g / (|g| + eps): for entries with |g| near eps, float summation
     # order moves the update by a small fraction of lr, hence 1% of lr rather than 1e-7
     assert max_abs_diff(w1, w8) < 1e-5
-    logged = [C.read_jsonl(o.parent / "metrics.jsonl")[0] for o in outs]
+    logged = [files.read_jsonl(o.parent / "metrics.jsonl")[0] for o in outs]
     assert logged[0]["loss"] == pytest.approx(logged[1]["loss"], rel=1e-6)
     assert logged[0]["grad_norm"] == pytest.approx(logged[1]["grad_norm"], rel=1e-5)
 
@@ -267,7 +267,7 @@ def straight(ckpt, data12, tmp_path_factory):
     """An uninterrupted run: 9 training examples, batch 4, 3 epochs = 6 steps, warmup 1 step."""
     tmp = tmp_path_factory.mktemp("sft_straight")
     out = sft.train(_cfg(tmp, "run", data12, model=str(ckpt), **RUN))
-    return out, C.read_jsonl(tmp / "run" / "metrics.jsonl")
+    return out, files.read_jsonl(tmp / "run" / "metrics.jsonl")
 
 
 def _train_losses(metrics):
@@ -282,7 +282,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(ckpt, data12, str
     cfg.stop_after = 0
     resumed = sft.train(cfg)                                # the same command again: resumes at step 3
     assert max_abs_diff(load_weights(final), load_weights(resumed)) == 0.0
-    got = C.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    got = files.read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert _train_losses(got) == _train_losses(metrics)     # every step once, the same losses and lrs
     assert [m["lr"] for m in got if m["kind"] == "train"] == [sft.lr_at(s, 6, 1e-3, 0.2) for s in range(6)]
     assert all(set(m) == set(sft_run.METRIC_KEYS) for m in got)
@@ -290,7 +290,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(ckpt, data12, str
     # the held-out loss of each epoch is the token-mean loss of that epoch's weights on the split
     evals = [m for m in got if m["kind"] == "eval"]
     assert [m["step"] for m in evals] == [2, 4, 6] and all(m["accuracy"] is None for m in evals)
-    _, val_rows = sft.split_validation(C.read_jsonl(data12), 0.25, 0)
+    _, val_rows = sft.split_validation(files.read_jsonl(data12), 0.25, 0)
     model, tok = M.load(resumed, dtype="float32")
     val_ex, _ = sft.tokenize_examples(tok, val_rows, 2048)
     assert evals[-1]["val_loss"] == pytest.approx(sft.batch_loss(model, val_ex, micro_batch_size=3,
@@ -386,12 +386,12 @@ def test_too_long_examples_error_or_are_dropped(tiny_tokenizer, tmp_path, ckpt, 
     kept, dropped = sft.tokenize_examples(tiny_tokenizer, rows, 40, drop_long=True)
     assert (len(kept), dropped) == (1, 1)
     data = tmp_path / "d.jsonl"
-    C.write_jsonl(data, rows)
+    files.write_jsonl(data, rows)
     argv = ["--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "r"), "--val-fraction", "0",
             "--batch-size", "1", "--max-length", "40", "--device", "cpu"]
     assert sft.main(argv) == 2
     assert "example 1" in capsys.readouterr().err
-    C.write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "completion": "y"}])
+    files.write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "completion": "y"}])
     with pytest.raises(ValueError, match="row 0 needs string fields 'query' and 'completion'"):
         sft.load_examples(tmp_path / "bad.jsonl")
 
@@ -412,8 +412,8 @@ def scratch(tmp_path_factory):
     """--init tiny on 4 problems with correct answers: batch 4 = the whole set, 80 steps (~10 s)."""
     tmp = tmp_path_factory.mktemp("sft_scratch")
     rows = _rows(4, seed=11)
-    C.write_jsonl(tmp / "train.jsonl", rows)
-    C.write_jsonl(tmp / "problems.jsonl", [{"nums": r["nums"], "target": r["target"]} for r in rows])
+    files.write_jsonl(tmp / "train.jsonl", rows)
+    files.write_jsonl(tmp / "problems.jsonl", [{"nums": r["nums"], "target": r["target"]} for r in rows])
     argv = ["--init", "tiny", "--data", str(tmp / "train.jsonl"), "--out", str(tmp / "run"), "--val-fraction", "0",
             "--epochs", "80", "--batch-size", "4", "--micro-batch-size", "4", "--lr", "5e-3", "--vocab-size", "400",
             "--device", "cpu", "--seed", "1"]
@@ -422,7 +422,7 @@ def scratch(tmp_path_factory):
 
 
 def test_tiny_model_overfits_a_handful_of_examples(scratch, capsys):
-    metrics = [m for m in C.read_jsonl(scratch / "run" / "metrics.jsonl") if m["kind"] == "train"]
+    metrics = [m for m in files.read_jsonl(scratch / "run" / "metrics.jsonl") if m["kind"] == "train"]
     assert len(metrics) == 80
     assert metrics[0]["loss"] > 5.0 and metrics[-1]["loss"] < 0.05     # ln(400) = 6.0 at init
     # greedy generation now reproduces the (correct) answers: accuracy 1.0 by countdown's reward
@@ -491,12 +491,12 @@ def test_eval_per_count_balances_three_and_four_numbers(tmp_path, capsys):
     """--per-count: half 3-number, half 4-number problems, none in any --exclude-data file."""
     ck = make_checkpoint(tmp_path / "ck")
     train, test = C.make_splits(3000, 50, "priming", seed=1)
-    C.write_jsonl(tmp_path / "train.jsonl", train)
-    C.write_jsonl(tmp_path / "test.jsonl", test)
+    files.write_jsonl(tmp_path / "train.jsonl", train)
+    files.write_jsonl(tmp_path / "test.jsonl", test)
     out = tmp_path / "rows.jsonl"
     assert sft.main(["eval", "--model", str(ck), "--n", "40", "--per-count", "--max-new-tokens", "2", "--device", "cpu",
                      "--exclude-data", f"{tmp_path / 'test.jsonl'},{tmp_path / 'train.jsonl'}", "--out", str(out)]) == 0
-    rows = C.read_jsonl(out)
+    rows = files.read_jsonl(out)
     assert [len(r["nums"]) for r in rows].count(3) == 20 and len(rows) == 40
     seen = {(tuple(sorted(p["nums"])), p["target"]) for p in train + test}
     assert not any((tuple(sorted(r["nums"])), r["target"]) in seen for r in rows)

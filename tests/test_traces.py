@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import classify  # noqa: E402
 import countdown as C  # noqa: E402
 import traces as T  # noqa: E402
-from plumbing import report as study_report  # noqa: E402
+from plumbing import files, report as study_report  # noqa: E402
 
 RESTART = [c for c in T.CONDITIONS if c.startswith("restart")]
 N = 400
@@ -259,16 +259,16 @@ def test_traces_cli_from_a_problem_file(tmp_path, capsys):
         out = tmp_path / f"{cond}.jsonl"
         assert T.main(["traces", "--condition", cond, "--n", "20", "--problems", str(data / "train.jsonl"),
                        "--offset", "10", "--out", str(out)]) == 0
-        rows = C.read_jsonl(out)
+        rows = files.read_jsonl(out)
         assert [(r["nums"], r["target"]) for r in rows] == [(p["nums"], p["target"])
-                                                            for p in C.read_jsonl(data / "train.jsonl")[10:30]]
+                                                            for p in files.read_jsonl(data / "train.jsonl")[10:30]]
     assert "end with a right answer" in capsys.readouterr().out
     assert T.main(["traces", "--condition", "restart", "--n", "100", "--problems", str(data / "train.jsonl"),
                    "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "fewer than the 100" in capsys.readouterr().err
     assert T.main(["corpus", "--problems", str(data / "train.jsonl"), "--n-solutions", "30", "--n-drill", "5",
                    "--out", str(tmp_path / "c.jsonl")]) == 0
-    assert len(C.read_jsonl(tmp_path / "c.jsonl")) >= 5 + 25  # a problem no attempt solves is skipped
+    assert len(files.read_jsonl(tmp_path / "c.jsonl")) >= 5 + 25  # a problem no attempt solves is skipped
 
 
 # -----------------------------------------------------------------------------
@@ -277,8 +277,8 @@ def test_traces_cli_from_a_problem_file(tmp_path, capsys):
 
 def _fake_run(folder: Path, rows, truncated=0.0):
     (folder / "completions").mkdir(parents=True)
-    C.write_jsonl(folder / "completions" / "step_0.jsonl", rows)
-    C.write_jsonl(folder / "metrics.jsonl", [{"step": 0, "val_truncated_frac": truncated}])
+    files.write_jsonl(folder / "completions" / "step_0.jsonl", rows)
+    files.write_jsonl(folder / "metrics.jsonl", [{"step": 0, "val_truncated_frac": truncated}])
 
 
 def _row(nums, target, completion):

@@ -11,7 +11,7 @@ import pytest
 import classify
 import countdown
 import traces as T
-from plumbing import view as study_page
+from plumbing import files, view as study_page
 
 # -----------------------------------------------------------------------------------------------
 # A small, realistic fake study: ppo.py-like run folders whose completions are countdown.py's
@@ -45,9 +45,9 @@ def write_fake_run(folder, condition, seed, steps=(0, 10, 20), n=12, text=None):
             s = countdown.score(comp, tr["nums"], tr["target"])
             rows.append(dict(step=step, nums=tr["nums"], target=tr["target"], prompt=tr["query"], completion=comp,
                              score=s, correct=s == 1.0, format_ok=s > 0, length=len(comp.split())))
-        countdown.write_jsonl(folder / "completions" / f"step_{step}.jsonl", rows)
+        files.write_jsonl(folder / "completions" / f"step_{step}.jsonl", rows)
     (folder / "config.json").write_text(json.dumps(dict(steps=max(steps), seed=seed)))
-    countdown.write_jsonl(folder / "metrics.jsonl", [dict(step=s + 1) for s in range(max(steps))])
+    files.write_jsonl(folder / "metrics.jsonl", [dict(step=s + 1) for s in range(max(steps))])
     return folder
 
 
@@ -144,10 +144,10 @@ def test_tints_equal_rules_labels_on_synthetic_traces(tmp_path):
                                   "\n</think>\n<answer> 6 + 8 + 11 </answer>"))
     run = tmp_path / "traces_s0"
     write_fake_run(run, "all_strategies", 0, steps=(0,), n=len(traces), text=lambda step, i: traces[i]["completion"])
-    rows = countdown.read_jsonl(run / "completions" / "step_0.jsonl")
+    rows = files.read_jsonl(run / "completions" / "step_0.jsonl")
     for r, t in zip(rows, traces):  # the fake run has its own problems: put the traces' back
         r.update(nums=t["nums"], target=t["target"])
-    countdown.write_jsonl(run / "completions" / "step_0.jsonl", rows)
+    files.write_jsonl(run / "completions" / "step_0.jsonl", rows)
     out = tmp_path / "v.html"
     assert _view([run, "--out", out, "--per-step", str(len(traces))]) == 0
     cards = {c["text"]: c for c in Page(out.read_text()).cards}
@@ -169,7 +169,7 @@ def test_filter_data_attributes_and_judge_labels(tmp_path):
     rows = classify.load_completions(runs[1] / "completions")
     labels = [dict(r, behaviors=dict.fromkeys(classify.BEHAVIORS, 0) | {"subgoal": 2}, judge={"model": "fake-judge"})
               for r in rows]
-    countdown.write_jsonl(runs[1] / "labels" / "labels.jsonl", labels)
+    files.write_jsonl(runs[1] / "labels" / "labels.jsonl", labels)
     out = tmp_path / "v.html"
     assert _view([tmp_path, "--out", out, "--per-step", "8", "--steps", "10"]) == 0
     page = out.read_text()
@@ -270,7 +270,7 @@ def test_page_in_headless_chromium(tmp_path):
     run = write_fake_run(tmp_path / "all_strategies_s1", "all_strategies", 1, n=4,
                          text=lambda s, i: "<script>document.title='owned'</script> Let me verify: 1 + 1 = 2."
                          if i == 0 else None)
-    rows = countdown.read_jsonl(run / "completions" / "step_0.jsonl")
+    rows = files.read_jsonl(run / "completions" / "step_0.jsonl")
     out = tmp_path / "v.html"
     assert _view([run, "--out", out]) == 0
     # the filters, set from the address (view.html#correct=1&behavior=verification), hide the other cards
