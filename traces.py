@@ -27,8 +27,9 @@ from itertools import combinations
 
 import countdown
 from countdown import (_NATURAL, _Search, _combine, _format, _inverse, _problem_stream,
-                       _value_of, generate_problems, make_prompt, score, read_jsonl, write_jsonl)
+                       _value_of, generate_problems, make_prompt, score)
 from plumbing.commands import command_parser, progress_bar, refuse_overwrite, run_command
+from plumbing.files import read_jsonl, write_jsonl
 
 
 # -----------------------------------------------------------------------------
