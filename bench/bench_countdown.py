@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))   # test_countdown imports its conftest
 import countdown as C  # noqa: E402
 import traces  # noqa: E402
 # the baseline: the original reward, restated once, in the tests (it calls eval, so it stays out of countdown.py)
-from tests.test_countdown import reference_score  # noqa: E402
+from test_countdown import reference_score  # noqa: E402
 from plumbing import files  # noqa: E402
 
 
