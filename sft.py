@@ -425,8 +425,9 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
                 val_loss, accuracy = evaluate()
                 model.train()
                 if dist.is_main():
-                    files.append_jsonl(metrics_file, metric(kind="eval", step=step, epoch=e, elapsed_s=round(elapsed, 2),
-                                                        val_loss=val_loss, accuracy=accuracy))
+                    files.append_jsonl(metrics_file, metric(kind="eval", step=step, epoch=e,
+                                                            elapsed_s=round(elapsed, 2), val_loss=val_loss,
+                                                            accuracy=accuracy))
                     bar.write(f"epoch {e}: step {step}, train loss {loss:.4f}"
                               + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
                               + (f", greedy accuracy {accuracy:.3f} (n={len(problems)})"
