@@ -56,7 +56,7 @@ import countdown as C
 import traces
 import model as M
 from plumbing import dist, files, runs, sft_eval, sft_run
-from plumbing.device import autocast as _autocast, param_count, refuse_cpu_fallback
+from plumbing.device import autocast as _autocast, autocast_bf16, param_count, refuse_cpu_fallback
 from plumbing.sft_config import SFTConfig, build_parser, check_config, tokens_to_add
 from plumbing.sft_run import metric, problem_key
 
@@ -329,8 +329,8 @@ def _train(cfg: SFTConfig) -> Optional[Path]:
     model.train()
     model.gradient_checkpointing = cfg.grad_checkpointing
     if dist.distributed():   # FSDP2: fp32 shards are the master weights; bf16 compute where autocast would be on
-        bf16 = not isinstance(_autocast(device, cfg.autocast), nullcontext)
-        dist.shard(model, compute_dtype=torch.bfloat16 if bf16 else None, forward_methods=("hidden_states", "logits"))
+        dist.shard(model, compute_dtype=torch.bfloat16 if autocast_bf16(device, cfg.autocast) else None,
+                   forward_methods=("hidden_states", "logits"))
 
     # the tokenization is deterministic too: a resumed run sees the same examples in the same order
     train_ex, dropped = tokenize_examples(tok, train_rows, cfg.max_length, cfg.drop_long, name=cfg.data)

@@ -99,10 +99,14 @@ def own_optimizer_state(optimizer):
                 st[k] = v.clone()
 
 
+def autocast_bf16(device, mode: str) -> bool:
+    """--autocast: compute in bf16 when asked for (bfloat16) or on CUDA (auto)."""
+    return mode == "bfloat16" or (mode == "auto" and device.type == "cuda")
+
+
 def autocast(device, mode: str):
-    """--autocast: bf16 autocast when asked for (bfloat16) or on CUDA (auto); otherwise a no-op context."""
-    use = mode == "bfloat16" or (mode == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
+    """--autocast as a context: bf16 autocast (autocast_bf16), otherwise a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if autocast_bf16(device, mode) else nullcontext()
 
 
 class Timer:

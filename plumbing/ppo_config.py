@@ -151,8 +151,6 @@ class PPOConfig:
 
 # Settings that may change when a run is resumed (speed and memory knobs, the run length, logging);
 # everything else must match config.json. rollout/infer batch sizes change which sampled bits
-
-
 # come out of the generator, so a resume with a different one is valid but not bit-identical.
 RESUMABLE_CHANGES = {"steps", "resume", "progress", "device", "threads", "max_bad_updates", "print_budget",
                       "val_every", "save_every", "state_checkpoints", "rollout_batch", "val_batch", "infer_batch",
@@ -180,16 +178,12 @@ def resolve_config(cfg: PPOConfig) -> PPOConfig:
     c.micro_batch = c.micro_batch or 4
     c.critic_micro_batch = c.critic_micro_batch or c.micro_batch
     c.critic_mini_batch = c.critic_mini_batch or c.mini_batch_prompts * c.samples
-    positive = ["steps", "batch_prompts", "samples", "max_prompt", "max_response", "mini_batch_prompts", "micro_batch",
-                "critic_micro_batch", "critic_mini_batch", "infer_batch", "ppo_epochs", "logprob_chunk", "save_every",
-                "max_bad_updates"]
-    for name in positive:
-        if getattr(c, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-    for name in ("n_train", "n_test", "n_val", "val_every", "rollout_batch", "val_batch", "threads", "kl_coef",
-                 "entropy_coef", "weight_decay", "gpu_memory_gb", "val_temperature", "orm_lr"):
-        if getattr(c, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+    runs.require_at_least(c, ("steps", "batch_prompts", "samples", "max_prompt", "max_response", "mini_batch_prompts",
+                              "micro_batch", "critic_micro_batch", "critic_mini_batch", "infer_batch", "ppo_epochs",
+                              "logprob_chunk", "save_every", "max_bad_updates"), 1)
+    runs.require_at_least(c, ("n_train", "n_test", "n_val", "val_every", "rollout_batch", "val_batch", "threads",
+                              "kl_coef", "entropy_coef", "weight_decay", "gpu_memory_gb", "val_temperature",
+                              "orm_lr"), 0)
     if c.batch_prompts % c.mini_batch_prompts:
         raise ValueError(f"--batch-prompts {c.batch_prompts} is not a multiple of --mini-batch-prompts "
                          f"{c.mini_batch_prompts}")

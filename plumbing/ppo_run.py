@@ -70,7 +70,7 @@ def start_run(cfg: PPOConfig, model_config: Callable, make_splits: Callable) -> 
         dist.barrier()
         return (cfg, run, latest_checkpoint(run), *load_problems(cfg, run, make_splits), init_path)
     ckpt = open_run(cfg, run)
-    print(format_budget(memory_budget(cfg, model_config(init_path)), cfg)
+    print(format_budget(memory_budget(cfg, mc), cfg)
           + (f"\n  (one process's plan; under torchrun each of the {world} GPUs holds 1/{world} of the weights, "
              "gradients and Adam state)" if dist.distributed() else ""), file=sys.stderr)
     seqs = cfg.batch_prompts * cfg.samples

@@ -67,6 +67,13 @@ def write_config(run: Path, config: dict):
     write_json(Path(run) / "config.json", config)
 
 
+def require_at_least(cfg, names, minimum):
+    """A ValueError naming the first of these flags whose value is below `minimum`."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(cfg, name)}")
+
+
 def changed_settings(saved: dict, new: dict, default: dict, resumable, *, every_key: bool = False) -> list:
     """[(name, saved value, new value)] of the settings that differ and may not change on resume. A
     setting added after the run started is absent from its config.json: it ran with the default.

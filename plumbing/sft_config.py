@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from plumbing.dist import DIST_TIMEOUT_S
-from plumbing.runs import add_flags, flag as _flag
+from plumbing.runs import add_flags, flag as _flag, require_at_least
 
 
 @dataclass
@@ -76,10 +76,6 @@ class SFTConfig:
 
 # Settings that may change when a run is resumed; everything else must match config.json.
 # ("out" too: a run folder may be moved.)
-
-
-# Settings that may change when a run is resumed; everything else must match config.json.
-# ("out" too: a run folder may be moved.)
 RESUMABLE_CHANGES = {"out", "resume", "stop_after", "device", "num_threads", "eval_batch_size", "dist_timeout"}
 
 
@@ -93,12 +89,8 @@ def check_config(cfg: SFTConfig, coat: dict):
         raise ValueError("--tokenizer-data trains a new tokenizer, so it needs --init; a --model keeps its own")
     if cfg.add_tokens:
         tokens_to_add(cfg.add_tokens, coat)
-    for name in ("epochs", "batch_size", "micro_batch_size", "max_length"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("save_every", "stop_after", "eval_n"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    require_at_least(cfg, ("epochs", "batch_size", "micro_batch_size", "max_length"), 1)
+    require_at_least(cfg, ("save_every", "stop_after", "eval_n"), 0)
 
 
 def tokens_to_add(spec: str, coat: dict) -> list:

@@ -12,12 +12,11 @@ import json
 import re
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from plumbing.device import autocast as autocast_context
+from plumbing.device import autocast_bf16
 from plumbing.dist import gather_full
 from plumbing.files import read_jsonl, write_jsonl
 from plumbing.runs import resolve_device
@@ -58,8 +57,7 @@ def greedy_accuracy(model, tokenizer, problems, *, generate, prompt, is_correct,
     (prompt = countdown.make_prompt), scored by is_correct = countdown.is_correct.
     rows: {"nums", "target", "completion", "correct", "length"}."""
     device = next(model.parameters()).device
-    bf16 = not isinstance(autocast_context(device, autocast), nullcontext)
-    if bf16 and next(model.parameters()).dtype != torch.bfloat16:
+    if autocast_bf16(device, autocast) and next(model.parameters()).dtype != torch.bfloat16:
         # generate in the compute dtype: a bf16 copy of the weights, so the KV cache is bf16 too (autocast
         # over fp32 weights would keep an fp32 cache and recast every weight at every step)
         model = gather_full(model, device=device, dtype=torch.bfloat16)
@@ -139,18 +137,16 @@ def eval_main(argv, *, load, greedy_accuracy, generate, drill, generate_problems
     try:
         if args.out and Path(args.out).exists():
             raise FileExistsError(f"{args.out} exists; choose another --out")
+        # the problems first: a mistake in them shows before a large checkpoint loads
+        problems = None if args.arithmetic else choose_problems(args, generate_problems)
+        model, tok = load(args.model, device=resolve_device(args.device), dtype="float32")
         if args.arithmetic:
-            device = resolve_device(args.device)
-            model, tok = load(args.model, device=device, dtype="float32")
             summary, rows = arithmetic_accuracy(model, tok, args.arithmetic, args.seed, args.batch_size,
                                                 generate=generate, drill=drill)
             if args.out:
                 write_jsonl(args.out, rows)
             print(json.dumps(dict(summary, model=str(args.model))))
             return 0
-        problems = choose_problems(args, generate_problems)
-        device = resolve_device(args.device)
-        model, tok = load(args.model, device=device, dtype="float32")
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -884,6 +884,18 @@ def test_second_process_on_a_run_folder_is_refused_and_the_first_finishes(tmp_pa
     assert (out / "checkpoints" / "step_3" / "state.pt").is_file()
 
 
+def test_counts_and_rates_out_of_range_are_refused_naming_the_flag():
+    # the boundary itself is allowed: 1 for counts of work, 0 for sizes and rates where 0 means "none"
+    cfg = ppo.resolve_config(ppo.PPOConfig(device="cpu", steps=1, n_val=0, kl_coef=0.0))
+    assert (cfg.steps, cfg.n_val, cfg.kl_coef) == (1, 0, 0.0)
+    for field, value, message in (("steps", 0, "--steps must be >= 1, got 0"),
+                                  ("micro_batch", -2, "--micro-batch must be >= 1, got -2"),
+                                  ("n_val", -1, "--n-val must be >= 0, got -1"),
+                                  ("kl_coef", -0.5, "--kl-coef must be >= 0, got -0.5")):
+        with pytest.raises(ValueError, match=message):
+            ppo.resolve_config(ppo.PPOConfig(device="cpu", **{field: value}))
+
+
 def test_top_p_below_one_is_refused_in_ppo(tmp_path, capsys):
     # nucleus sampling would make the stored log-probs those of the untruncated policy: a biased ratio
     with pytest.raises(ValueError, match="--top-p 1"):

@@ -13,7 +13,7 @@ import countdown as C
 import model as M
 import sft
 import traces
-from plumbing import files, sft_eval, sft_run
+from plumbing import files, sft_config, sft_eval, sft_run
 from conftest import load_weights, lock_held_elsewhere, make_checkpoint, max_abs_diff
 
 # ---------------------------------------------------------------------------------------------
@@ -501,3 +501,13 @@ def test_eval_per_count_balances_three_and_four_numbers(tmp_path, capsys):
     seen = {(tuple(sorted(p["nums"])), p["target"]) for p in train + test}
     assert not any((tuple(sorted(r["nums"])), r["target"]) in seen for r in rows)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_by_count"] == {"3": 20, "4": 20}
+
+
+def test_sft_refuses_counts_out_of_range_naming_the_flag():
+    base = dict(data="d.jsonl", out="o", init="tiny")
+    sft_config.check_config(sft.SFTConfig(**base, epochs=1, save_every=0), traces.COAT_TOKENS)   # the boundaries pass
+    for field, value, message in (("epochs", 0, "--epochs must be >= 1, got 0"),
+                                  ("micro_batch_size", 0, "--micro-batch-size must be >= 1, got 0"),
+                                  ("eval_n", -1, "--eval-n must be >= 0, got -1")):
+        with pytest.raises(ValueError, match=message):
+            sft_config.check_config(sft.SFTConfig(**base, **{field: value}), traces.COAT_TOKENS)
